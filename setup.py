@@ -1,0 +1,42 @@
+"""Build and install megatron_sdpg.
+
+CPU (Python 3.11): ``pip install -r requirements/cpu.txt -e '.[dev]'`` pins torch 2.13.0
+(the CPU build) and megatron-core 0.16.1, the newest release that supports Python 3.11.
+GPU images (Python 3.12): install into NVIDIA's PyTorch container and add ``.[gpu]``.
+"""
+
+from setuptools import find_packages, setup
+
+install_requires = [
+    # The model, parallel layers, schedules, DDP, optimizer and dist_checkpointing.
+    # 0.16.1 is the newest with Python 3.11 support; GPU images on 3.12 take newer releases.
+    "megatron-core>=0.16.1,<0.20",
+    # Never unpinned: a bare torch requirement pulls a multi-GB CUDA build on CPU machines.
+    "torch>=2.6,<2.15",
+    "psutil>=5.9",  # undeclared dependency of megatron-core's dist_checkpointing
+    "einops>=0.7",  # used by megatron-core's attention paths
+    "transformers>=4.56,<6",  # HF architectures, tokenizers' chat templates, the CPU rollout server
+    "tokenizers>=0.20",  # tokenizer for the tiny synthetic-task model
+    "safetensors>=0.4",  # HF checkpoints (converters, weight sync by disk)
+    "omegaconf>=2.3,<3",  # YAML + dotted overrides validated against typed dataclasses
+    "tqdm>=4.66",  # progress bars (training, conversion)
+    "numpy>=1.26",
+]
+
+extras_require = {
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+    # GPU-cluster extras: none of these install or run on the CPU machines.
+    "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5.20"],
+    "wandb": ["wandb>=0.19"],
+}
+
+setup(
+    name="megatron_sdpg",
+    version="0.1.0",
+    description="Self-Distilled Policy Gradient (SDPG) on Megatron-core with tensor/pipeline/data parallelism",
+    packages=find_packages(include=["megatron_sdpg", "megatron_sdpg.*"]),
+    python_requires=">=3.11",
+    install_requires=install_requires,
+    extras_require=extras_require,
+    entry_points={"console_scripts": ["megatron-sdpg-train=megatron_sdpg.train:main"]},
+)
