@@ -1,0 +1,299 @@
+"""The training-step primitive: Megatron DDP + optimizer + ``forward_backward_func``.
+
+Loss normalisation, written down once
+-------------------------------------
+A loss function returns ``(loss_sum, num_tokens, metrics)`` for one micro-batch
+(megatron's contract with ``calculate_per_token_loss=True``). The schedule
+sums ``loss_sum`` gradients over micro-batches, DDP sums them over data-parallel
+ranks, and ``finalize_model_grads`` divides by the global sum of ``num_tokens``
+(broadcast from the last pipeline stage, all-reduced over DP). So the update
+minimises ``sum(loss_sum) / sum(num_tokens)`` over the whole global batch,
+whatever the micro-batch split and DP size: that is the layout invariance the
+tests check. ``num_tokens`` is the normaliser's unit: tokens for token-mean,
+sequences for seq-mean aggregations.
+
+Metrics are ``{name: tensor([sum, count])}``; :func:`reduce_metrics` sums them
+over micro-batches and DP ranks and returns ``sum / count``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdpg.config.errors import ConfigError
+from megatron_sdpg.models.architecture import ModelConfig
+from megatron_sdpg.models.builder import build_model_chunks, mask_padded_vocab
+from megatron_sdpg.models.init import init_layout_invariant_
+from megatron_sdpg.platform.distributed import ParallelGroups
+
+LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its schedule (config section ``optimizer``); paper defaults."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 10
+    lr_decay_style: str = "constant"
+
+    def validate(self, prefix: str = "optimizer") -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"{prefix}.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        if self.clip_grad < 0:
+            raise ConfigError(f"{prefix}.clip_grad", f"must be >= 0 (0 disables), got {self.clip_grad}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"{prefix}.lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ConfigError(f"{prefix}.lr_decay_style", f"must be constant, linear or cosine, got {self.lr_decay_style!r}")
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    updated: bool
+    grad_norm: float
+    lr: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def reduce_metrics(per_microbatch: list[dict[str, torch.Tensor]], groups: ParallelGroups) -> dict[str, float]:
+    """Sums ``{name: [sum, count]}`` over micro-batches and DP ranks; returns means.
+
+    Only the last pipeline stage has metrics; they are broadcast to every stage
+    so that any rank can log them. Names must be the same on every rank.
+    """
+    names = sorted({k for mb in per_microbatch for k in mb})
+    if groups.layout.pp > 1:
+        obj = [names]
+        src = dist.get_global_rank(groups.pp, groups.layout.pp - 1)
+        dist.broadcast_object_list(obj, src=src, group=groups.pp)
+        names = obj[0]
+    if not names:
+        return {}
+    totals = torch.zeros(len(names), 2, dtype=torch.float64)
+    for mb in per_microbatch:
+        for i, name in enumerate(names):
+            if name in mb:
+                totals[i] += mb[name].detach().to(torch.float64).reshape(2).cpu()
+    if groups.layout.dp > 1:
+        dist.all_reduce(totals, group=groups.dp)
+    if groups.layout.pp > 1:
+        dist.broadcast(totals, src=dist.get_global_rank(groups.pp, groups.layout.pp - 1), group=groups.pp)
+    return {n: (t[0] / t[1]).item() if t[1] > 0 else float("nan") for n, t in zip(names, totals)}
+
+
+def _all_finite(chunks: list, groups: ParallelGroups) -> bool:
+    """True when every gradient on every rank is finite (one all-reduce)."""
+    bad = torch.zeros(1)
+    for chunk in chunks:
+        for p in chunk.parameters():
+            g = getattr(p, "main_grad", None)
+            if g is not None and not torch.isfinite(g).all():
+                bad.fill_(1)
+                break
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
+
+
+class PolicyModel:
+    """This rank's model chunks, wrapped for training, with optimizer and LR schedule.
+
+    Args:
+        model_cfg: The architecture (resolved).
+        groups: Process groups of this rank.
+        opt_cfg: Optimizer settings; ``None`` builds a frozen, forward-only model
+            (the reference policy).
+        use_distributed_optimizer: Shard optimizer state across DP ranks.
+        total_steps: Steps for the LR decay schedule.
+        seed: Seed for the layout-invariant initialisation.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, groups: ParallelGroups, opt_cfg: OptimizerConfig | None = None,
+                 use_distributed_optimizer: bool = True, total_steps: int = 1, seed: int = 1234):
+        self.cfg = model_cfg
+        self.groups = groups
+        chunks = build_model_chunks(model_cfg, groups)
+        init_layout_invariant_(chunks, groups, seed, model_cfg.init_std, model_cfg.vocab_size)
+        self.optimizer = None
+        self.scheduler = None
+        if opt_cfg is None:
+            for c in chunks:
+                c.requires_grad_(False)
+                c.eval()
+            self.chunks = chunks
+            return
+        self.chunks = self._wrap_ddp(chunks, use_distributed_optimizer)
+        self.optimizer, self.scheduler = self._build_optimizer(opt_cfg, use_distributed_optimizer, total_steps)
+
+    def _wrap_ddp(self, chunks: list, use_distributed_optimizer: bool) -> list:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=use_distributed_optimizer,
+            average_in_collective=False,
+        )
+        wrapped = [
+            DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0,
+                                    pg_collection=self.groups.pg)
+            for i, c in enumerate(chunks)
+        ]
+        tcfg = chunks[0].config
+        tcfg.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=self.groups.pg)
+        tcfg.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+        return wrapped
+
+    def _build_optimizer(self, opt: OptimizerConfig, use_distributed_optimizer: bool, total_steps: int):
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        bf16 = self.cfg.params_dtype == "bfloat16"
+        mcfg = MegatronOptimizerConfig(
+            optimizer="adam",
+            lr=opt.lr,
+            min_lr=opt.min_lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2,
+            adam_eps=opt.adam_eps,
+            clip_grad=opt.clip_grad,
+            bf16=bf16,
+            params_dtype=self.cfg.torch_dtype,
+            use_distributed_optimizer=use_distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(mcfg, self.chunks, use_gloo_process_groups=False,
+                                           pg_collection=self.groups.pg)
+        self.chunks[0].config.grad_scale_func = optimizer.scale_loss
+        warmup = min(opt.lr_warmup_steps, max(total_steps - 1, 0))
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=opt.lr / max(warmup, 1) if warmup else opt.lr,
+            max_lr=opt.lr,
+            min_lr=opt.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=max(total_steps, warmup + 1),
+            lr_decay_style=opt.lr_decay_style,
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=max(total_steps, 1),
+            wd_incr_style="constant",
+        )
+        return optimizer, scheduler
+
+    # ----------------------------------------------------------------- passes
+
+    def _forward_step(self, loss_fn: LossFn, data_iterator, model):
+        mb = next(data_iterator)
+        logits = model(mb["tokens"], mb["position_ids"], None)
+        return logits, partial(self._loss, loss_fn, mb)
+
+    def _loss(self, loss_fn: LossFn, mb: dict, logits: torch.Tensor):
+        mask_padded_vocab(logits, self.cfg.vocab_size, self.groups.tp_rank)
+        loss_sum, num_tokens, metrics = loss_fn(mb, logits)
+        return loss_sum, torch.as_tensor(num_tokens, dtype=torch.int), metrics
+
+    def _run(self, microbatches: list[dict], loss_fn: LossFn, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not microbatches:
+            raise ValueError("no micro-batches to run")
+        b, s = microbatches[0]["tokens"].shape
+        for i, mb in enumerate(microbatches):
+            if mb["tokens"].shape != (b, s):
+                raise ValueError(f"micro-batch {i} has shape {tuple(mb['tokens'].shape)}, expected {(b, s)}: "
+                                 "pad every micro-batch of a step to one shape")
+        n_chunks = len(self.chunks)
+        iterators = [iter(microbatches) for _ in range(n_chunks)]
+        fb = get_forward_backward_func(self.groups.layout.pp, self.groups.layout.vpp)
+        return fb(
+            forward_step_func=partial(self._forward_step, loss_fn),
+            data_iterator=iterators if n_chunks > 1 else iterators[0],
+            model=self.chunks if n_chunks > 1 else self.chunks[0],
+            num_microbatches=len(microbatches),
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def forward_only(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
+        """Runs ``loss_fn`` on each micro-batch without gradients.
+
+        Returns:
+            The per-micro-batch metrics dicts on the last pipeline stage (an
+            empty list elsewhere). ``loss_fn`` may stash tensors in them.
+        """
+        for c in self.chunks:
+            c.eval()
+        return self._run(microbatches, loss_fn, forward_only=True)
+
+    def train_step(self, microbatches: list[dict], loss_fn: LossFn) -> StepResult:
+        """One optimizer step over the micro-batches of this DP rank.
+
+        A non-finite gradient anywhere skips the update on every rank (logged by
+        the caller from ``StepResult.updated``).
+        """
+        if self.optimizer is None:
+            raise RuntimeError("this PolicyModel was built without an optimizer (frozen)")
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        per_mb = self._run(microbatches, loss_fn, forward_only=False)
+        metrics = reduce_metrics(per_mb, self.groups)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not _all_finite(self.chunks, self.groups):
+            return StepResult(updated=False, grad_norm=float("nan"), lr=lr, metrics=metrics)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return StepResult(updated=bool(updated) and math.isfinite(grad_norm), grad_norm=grad_norm, lr=lr,
+                          metrics=metrics)
+
+    def unwrapped(self) -> list:
+        """The bare ``GPTModel`` chunks (inside DDP when training)."""
+        return [getattr(c, "module", c) for c in self.chunks]
+
+    def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
+        for i, chunk in enumerate(self.unwrapped()):
+            for name, p in chunk.named_parameters():
+                yield (f"{i}.{name}" if len(self.chunks) > 1 else name), p
+
+
+def cross_entropy_loss(mb: dict, logits: torch.Tensor, tp_group=None) -> tuple[Any, Any, dict]:
+    """A plain next-token cross-entropy on ``mb['loss_mask']`` tokens (tests, warm starts).
+
+    Args:
+        mb: ``tokens`` ``[b, s]``, ``labels`` ``[b, s]`` and ``loss_mask`` ``[b, s]``.
+        logits: ``[b, s, v/tp]``.
+    """
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    losses = vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(), mb["labels"].t().contiguous())
+    mask = mb["loss_mask"].t().float()
+    loss_sum = (losses * mask).sum()
+    n = mask.sum()
+    return loss_sum, n.int(), {"ce": torch.stack([loss_sum.detach(), n])}
