@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -64,7 +65,8 @@ def _child(fn, rank, world_size, port, backend, args, env, result_queue, timeout
             out = fn(rank, world_size, *args)
         finally:
             _teardown()
-        result_queue.put((rank, "ok", out))
+        # Plain pickle: tensors travel by value, not as shared memory that dies with this process.
+        result_queue.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         result_queue.put((rank, "error", traceback.format_exc()))
 
@@ -145,7 +147,7 @@ def run_on_ranks(
                 continue
             if status == "error":
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5)
