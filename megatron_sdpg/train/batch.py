@@ -1,0 +1,130 @@
+"""From rollout samples to padded micro-batches with aligned response spans.
+
+A sample has a student prompt, a teacher prompt (the same user message plus
+the privileged context) and one response. The student sequence is
+``prompt + response`` and the teacher sequence ``teacher_prompt + response``:
+the response tokens are identical, their positions differ. For every
+micro-batch we keep, for both sequences, the flat row indices of the logits
+that predict each response token, so both views yield ``[T, V/tp]`` logits over
+the same ``T`` response tokens in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_sdpg.data.packing import balance_partitions, split_microbatches
+
+
+@dataclass
+class Sample:
+    """One response to one prompt, with everything the losses need.
+
+    Attributes:
+        group: Index of the prompt (a group holds the ``n`` responses to it).
+        prompt_ids: Student prompt tokens.
+        teacher_prompt_ids: Teacher prompt tokens (privileged context included).
+        response_ids: Sampled response tokens (EOS included when generated).
+        rollout_log_probs: The engine's log-prob of each response token.
+        reward: Verifier reward.
+        advantage: Group-relative advantage (filled in after verification).
+        finish_reason: ``stop`` or ``length``.
+    """
+
+    group: int
+    prompt_ids: list[int]
+    teacher_prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_log_probs: list[float]
+    reward: float = 0.0
+    advantage: float = 0.0
+    finish_reason: str = "stop"
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def student_length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def teacher_length(self) -> int:
+        return len(self.teacher_prompt_ids) + len(self.response_ids)
+
+
+def _collate_view(prompts: list[list[int]], responses: list[list[int]], pad_id: int, pad_to: int):
+    """Right-padded tokens ``[b, s]`` and the flat logit rows predicting each response token."""
+    b = len(prompts)
+    tokens = torch.full((b, pad_to), pad_id, dtype=torch.long)
+    rows = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = p + r
+        if len(seq) > pad_to:
+            raise ValueError(f"sequence of {len(seq)} tokens does not fit the padded length {pad_to}")
+        tokens[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        start = i * pad_to + len(p) - 1  # the logit at position t predicts token t + 1
+        rows.append(torch.arange(start, start + len(r), dtype=torch.long))
+    resp_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+    positions = torch.arange(pad_to, dtype=torch.long).expand(b, pad_to).contiguous()
+    return tokens, positions, resp_rows
+
+
+def collate(samples: list[Sample], pad_id: int, student_len: int, teacher_len: int | None) -> dict:
+    """One micro-batch.
+
+    Returns:
+        A dict with ``tokens``/``position_ids`` ``[b, student_len]``,
+        ``resp_rows`` ``[T]`` (flat rows of ``[b*student_len]`` logits),
+        per-token ``target``, ``advantages``, ``rollout_log_probs``, ``seq_index``
+        (``[T]``), per-sequence ``rewards`` ``[b]``, and with ``teacher_len`` the
+        teacher view ``teacher_tokens``/``teacher_position_ids``/``teacher_resp_rows``.
+    """
+    prompts = [s.prompt_ids for s in samples]
+    responses = [s.response_ids for s in samples]
+    tokens, positions, resp_rows = _collate_view(prompts, responses, pad_id, student_len)
+    lengths = [len(r) for r in responses]
+    mb = dict(
+        tokens=tokens,
+        position_ids=positions,
+        resp_rows=resp_rows,
+        target=torch.tensor([t for r in responses for t in r], dtype=torch.long),
+        advantages=torch.tensor([s.advantage for s, n in zip(samples, lengths) for _ in range(n)], dtype=torch.float32),
+        rollout_log_probs=torch.tensor([lp for s in samples for lp in s.rollout_log_probs], dtype=torch.float32),
+        seq_index=torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(lengths, dtype=torch.long)),
+        rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
+        num_sequences=len(samples),
+    )
+    if teacher_len is not None:
+        t_tokens, t_positions, t_rows = _collate_view([s.teacher_prompt_ids for s in samples], responses, pad_id,
+                                                      teacher_len)
+        mb.update(teacher_tokens=t_tokens, teacher_position_ids=t_positions, teacher_resp_rows=t_rows)
+    return mb
+
+
+def plan_microbatches(samples: list[Sample], dp: int, dp_rank: int, micro_batch_size: int, max_tokens: int,
+                      pad_id: int, with_teacher: bool, pad_multiple: int = 8) -> list[dict]:
+    """This DP rank's micro-batches of a global batch, balanced by tokens across DP.
+
+    All micro-batches of the call share one padded length (pipeline p2p
+    buffers need a fixed shape): the longest sequence of the whole global batch
+    rounded up to ``pad_multiple``, separately for the student and teacher
+    views. The split is deterministic, so every rank of a DP replica (its TP and
+    PP peers) computes the same micro-batches.
+
+    Returns:
+        A list of micro-batch dicts (see :func:`collate`), possibly empty when
+        this rank gets no sample.
+    """
+    lengths = [s.student_length for s in samples]
+    parts = balance_partitions(lengths, dp)
+    mine = parts[dp_rank]
+
+    def _pad(n: int) -> int:
+        return -(-n // pad_multiple) * pad_multiple
+
+    student_len = _pad(max(lengths))
+    teacher_len = _pad(max(s.teacher_length for s in samples)) if with_teacher else None
+    budget_len = max(student_len, teacher_len or 0)
+    cost = [budget_len] * len(samples)  # everything is padded to the same length
+    groups = split_microbatches(mine, cost, micro_batch_size, max_tokens)
+    return [collate([samples[i] for i in g], pad_id, student_len, teacher_len) for g in groups]
