@@ -75,6 +75,16 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: the current GPU under NCCL, else CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def to_device(mb: dict, device: torch.device) -> dict:
+    """A shallow copy of a micro-batch with its tensors on ``device``."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+
+
 def reduce_metrics(per_microbatch: list[dict[str, torch.Tensor]], groups: ParallelGroups) -> dict[str, float]:
     """Sums ``{name: [sum, count]}`` over micro-batches and DP ranks; returns means.
 
@@ -89,11 +99,11 @@ def reduce_metrics(per_microbatch: list[dict[str, torch.Tensor]], groups: Parall
         names = obj[0]
     if not names:
         return {}
-    totals = torch.zeros(len(names), 2, dtype=torch.float64)
+    totals = torch.zeros(len(names), 2, dtype=torch.float64, device=comm_device())
     for mb in per_microbatch:
         for i, name in enumerate(names):
             if name in mb:
-                totals[i] += mb[name].detach().to(torch.float64).reshape(2).cpu()
+                totals[i] += mb[name].detach().to(totals.device, torch.float64).reshape(2)
     if groups.layout.dp > 1:
         dist.all_reduce(totals, group=groups.dp)
     if groups.layout.pp > 1:
@@ -103,7 +113,7 @@ def reduce_metrics(per_microbatch: list[dict[str, torch.Tensor]], groups: Parall
 
 def _all_finite(chunks: list, groups: ParallelGroups) -> bool:
     """True when every gradient on every rank is finite (one all-reduce)."""
-    bad = torch.zeros(1)
+    bad = torch.zeros(1, device=comm_device())
     for chunk in chunks:
         for p in chunk.parameters():
             g = getattr(p, "main_grad", None)
@@ -125,14 +135,21 @@ class PolicyModel:
         use_distributed_optimizer: Shard optimizer state across DP ranks.
         total_steps: Steps for the LR decay schedule.
         seed: Seed for the layout-invariant initialisation.
+        weights_loader: Fills the bare chunks' weights (e.g. from an HF or Megatron
+            checkpoint) instead of the random initialisation; runs before the
+            optimizer copies the parameters.
     """
 
     def __init__(self, model_cfg: ModelConfig, groups: ParallelGroups, opt_cfg: OptimizerConfig | None = None,
-                 use_distributed_optimizer: bool = True, total_steps: int = 1, seed: int = 1234):
+                 use_distributed_optimizer: bool = True, total_steps: int = 1, seed: int = 1234,
+                 weights_loader: Callable[[list], None] | None = None):
         self.cfg = model_cfg
         self.groups = groups
         chunks = build_model_chunks(model_cfg, groups)
-        init_layout_invariant_(chunks, groups, seed, model_cfg.init_std, model_cfg.vocab_size)
+        if weights_loader is None:
+            init_layout_invariant_(chunks, groups, seed, model_cfg.init_std, model_cfg.vocab_size)
+        else:
+            weights_loader(chunks)
         self.optimizer = None
         self.scheduler = None
         if opt_cfg is None:
@@ -205,7 +222,7 @@ class PolicyModel:
     # ----------------------------------------------------------------- passes
 
     def _forward_step(self, loss_fn: LossFn, data_iterator, model):
-        mb = next(data_iterator)
+        mb = to_device(next(data_iterator), comm_device())
         logits = model(mb["tokens"], mb["position_ids"], None)
         return logits, partial(self._loss, loss_fn, mb)
 
