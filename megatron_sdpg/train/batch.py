@@ -19,7 +19,7 @@ from megatron_sdpg.data.packing import balance_partitions, split_microbatches
 
 
 @dataclass
-class Sample:
+class TrainSample:
     """One response to one prompt, with everything the losses need.
 
     Attributes:
@@ -69,7 +69,7 @@ def _collate_view(prompts: list[list[int]], responses: list[list[int]], pad_id: 
     return tokens, positions, resp_rows
 
 
-def collate(samples: list[Sample], pad_id: int, student_len: int, teacher_len: int | None) -> dict:
+def collate(samples: list[TrainSample], pad_id: int, student_len: int, teacher_len: int | None) -> dict:
     """One micro-batch.
 
     Returns:
@@ -101,7 +101,7 @@ def collate(samples: list[Sample], pad_id: int, student_len: int, teacher_len: i
     return mb
 
 
-def plan_microbatches(samples: list[Sample], dp: int, dp_rank: int, micro_batch_size: int, max_tokens: int,
+def plan_microbatches(samples: list[TrainSample], dp: int, dp_rank: int, micro_batch_size: int, max_tokens: int,
                       pad_id: int, with_teacher: bool, pad_multiple: int = 8) -> list[dict]:
     """This DP rank's micro-batches of a global batch, balanced by tokens across DP.
 

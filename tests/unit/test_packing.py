@@ -5,7 +5,7 @@ import random
 import pytest
 
 from megatron_sdpg.data.packing import balance_partitions, split_microbatches
-from megatron_sdpg.train.batch import Sample, collate
+from megatron_sdpg.train.batch import TrainSample, collate
 
 
 def test_partitions_cover_every_index_once_and_balance():
@@ -40,9 +40,9 @@ def test_microbatches_respect_count_and_token_budget():
 
 def test_collate_aligns_student_and_teacher_response_rows():
     samples = [
-        Sample(group=0, prompt_ids=[1, 2, 3], teacher_prompt_ids=[1, 9, 9, 9, 2, 3], response_ids=[7, 8],
+        TrainSample(group=0, prompt_ids=[1, 2, 3], teacher_prompt_ids=[1, 9, 9, 9, 2, 3], response_ids=[7, 8],
                rollout_log_probs=[-0.1, -0.2], reward=1.0, advantage=0.5),
-        Sample(group=0, prompt_ids=[1, 2], teacher_prompt_ids=[1, 9, 2], response_ids=[6],
+        TrainSample(group=0, prompt_ids=[1, 2], teacher_prompt_ids=[1, 9, 2], response_ids=[6],
                rollout_log_probs=[-0.3], reward=0.0, advantage=-0.5),
     ]
     mb = collate(samples, pad_id=0, student_len=8, teacher_len=8)
