@@ -223,6 +223,10 @@ class PolicyModel:
 
     def _forward_step(self, loss_fn: LossFn, data_iterator, model):
         mb = to_device(next(data_iterator), comm_device())
+        if mb.get("inline_teacher"):
+            from megatron_sdpg.train.passes import inline_teacher_forward
+
+            inline_teacher_forward(model, mb, self.cfg.vocab_size, self.groups.tp_rank)
         logits = model(mb["tokens"], mb["position_ids"], None)
         return logits, partial(self._loss, loss_fn, mb)
 

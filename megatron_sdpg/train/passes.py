@@ -1,0 +1,89 @@
+"""The no-gradient passes of an SDPG step: reference, old-policy and teacher.
+
+Each pass runs the model through megatron's pipeline schedule with
+``forward_only=True`` and a "loss" function that, on the last pipeline stage,
+stores what later passes need into the micro-batch dict itself:
+
+* ``ref_log_probs`` / ``old_log_probs``: ``[T]`` fp32 log-probs of the response
+  tokens under the reference / pre-update policy (vocab-parallel, never gathered);
+* ``teacher_logits``: ``[T, V/tp]`` logits of the *current* weights on the
+  teacher sequence (privileged prompt + the same response), detached.
+
+With pipeline parallelism the teacher must go through every stage, so it is a
+separate pass whose logits are kept until the student pass (memory: ``T x V/tp``
+per micro-batch on the last stage). Without pipeline parallelism the teacher
+forward runs inline, right before the student forward of the same micro-batch
+(:func:`inline_teacher_forward`), so only one micro-batch of teacher logits is
+alive at a time.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron_sdpg.models.builder import mask_padded_vocab
+
+
+def response_logits(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The ``[T, V/tp]`` logits predicting the response tokens.
+
+    Args:
+        logits: ``[b, s, V/tp]`` model output.
+        rows: ``[T]`` flat row indices into ``[b*s]``.
+    """
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
+
+
+def _zero_loss(logits: torch.Tensor):
+    zero = logits.new_zeros(())
+    return zero, torch.tensor(0, dtype=torch.int), {}
+
+
+def _stash_log_probs(key: str, tp_group, temperature: float, mb: dict, logits: torch.Tensor):
+    from megatron_sdpg.ops.vocab_parallel import token_log_probs
+
+    resp = response_logits(logits, mb["resp_rows"])
+    lp = token_log_probs(resp, mb["target"].to(resp.device), tp_group=tp_group, temperature=temperature)
+    mb["_source"][key] = lp.detach().float()
+    return _zero_loss(logits)
+
+
+def _stash_teacher(mb: dict, logits: torch.Tensor):
+    mb["_source"]["teacher_logits"] = response_logits(logits, mb["resp_rows"]).detach()
+    return _zero_loss(logits)
+
+
+def log_prob_pass(model, microbatches: list[dict], key: str, temperature: float) -> None:
+    """Stores ``mb[key]`` = ``[T]`` response log-probs under ``model`` (last stage only).
+
+    Args:
+        model: A :class:`~megatron_sdpg.train.step.PolicyModel` (policy or reference).
+        microbatches: From :func:`~megatron_sdpg.train.batch.plan_microbatches`.
+        key: ``ref_log_probs`` or ``old_log_probs``.
+        temperature: Sampling temperature (log-probs of the scaled distribution).
+    """
+    views = [dict(mb, _source=mb) for mb in microbatches]
+    model.forward_only(views, partial(_stash_log_probs, key, model.groups.tp_group_or_none, temperature))
+
+
+def teacher_pass(model, microbatches: list[dict]) -> None:
+    """Stores ``mb['teacher_logits']`` from the teacher view of each micro-batch."""
+    views = [
+        dict(mb, tokens=mb["teacher_tokens"], position_ids=mb["teacher_position_ids"],
+             resp_rows=mb["teacher_resp_rows"], _source=mb)
+        for mb in microbatches
+    ]
+    model.forward_only(views, _stash_teacher)
+
+
+def inline_teacher_forward(model_chunk, mb: dict, true_vocab: int, tp_rank: int) -> None:
+    """Teacher forward for one micro-batch, just before its student forward (PP=1).
+
+    Stores ``mb['teacher_logits']`` ``[T, V/tp]`` (no gradient).
+    """
+    with torch.no_grad():
+        logits = model_chunk(mb["teacher_tokens"], mb["teacher_position_ids"], None)
+        mask_padded_vocab(logits, true_vocab, tp_rank)
+        mb["teacher_logits"] = response_logits(logits, mb["teacher_resp_rows"])
