@@ -38,5 +38,5 @@ setup(
     python_requires=">=3.11",
     install_requires=install_requires,
     extras_require=extras_require,
-    entry_points={"console_scripts": ["megatron-sdpg-train=megatron_sdpg.train:main"]},
+    entry_points={"console_scripts": ["megatron-sdpg-train=megatron_sdpg.train.cli:main"]},
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from megatron_sdpg.config.sections import CheckpointConfig, LoggingConfig, TrainConfig
+from megatron_sdpg.config.sections import LoggingConfig, TrainConfig
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.platform.layout import ParallelConfig
 from megatron_sdpg.train.step import OptimizerConfig
@@ -19,7 +19,6 @@ class SDPGConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self, world_size: int | None = None) -> None:
         """Validates every section; with ``world_size``, the layout too.

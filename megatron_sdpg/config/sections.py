@@ -58,18 +58,3 @@ class LoggingConfig:
     def validate(self, prefix: str = "logging") -> None:
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"{prefix}.wandb_mode", f"must be offline, online or disabled, got {self.wandb_mode!r}")
-
-
-@dataclass
-class CheckpointConfig:
-    """Checkpointing (config section ``checkpoint``); ``save_every`` 0 disables."""
-
-    save_every: int = 0
-    keep_last: int = 2
-    resume: bool = True
-
-    def validate(self, prefix: str = "checkpoint") -> None:
-        if self.save_every < 0:
-            raise ConfigError(f"{prefix}.save_every", f"must be >= 0, got {self.save_every}")
-        if self.keep_last < 1:
-            raise ConfigError(f"{prefix}.keep_last", f"must be >= 1, got {self.keep_last}")

@@ -51,9 +51,12 @@ class ModelConfig:
         params_dtype: ``float32`` or ``bfloat16`` (bf16 mixed precision with fp32
             master weights in the optimizer).
         recompute: Full activation recomputation of each layer.
+        megatron_dir: A converted Megatron checkpoint (``tools/convert_hf_to_megatron.py``)
+            to start from; when empty the HF safetensors of ``hf_dir`` are loaded directly.
     """
 
     hf_dir: str | None = None
+    megatron_dir: str | None = None
     arch: str = "llama"
     vocab_size: int = 256
     hidden_size: int = 64
@@ -186,7 +189,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     if not cfg.hf_dir:
         return cfg
     return model_config_from_hf(
-        read_hf_config(cfg.hf_dir), hf_dir=cfg.hf_dir, params_dtype=cfg.params_dtype, recompute=cfg.recompute
+        read_hf_config(cfg.hf_dir), hf_dir=cfg.hf_dir, params_dtype=cfg.params_dtype, recompute=cfg.recompute,
+        megatron_dir=cfg.megatron_dir
     )
 
 

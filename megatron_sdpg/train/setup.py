@@ -1,0 +1,218 @@
+"""Builds what the training loop needs from the configuration, and owns its lifetime.
+
+Everything here is assembly: the work lives in the modules it calls (models,
+weights, data, rewards, rollout, algo). Engines, the client, the verifier pool
+and the metrics log exist on global rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdpg.config.errors import ConfigError
+from megatron_sdpg.config.schema import SDPGConfig
+from megatron_sdpg.models.architecture import ModelConfig, resolve_model_config
+from megatron_sdpg.platform.distributed import ParallelGroups
+from megatron_sdpg.train.passes import response_logits
+from megatron_sdpg.train.rollout_phase import RolloutContext, collect_rollouts, evaluate_through_engine
+from megatron_sdpg.train.step import PolicyModel
+
+
+def weights_loader(model_cfg: ModelConfig, groups: ParallelGroups) -> Callable[[list], None]:
+    """Loads the starting weights: a converted Megatron checkpoint if given, else the HF files."""
+    if model_cfg.megatron_dir:
+        from megatron_sdpg.weights.checkpoint import load_megatron_checkpoint
+
+        return lambda chunks: load_megatron_checkpoint(chunks, model_cfg.megatron_dir)
+    from megatron_sdpg.weights.hf_io import SafetensorsReader
+    from megatron_sdpg.weights.load import load_hf_weights_into
+
+    return lambda chunks: load_hf_weights_into(chunks, model_cfg, groups, SafetensorsReader(model_cfg.hf_dir))
+
+
+def sdpg_loss_fn(cfg: SDPGConfig, groups: ParallelGroups, step: int, mb: dict, logits: torch.Tensor):
+    """Megatron loss contract for one micro-batch: ``(loss_sum, num_tokens, metrics)``.
+
+    Args:
+        mb: A micro-batch from :func:`~megatron_sdpg.train.batch.plan_microbatches`,
+            with the passes' ``ref_log_probs``/``old_log_probs``/``teacher_logits``.
+        logits: ``[b, s, V/tp]`` student logits (padded vocabulary masked).
+    """
+    from megatron_sdpg.algo.losses import LossInputs, sdpg_loss
+
+    student = response_logits(logits, mb["resp_rows"])
+    inputs = LossInputs(
+        target=mb["target"],
+        loss_mask=torch.ones_like(mb["target"], dtype=torch.float32),
+        advantages=mb["advantages"],
+        old_log_probs=mb.get("old_log_probs"),
+        ref_log_probs=mb.get("ref_log_probs"),
+        rollout_log_probs=mb["rollout_log_probs"],
+        seq_index=mb["seq_index"],
+    )
+    return sdpg_loss(student, mb.get("teacher_logits"), inputs, cfg.algorithm, step,
+                     tp_group=groups.tp_group_or_none, temperature=cfg.rollout.sampling.temperature or 1.0)
+
+
+@dataclass
+class TrainerParts:
+    """The assembled components of a run."""
+
+    cfg: SDPGConfig
+    groups: ParallelGroups
+    model_cfg: ModelConfig
+    policy: PolicyModel
+    reference: PolicyModel | None
+    source: Any
+    heldout: list
+    pad_id: int
+    needs_ref_log_probs: bool
+    start_step: int = 0
+    rollout_ctx: RolloutContext | None = None
+    sync: Any = None
+    launcher: Any = None
+    log: Any = None
+    closers: list = field(default_factory=list)
+
+    def beta(self, step: int) -> float:
+        from megatron_sdpg.algo.losses import beta_schedule
+
+        return beta_schedule(step, self.cfg.algorithm, self.cfg.train.steps)
+
+    def teacher_model(self) -> PolicyModel | None:
+        """The model on the teacher view: the frozen reference for OPSD, else the policy."""
+        if self.cfg.algorithm.preset == "opsd" or getattr(self.cfg.algorithm, "teacher", "current") == "frozen":
+            return self.reference
+        return self.policy
+
+    def loss_fn(self, step: int):
+        return partial(sdpg_loss_fn, self.cfg, self.groups, step)
+
+    def rollout(self, problems: list, seed: int):
+        return collect_rollouts(self.rollout_ctx, problems, seed, self.cfg.algorithm)
+
+    def evaluate(self, n: int) -> dict:
+        problems = self.heldout[:n]
+        max_new = self.cfg.rollout.sampling.max_new_tokens
+        return {
+            "eval/accuracy": evaluate_through_engine(self.rollout_ctx, problems, False, max_new),
+            "eval/accuracy_with_context": evaluate_through_engine(self.rollout_ctx, problems, True, max_new),
+        }
+
+    def sync_weights(self, version: int) -> dict:
+        """Streams the policy's weights (HF names) to the engines; every rank joins the export."""
+        from megatron_sdpg.weights.export import export_hf_weights
+
+        named = export_hf_weights(self.policy.unwrapped(), self.model_cfg, self.groups,
+                                  bucket_bytes=int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        if dist.get_rank() == 0:
+            return self.sync.sync(named, version=version)
+        for _ in named:  # the collectives of the export run on every rank
+            pass
+        return {}
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            try:
+                close()
+            except Exception as err:  # keep closing the rest
+                print(f"warning: shutdown step failed: {err}", flush=True)
+
+
+def _check_fits(cfg: SDPGConfig, model_cfg: ModelConfig, groups: ParallelGroups, max_prompt: int) -> None:
+    """Fails before any work when a sequence cannot fit the token budget."""
+    longest = max_prompt + cfg.rollout.sampling.max_new_tokens
+    budget = cfg.train.max_tokens_per_microbatch
+    if budget and longest > budget:
+        raise ConfigError("train.max_tokens_per_microbatch",
+                          f"{budget} tokens cannot hold one sequence of up to {longest} tokens "
+                          f"(prompt {max_prompt} + rollout.sampling.max_new_tokens "
+                          f"{cfg.rollout.sampling.max_new_tokens})")
+    if longest > model_cfg.max_position_embeddings:
+        raise ConfigError("rollout.sampling.max_new_tokens", f"sequences of up to {longest} tokens exceed the "
+                          f"model's max_position_embeddings {model_cfg.max_position_embeddings}")
+    samples = cfg.train.prompts_per_step * cfg.rollout.n_samples
+    if samples < groups.layout.dp:
+        raise ConfigError("train.prompts_per_step", f"{samples} samples per step cannot feed {groups.layout.dp} "
+                          "data-parallel ranks")
+
+
+def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
+    """Builds models, data, engines, sync and logging for this rank."""
+    from transformers import AutoTokenizer
+
+    from megatron_sdpg.data.prompts import PromptBuilder
+    from megatron_sdpg.data.source import PromptSource
+    from megatron_sdpg.data.tasks import build_task
+    from megatron_sdpg.data.templates import template_from_config
+
+    if not cfg.model.hf_dir:
+        raise ConfigError("model.hf_dir", "an HF model directory is needed (tokenizer, architecture, weights)")
+    model_cfg = resolve_model_config(cfg.model)
+    model_cfg.validate("model", tp=groups.layout.tp)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+    builder = PromptBuilder(tokenizer, template_from_config(cfg.data),
+                            max_teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens,
+                            context_truncation=cfg.data.context_truncation)
+    task = build_task(cfg.data, prompt_length=lambda p: len(builder.student_ids(p)))
+    train_problems = task.problems("train", cfg.data.train_size, cfg.data.seed)
+    heldout = task.problems("heldout", cfg.train.eval_n, cfg.data.seed)
+    max_prompt = max(len(builder.teacher_ids(p)) for p in train_problems[:256])
+    _check_fits(cfg, model_cfg, groups, max_prompt)
+
+    algo = cfg.algorithm
+    needs_ref = algo.needs_reference_log_probs()
+    loader = weights_loader(model_cfg, groups)
+    policy = PolicyModel(model_cfg, groups, cfg.optimizer, cfg.parallel.use_distributed_optimizer,
+                         total_steps=cfg.train.steps, seed=cfg.train.seed, weights_loader=loader)
+    reference = None
+    if needs_ref or cfg.algorithm.preset == "opsd":
+        reference = PolicyModel(model_cfg, groups, None, weights_loader=loader)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    parts = TrainerParts(cfg=cfg, groups=groups, model_cfg=model_cfg, policy=policy, reference=reference,
+                         source=PromptSource(train_problems, cfg.train.prompts_per_step, seed=cfg.data.seed,
+                                             shuffle=cfg.data.shuffle),
+                         heldout=heldout, pad_id=pad_id, needs_ref_log_probs=needs_ref)
+    if dist.get_rank() == 0:
+        _start_rank0_services(parts, tokenizer, builder, task)
+    return parts
+
+
+def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None:
+    """Engines (launched unless URLs are given), client, verifier pool, weight sync, metrics log."""
+    from dataclasses import replace
+
+    from megatron_sdpg.config.loader import save_resolved
+    from megatron_sdpg.rewards.pool import VerifierPool
+    from megatron_sdpg.rollout.blocking_client import RolloutClient
+    from megatron_sdpg.rollout.launcher import EngineLauncher
+    from megatron_sdpg.train.metrics_log import MetricsLog
+    from megatron_sdpg.weights.sync import make_weight_sync
+
+    cfg = parts.cfg
+    os.makedirs(cfg.train.run_dir, exist_ok=True)
+    save_resolved(cfg, cfg.train.run_dir)
+    rollout_cfg = cfg.rollout
+    urls = list(rollout_cfg.urls)
+    if not urls:
+        rollout_cfg = replace(rollout_cfg, model_path=rollout_cfg.model_path or cfg.model.hf_dir,
+                              log_dir=os.path.join(cfg.train.run_dir, "engines"),
+                              sync_dir=os.path.join(cfg.train.run_dir, "weight_sync"))
+        parts.launcher = EngineLauncher(rollout_cfg)
+        parts.closers.append(parts.launcher.stop_all)
+        urls = parts.launcher.start_all()
+    client = RolloutClient.from_config(rollout_cfg, urls)
+    parts.closers.append(client.close)
+    verifier = VerifierPool(cfg.reward.verifier or task.default_verifier, cfg.reward)
+    parts.closers.append(verifier.close)
+    parts.sync = make_weight_sync(rollout_cfg, client, config_dir=cfg.model.hf_dir)
+    parts.rollout_ctx = RolloutContext(client=client, builder=builder, verifier=verifier, tokenizer=tokenizer,
+                                       sampling=rollout_cfg.sampling, n_samples=rollout_cfg.n_samples)
+    parts.log = MetricsLog(cfg.train.run_dir, cfg.logging, cfg.train.steps, parts.start_step)
+    parts.closers.append(parts.log.close)

@@ -1,0 +1,149 @@
+"""The SDPG training loop: rollout -> verify -> passes -> update -> sync -> log -> eval.
+
+Global rank 0 drives the rollout engines and the verifier and broadcasts the
+samples; every rank then takes its data-parallel share, runs the no-gradient
+passes (reference, old policy, teacher) and the update through megatron's
+pipeline schedule, and joins the weight export that rank 0 streams to the
+engines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import torch
+import torch.distributed as dist
+
+from megatron_sdpg.config.schema import SDPGConfig
+from megatron_sdpg.platform.distributed import ParallelGroups
+from megatron_sdpg.train import passes
+from megatron_sdpg.train.batch import plan_microbatches
+from megatron_sdpg.train.setup import TrainerParts, build_parts
+
+
+def _broadcast(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class Trainer:
+    """Runs ``cfg.train.steps`` SDPG steps (or GRPO/DAPO/OPSD, by preset).
+
+    Args:
+        cfg: The validated configuration.
+        groups: This rank's process groups.
+    """
+
+    def __init__(self, cfg: SDPGConfig, groups: ParallelGroups):
+        self.cfg = cfg
+        self.groups = groups
+        self.rank = dist.get_rank()
+        self.parts: TrainerParts = build_parts(cfg, groups)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> dict:
+        """Trains; returns (and on rank 0 prints) the run summary."""
+        cfg, parts = self.cfg, self.parts
+        before = self.evaluate()
+        self._log_line(f"held-out accuracy before: {json.dumps(before)}")
+        for step in range(parts.start_step, cfg.train.steps):
+            metrics = self.train_one_step(step)
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
+                metrics.update(self.evaluate())
+            if parts.log is not None:
+                parts.log.log(step, metrics)
+        after = self.evaluate()
+        summary = {
+            "accuracy_before": before.get("eval/accuracy"),
+            "accuracy_after": after.get("eval/accuracy"),
+            "accuracy_with_context_before": before.get("eval/accuracy_with_context"),
+            "accuracy_with_context_after": after.get("eval/accuracy_with_context"),
+            "steps": cfg.train.steps,
+            "preset": cfg.algorithm.preset,
+            "layout": self.groups.layout.describe(),
+            "run_dir": os.path.abspath(cfg.train.run_dir),
+        }
+        if self.rank == 0:
+            parts.log.log(cfg.train.steps, {**after, "final": True})
+            with open(os.path.join(cfg.train.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        return summary
+
+    def train_one_step(self, step: int) -> dict:
+        """One SDPG step; returns its metrics (meaningful on rank 0)."""
+        cfg, parts, algo = self.cfg, self.parts, self.cfg.algorithm
+        t_step = time.perf_counter()
+        problems = parts.source.next_batch()
+        payload = None
+        if self.rank == 0:
+            payload = parts.rollout(problems, seed=cfg.train.seed * 100_003 + step)
+        samples, metrics = _broadcast(payload)
+        metrics["time/rollout_s"] = time.perf_counter() - t_step
+        if not samples:
+            self._log_line(f"step {step}: every group was dropped by dynamic sampling; no update")
+            return metrics
+
+        beta = parts.beta(step)
+        teacher_model = parts.teacher_model()
+        need_teacher = teacher_model is not None and (beta > 0 or algo.preset == "opsd")
+        mbs = plan_microbatches(samples, self.groups.layout.dp, self.groups.dp_rank, cfg.train.micro_batch_size,
+                                cfg.train.max_tokens_per_microbatch, parts.pad_id, with_teacher=need_teacher)
+        t0 = time.perf_counter()
+        temperature = cfg.rollout.sampling.temperature or 1.0
+        if parts.reference is not None and parts.needs_ref_log_probs:
+            passes.log_prob_pass(parts.reference, mbs, "ref_log_probs", temperature)
+        if cfg.train.ppo_epochs * cfg.train.mini_batches > 1:
+            passes.log_prob_pass(parts.policy, mbs, "old_log_probs", temperature)
+        if need_teacher:
+            if teacher_model is parts.policy and self.groups.layout.pp == 1:
+                for mb in mbs:
+                    mb["inline_teacher"] = True
+            else:
+                passes.teacher_pass(teacher_model, mbs)
+        metrics["time/logprob_passes_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        loss_fn = parts.loss_fn(step)
+        skipped = 0
+        for _ in range(cfg.train.ppo_epochs):
+            for subset in _split(mbs, cfg.train.mini_batches):
+                result = parts.policy.train_step(subset, loss_fn)
+                skipped += not result.updated
+                if not result.updated:
+                    self._log_line(f"step {step}: non-finite loss or gradient (grad norm {result.grad_norm}); "
+                                   "update skipped")
+        metrics["time/update_s"] = time.perf_counter() - t0
+        metrics.update(result.metrics)
+        metrics.update({"grad_norm": result.grad_norm, "lr": result.lr, "beta": beta, "skipped_updates": skipped})
+
+        t0 = time.perf_counter()
+        metrics.update(parts.sync_weights(version=step + 1))
+        metrics["time/sync_s"] = time.perf_counter() - t0
+        metrics["step_s"] = time.perf_counter() - t_step
+        return metrics
+
+    def evaluate(self) -> dict:
+        """Held-out greedy accuracy without and with the privileged context (rank 0)."""
+        result = None
+        if self.rank == 0:
+            result = self.parts.evaluate(self.cfg.train.eval_n)
+        return _broadcast(result)
+
+    def _log_line(self, message: str) -> None:
+        if self.rank == 0:
+            self.parts.log.write(message)
+
+    def close(self) -> None:
+        self.parts.close()
+
+
+def _split(items: list, n: int) -> list[list]:
+    """``items`` in ``n`` consecutive, near-equal, non-empty slices."""
+    if n > len(items):
+        raise ValueError(f"train.mini_batches={n} exceeds this rank's {len(items)} micro-batches; "
+                         "lower train.mini_batches or train.micro_batch_size")
+    bounds = [round(i * len(items) / n) for i in range(n + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(n)]
