@@ -133,14 +133,14 @@ class AsyncRolloutClient:
             RequestRejectedError: A 4xx answer (its message included).
             MalformedResponseError: A 200 answer that is not JSON (when ``want_json``).
         """
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.timeout.sock_connect) if timeout_s else None
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.timeout.sock_connect) if timeout_s else self.timeout
         where = f"{method} {url}{path}"
         try:
             async with self._sess().request(method, url + path, json=body, timeout=timeout) as resp:
                 raw = await resp.read()
                 status = resp.status
         except asyncio.TimeoutError:
-            raise EngineTimeoutError(f"{where}: no answer within {(timeout or self.timeout).total}s") from None
+            raise EngineTimeoutError(f"{where}: no answer within {timeout.total}s") from None
         except aiohttp.ClientConnectorError as e:
             raise EngineUnavailableError(f"{where}: cannot connect ({e.os_error or e})") from None
         except (aiohttp.ClientError, ConnectionError) as e:
