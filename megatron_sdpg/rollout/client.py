@@ -127,6 +127,8 @@ class AsyncRolloutClient:
     async def call(self, url: str, method: str, path: str, body: Any = None, timeout_s: float | None = None, want_json: bool = True) -> Any:
         """One HTTP call to one engine, no retry; errors classified.
 
+        ``body`` is JSON-serialised, or sent as is when it is ``bytes`` (already JSON).
+
         Raises:
             EngineUnavailableError: Connection refused or dropped, or a 5xx answer.
             EngineTimeoutError: No answer within the timeout.
@@ -135,8 +137,12 @@ class AsyncRolloutClient:
         """
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.timeout.sock_connect) if timeout_s else self.timeout
         where = f"{method} {url}{path}"
+        if isinstance(body, bytes):  # an already-encoded JSON body
+            kwargs: dict[str, Any] = {"data": body, "headers": {"Content-Type": "application/json"}}
+        else:
+            kwargs = {"json": body}
         try:
-            async with self._sess().request(method, url + path, json=body, timeout=timeout) as resp:
+            async with self._sess().request(method, url + path, timeout=timeout, **kwargs) as resp:
                 raw = await resp.read()
                 status = resp.status
         except asyncio.TimeoutError:
@@ -302,7 +308,7 @@ class AsyncRolloutClient:
                     raise EngineTimeoutError(f"{url}: not healthy after {timeout_s:.0f}s")
                 await asyncio.sleep(0.2)
 
-    async def post_all(self, path: str, body: dict[str, Any], timeout_s: float | None = None) -> list[Any]:
+    async def post_all(self, path: str, body: dict[str, Any] | bytes, timeout_s: float | None = None) -> list[Any]:
         """POSTs ``body`` to every engine at once (weight updates, versions); SGLang's
         ``{"success": false}`` answers come back as ``RequestRejectedError``."""
         return list(await asyncio.gather(*(self.call(u, "POST", path, body, timeout_s=timeout_s) for u in self.urls)))

@@ -17,10 +17,15 @@ from megatron_sdpg.rollout.launcher import EngineProcess, cpu_server_command
 from megatron_sdpg.testing.distributed import free_port
 
 
-def start_cpu_server(hf_dir: str, log_dir: str, seed: int = 0, threads: int = 1, timeout_s: float = 120.0) -> EngineProcess:
-    """Starts ``python -m megatron_sdpg.rollout.server`` on a free loopback port and waits for /health."""
+def start_cpu_server(hf_dir: str, log_dir: str, seed: int = 0, threads: int = 1, timeout_s: float = 120.0,
+                     **options: object) -> EngineProcess:
+    """Starts ``python -m megatron_sdpg.rollout.server`` on a free loopback port and waits for /health.
+
+    ``options`` are further server flags (``dtype="bfloat16"`` -> ``--dtype bfloat16``).
+    """
     port = free_port()
-    cmd = cpu_server_command(hf_dir, "127.0.0.1", port, {"seed": seed, "threads": threads}, python=sys.executable)
+    cmd = cpu_server_command(hf_dir, "127.0.0.1", port, {"seed": seed, "threads": threads, **options},
+                             python=sys.executable)
     env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p),
            "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error"}
     engine = EngineProcess(cmd, f"http://127.0.0.1:{port}", os.path.join(log_dir, f"cpu_server_{port}.log"), env)

@@ -11,6 +11,7 @@ requests) sets the version and ``/flush_cache`` drops cached prefixes.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from typing import Iterable
 
 import torch
@@ -52,9 +53,7 @@ class TensorPushSync(WeightSync):
         buckets = 0
         in_flight = None
         for bucket in iter_buckets(named, self.bucket_bytes):
-            payload = self.encode(bucket)  # overlaps with the previous bucket's upload
-            body = {"serialized_named_tensors": [payload] * self.tp_size, "load_format": None,
-                    "flush_cache": False, "abort_all_requests": False}
+            body = self.request_body(self.encode(bucket))  # overlaps with the previous bucket's upload
             if in_flight is not None:
                 self._wait(in_flight)
             in_flight = self._send("/update_weights_from_tensor", body)
@@ -66,7 +65,14 @@ class TensorPushSync(WeightSync):
         self.client.run(self.client.aclient.flush_cache())
         return {"sync/bytes": float(nbytes), "sync/buckets": float(buckets)}
 
-    def _send(self, path: str, body: dict) -> concurrent.futures.Future:
+    def request_body(self, payload: bytes) -> bytes:
+        """The JSON body, assembled around the base64 payload (which needs no escaping)
+        instead of serialising a string of hundreds of MB with ``json.dumps``."""
+        fields = json.dumps({"load_format": None, "flush_cache": False, "abort_all_requests": False})
+        entries = b",".join([b'"' + payload + b'"'] * self.tp_size)
+        return fields[:-1].encode() + b', "serialized_named_tensors": [' + entries + b"]}"
+
+    def _send(self, path: str, body: dict | bytes) -> concurrent.futures.Future:
         return self.client.submit(self.client.aclient.post_all(path, body, self.timeout_s))
 
     def _wait(self, fut) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import concurrent.futures
 import threading
 import time
@@ -168,7 +169,7 @@ def _outcome(ok: bool, message: str, **extra: Any) -> web.Response:
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json()
+        body = json.loads(await request.read())  # from bytes: no intermediate str of a large body
     except ValueError as e:
         raise BadRequest(f"body: not valid JSON ({e})") from None
     if not isinstance(body, dict):
