@@ -21,6 +21,7 @@ install_requires = [
     "omegaconf>=2.3,<3",  # YAML + dotted overrides validated against typed dataclasses
     "tqdm>=4.66",  # progress bars (training, conversion)
     "numpy>=1.26",
+    "aiohttp>=3.9,<4",  # rollout client for SGLang's HTTP API and the CPU rollout server (one stack, both ends)
 ]
 
 extras_require = {

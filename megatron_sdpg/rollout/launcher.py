@@ -1,0 +1,208 @@
+"""Starts and stops rollout engines (SGLang or our CPU server) as subprocesses.
+
+Usage::
+
+    with EngineLauncher(cfg.rollout) as launcher:
+        urls = launcher.start_all()                      # waits until every /health answers
+        client = RolloutClient.from_config(cfg.rollout, urls, on_engine_failure=launcher.restart_if_dead)
+
+Each engine gets its own port (``base_port + i``), log file and process
+session; it is stopped through its own PID (SIGTERM to the session it leads,
+SIGKILL after a grace period), never by name. SGLang engine ``i`` uses GPUs
+``i*tp .. i*tp+tp-1`` of its node (``--base-gpu-id``) unless the options say otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Sequence
+
+from megatron_sdpg.rollout.config import RolloutConfig
+
+
+def _options(extra: dict[str, Any]) -> list[str]:
+    """``{"mem_fraction_static": 0.8, "enable_x": True}`` -> ``--mem-fraction-static 0.8 --enable-x``."""
+    out: list[str] = []
+    for key, value in extra.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def sglang_command(model_path: str, host: str, port: int, tp_size: int, extra: dict[str, Any], base_gpu_id: int = 0,
+                   python: str = sys.executable) -> list[str]:
+    """``python -m sglang.launch_server`` with our settings and every extra option passed through."""
+    extra = {"base_gpu_id": base_gpu_id, **extra}
+    return [python, "-m", "sglang.launch_server", "--model-path", model_path, "--host", host, "--port", str(port),
+            "--tp-size", str(tp_size), *_options(extra)]
+
+
+def cpu_server_command(model_path: str, host: str, port: int, extra: dict[str, Any], python: str = sys.executable) -> list[str]:
+    """``python -m megatron_sdpg.rollout.server`` (the CPU server; not for production)."""
+    return [python, "-m", "megatron_sdpg.rollout.server", "--hf-dir", model_path, "--host", host, "--port", str(port),
+            *_options(extra)]
+
+
+def router_command(worker_urls: Sequence[str], host: str, port: int, extra: dict[str, Any] | None = None,
+                   python: str = sys.executable) -> list[str]:
+    """``sglang-router`` in front of running engines (the client then talks to its one URL)."""
+    return [python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--host", host,
+            "--port", str(port), *_options(extra or {})]
+
+
+class EngineProcess:
+    """One engine subprocess.
+
+    Args:
+        command: The argv to run.
+        url: Base URL it serves once healthy.
+        log_path: Its stdout and stderr go here (appended across restarts).
+        env: Extra environment variables.
+    """
+
+    def __init__(self, command: list[str], url: str, log_path: str, env: dict[str, str] | None = None):
+        self.command = command
+        self.url = url
+        self.log_path = log_path
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """Starts the process in its own session (so its children stop with it)."""
+        if self.alive():
+            raise RuntimeError(f"{self.url}: already running as pid {self.pid}")
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env}, start_new_session=True,
+            )
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Polls ``/health`` until it answers 200.
+
+        Raises:
+            RuntimeError: The process exited first (the log's tail is in the message).
+            TimeoutError: Not healthy within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"{self.url}: engine exited with code {code} before becoming healthy; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2.0) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.url}: not healthy after {timeout_s:.0f}s; log {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+
+    def signal(self, sig: int) -> None:
+        """Sends ``sig`` to the session this process leads (itself and its children)."""
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, sig)  # type: ignore[union-attr]
+            except ProcessLookupError:
+                pass
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``; reaps the process."""
+        if self.proc is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(10)
+        # Children left in the session after the leader exits.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class EngineLauncher:
+    """Launches ``cfg.num_engines`` engines of ``cfg.engine`` kind and keeps them up.
+
+    Args:
+        cfg: The rollout section (engine kind, model path, host, ports, TP, logs, extra options).
+        python: Interpreter for the engines.
+    """
+
+    def __init__(self, cfg: RolloutConfig, python: str = sys.executable):
+        self.cfg = cfg
+        self.engines: list[EngineProcess] = []
+        for i in range(cfg.num_engines):
+            port = cfg.base_port + i
+            if cfg.engine == "sglang":
+                cmd = sglang_command(cfg.model_path, cfg.host, port, cfg.tp_size, cfg.sglang_args, i * cfg.tp_size, python)
+            else:
+                cmd = cpu_server_command(cfg.model_path, cfg.host, port, cfg.sglang_args, python)
+            host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+            log = os.path.join(cfg.log_dir, f"engine{i}_port{port}.log")
+            self.engines.append(EngineProcess(cmd, f"http://{host}:{port}", log))
+
+    @property
+    def urls(self) -> list[str]:
+        return [e.url for e in self.engines]
+
+    def start_all(self) -> list[str]:
+        """Starts every engine, then waits until all are healthy; returns their URLs."""
+        try:
+            for e in self.engines:
+                e.start()
+            for e in self.engines:
+                e.wait_healthy(self.cfg.startup_timeout_s)
+        except BaseException:
+            self.stop_all()
+            raise
+        return self.urls
+
+    def restart_if_dead(self, url: str) -> None:
+        """Restarts the engine serving ``url`` if its process has exited (the client's failure hook)."""
+        for e in self.engines:
+            if e.url == url.rstrip("/") and not e.alive():
+                e.stop(grace_s=1.0)
+                e.start()
+                e.wait_healthy(self.cfg.startup_timeout_s)
+
+    def stop_all(self) -> None:
+        for e in self.engines:
+            e.stop()
+
+    def __enter__(self) -> "EngineLauncher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_all()

@@ -1,0 +1,59 @@
+"""CPU rollout server: SGLang's HTTP API in front of a ``transformers`` model. NOT for production.
+
+Usage::
+
+    python -m megatron_sdpg.rollout.server --hf-dir runs/tiny_llama --port 30000
+    curl -s localhost:30000/generate -d '{"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 8}}'
+
+It binds to 127.0.0.1 unless ``--host`` says otherwise. Sampling is
+reproducible per sample with ``sampling_seed``; unseeded samples draw their
+seeds from ``--seed`` in arrival order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m megatron_sdpg.rollout.server", description=__doc__.splitlines()[0])
+    p.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the seeds of unseeded samples")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--max-batch", type=int, default=256, help="most samples decoded together")
+    p.add_argument("--max-body-mb", type=int, default=4096, help="largest accepted request body")
+    p.add_argument("--weight-version", default="default")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
+        sys.exit(f"--hf-dir: {args.hf_dir} has no config.json")
+    import torch
+    from aiohttp import web
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_sdpg.rollout.server.app import ServerState, build_app
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=getattr(torch, args.dtype)).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+    except (OSError, ValueError):
+        tokenizer = None  # input_ids only; responses carry "text": null
+    state = ServerState(model, tokenizer, args.hf_dir, seed=args.seed, max_batch=args.max_batch)
+    state.weight_version = args.weight_version
+    app = build_app(state, max_body_bytes=args.max_body_mb * 2**20)
+    print(f"cpu rollout server (not for production) on http://{args.host}:{args.port} pid {os.getpid()}", flush=True)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

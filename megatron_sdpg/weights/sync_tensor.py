@@ -1,0 +1,82 @@
+"""``TensorPushSync``: buckets of named tensors through ``/update_weights_from_tensor``.
+
+Each bucket (``bucket_bytes`` at most) is encoded and POSTed to every engine;
+the next bucket is encoded while the previous one is in flight. Encodings
+(see ``tensor_codec``): ``safetensors`` for our CPU server, ``sglang`` (SGLang's
+ForkingPickler payload, one copy per TP rank) for real SGLang engines on the
+trainer's node. After the last bucket, ``/update_weight_version`` (without aborting
+requests) sets the version and ``/flush_cache`` drops cached prefixes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+from typing import Iterable
+
+import torch
+
+from megatron_sdpg.rollout.blocking_client import RolloutClient
+from megatron_sdpg.rollout.protocol import RequestRejectedError
+from megatron_sdpg.weights.sync_base import ProbeCheck, WeightSync, WeightSyncError, iter_buckets, tensor_bytes
+from megatron_sdpg.weights.tensor_codec import encode_safetensors, encode_sglang
+
+ENCODERS = {"safetensors": encode_safetensors, "sglang": encode_sglang}
+
+
+class TensorPushSync(WeightSync):
+    """Bucketed tensor push.
+
+    Args:
+        client: Reaches every engine.
+        bucket_bytes: Largest bucket.
+        encoding: ``safetensors`` (CPU server) or ``sglang``.
+        tp_size: Entries in ``serialized_named_tensors`` (one per engine TP rank).
+        probe: Optional post-sync log-prob check.
+        timeout_s: Timeout of each bucket's call.
+    """
+
+    name = "tensor"
+
+    def __init__(self, client: RolloutClient, bucket_bytes: int = 512 * 2**20, encoding: str = "safetensors",
+                 tp_size: int = 1, probe: ProbeCheck | None = None, timeout_s: float = 600.0):
+        super().__init__(client, probe)
+        if encoding not in ENCODERS:
+            raise ValueError(f"encoding: must be one of {sorted(ENCODERS)}, got {encoding!r}")
+        self.bucket_bytes = bucket_bytes
+        self.encode = ENCODERS[encoding]
+        self.tp_size = tp_size
+        self.timeout_s = timeout_s
+
+    def _push(self, named: Iterable[tuple[str, torch.Tensor]], version: str) -> dict[str, float]:
+        nbytes = 0
+        buckets = 0
+        in_flight = None
+        for bucket in iter_buckets(named, self.bucket_bytes):
+            body = self.request_body(self.encode(bucket))  # overlaps with the previous bucket's upload
+            if in_flight is not None:
+                self._wait(in_flight)
+            in_flight = self._send("/update_weights_from_tensor", body)
+            nbytes += sum(tensor_bytes(t) for _, t in bucket)
+            buckets += 1
+        if in_flight is not None:
+            self._wait(in_flight)
+        self._wait(self._send("/update_weight_version", {"new_version": version, "abort_all_requests": False}))
+        self.client.run(self.client.aclient.flush_cache())
+        return {"sync/bytes": float(nbytes), "sync/buckets": float(buckets)}
+
+    def request_body(self, payload: bytes) -> bytes:
+        """The JSON body, assembled around the base64 payload (which needs no escaping)
+        instead of serialising a string of hundreds of MB with ``json.dumps``."""
+        fields = json.dumps({"load_format": None, "flush_cache": False, "abort_all_requests": False})
+        entries = b",".join([b'"' + payload + b'"'] * self.tp_size)
+        return fields[:-1].encode() + b', "serialized_named_tensors": [' + entries + b"]}"
+
+    def _send(self, path: str, body: dict | bytes) -> concurrent.futures.Future:
+        return self.client.submit(self.client.aclient.post_all(path, body, self.timeout_s))
+
+    def _wait(self, fut) -> None:
+        try:
+            fut.result()
+        except RequestRejectedError as e:
+            raise WeightSyncError(f"tensor sync: an engine refused a bucket: {e}") from None

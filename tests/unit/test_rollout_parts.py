@@ -1,0 +1,146 @@
+"""Unit tests of the rollout pieces that need no server: config, request parsing, sampling
+filter, tensor codecs, bucketing, atomic checkpoint writing, launcher commands."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from megatron_sdpg.config.errors import ConfigError
+from megatron_sdpg.rollout.config import RolloutConfig, SamplingConfig
+from megatron_sdpg.rollout.launcher import cpu_server_command, sglang_command
+from megatron_sdpg.rollout.protocol import group_request_json, sampling_params_json
+from megatron_sdpg.rollout.server.generator import _filtered_probs
+from megatron_sdpg.rollout.server.requests import BadRequest, parse_generate
+from megatron_sdpg.weights.sync_base import iter_buckets
+from megatron_sdpg.weights.sync_disk import write_hf_checkpoint
+from megatron_sdpg.weights.tensor_codec import decode_safetensors, encode_safetensors, encode_sglang
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"engine": "vllm"}, "rollout.engine"),
+    ({"urls": ["localhost:1"]}, r"rollout.urls\[0\]"),
+    ({"n_samples": 0}, "rollout.n_samples"),
+    ({"sync_strategy": "carrier-pigeon"}, "rollout.sync_strategy"),
+    ({"sync_strategy": "distributed", "distributed_backend": "nccl"}, "rollout.distributed_backend"),
+    ({"sglang_args": {"--tp": 2}}, "rollout.sglang_args"),
+    ({"urls": [], "model_path": ""}, "rollout.model_path"),
+    ({"sampling": SamplingConfig(top_p=0.0)}, "rollout.sampling.top_p"),
+])
+def test_config_errors_name_the_field(change, field):
+    cfg = RolloutConfig(urls=["http://127.0.0.1:1"], model_path="x")
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    with pytest.raises(ConfigError, match=rf"^{field}: "):
+        cfg.validate("rollout")
+
+
+def test_default_config_with_a_url_is_valid():
+    RolloutConfig(urls=["http://127.0.0.1:1"]).validate("rollout")
+
+
+def test_client_request_parses_on_the_server_as_one_sample_per_item():
+    cfg = SamplingConfig(temperature=0.0, top_k=-1, max_new_tokens=5, stop_token_ids=[9], seed=3)
+    params = [sampling_params_json(cfg, 3 + k) for k in range(3)]
+    body = group_request_json([2, 4, 6], ["r0", "r1", "r2"], params, return_logprob=True)
+    reqs, single = parse_generate(json.loads(json.dumps(body)), vocab_size=128)
+    assert not single and [r.rid for r in reqs] == ["r0", "r1", "r2"]
+    assert [r.seed for r in reqs] == [3, 4, 5]
+    r = reqs[0]  # SGLang: temperature 0 is greedy = top_k 1 at temperature 1
+    assert (r.temperature, r.top_k, r.max_new_tokens, r.stop_token_ids, r.return_logprob) == (1.0, 1, 5, {9}, True)
+
+
+def test_sglang_request_normalisation():
+    reqs, single = parse_generate({"input_ids": [1, 2], "rid": "x"}, 16)
+    assert single and [r.rid for r in reqs] == ["x"] and reqs[0].top_k == 0 and reqs[0].max_new_tokens == 128
+    reqs, single = parse_generate({"input_ids": [[1], [2, 3]], "rid": "x", "sampling_params": {"n": 2}}, 16)
+    assert not single and [r.rid for r in reqs] == ["x_0_0", "x_0_1", "x_1_0", "x_1_1"]
+    assert [r.input_ids for r in reqs] == [[1], [1], [2, 3], [2, 3]]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"input_ids": []}, "input_ids: must be a non-empty list"),
+    ({"input_ids": [[1], []]}, r"input_ids\[1\]: must be a non-empty list of ints"),
+    ({"input_ids": [1], "sampling_params": {"top_k": 0}}, r"sampling_params\[0\]\.top_k: must be -1 or >= 1"),
+    ({"input_ids": [1], "sampling_params": {"temperature": "hot"}}, r"temperature: must be a float"),
+    ({"input_ids": [1], "sampling_params": {"stop": "x"}}, "stop strings need a tokenizer"),
+    ({"input_ids": [1], "sampling_params": {"bogus": 1}}, r"sampling_params\[0\]\.bogus: unknown"),
+    ({"input_ids": [[1], [2]], "rid": ["a"]}, "rid: has 1 entries for a batch of 2"),
+    ({"input_ids": [1], "stream": True}, "stream: streaming is not supported"),
+    ({"input_ids": [1], "image_data": "x"}, "image_data: not supported"),
+])
+def test_bad_generate_bodies(body, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_generate(body, vocab_size=16)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.6), (5, 0.3)])
+def test_filtered_probs_match_a_float64_reference(top_k, top_p):
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(top_k * 10 + int(top_p * 10)))
+    got = _filtered_probs(logits.float(), top_k, top_p).double()
+    p = torch.softmax(logits.double(), -1)
+    order = torch.argsort(p, descending=True).tolist()
+    keep = order[: top_k or len(order)]
+    mass, kept = 0.0, []
+    kept_mass = float(p[keep].sum())
+    for i in keep:  # smallest prefix whose mass reaches top_p of what top-k kept
+        kept.append(i)
+        mass += float(p[i])
+        if mass >= top_p * kept_mass:
+            break
+    ref = torch.zeros_like(p)
+    ref[kept] = p[kept] / p[kept].sum()
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_safetensors_codec_roundtrip_and_pickle_rejected():
+    w = torch.randn(4, 3)
+    named = [("a", w), ("tied", w), ("b", torch.arange(5, dtype=torch.bfloat16))]
+    out = dict(decode_safetensors(encode_safetensors(named)))
+    assert torch.equal(out["a"], w) and torch.equal(out["tied"], w) and out["b"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="does not accept SGLang's pickled"):
+        decode_safetensors(encode_sglang(named))
+    with pytest.raises(ValueError, match="not valid base64"):
+        decode_safetensors("***")
+
+
+def test_sglang_encoding_is_forking_pickle_of_name_tensor_pairs():
+    named = [("a", torch.randn(2, 2)), ("b", torch.ones(3, dtype=torch.bfloat16))]
+    out = pickle.loads(base64.b64decode(encode_sglang(named)))  # what SGLang's deserializer does
+    assert [n for n, _ in out] == ["a", "b"] and all(torch.equal(x, y) for (_, x), (_, y) in zip(out, named))
+
+
+def test_buckets_respect_the_byte_limit_and_keep_order():
+    named = [(f"t{i}", torch.zeros(n)) for i, n in enumerate([10, 10, 30, 5, 100, 1])]
+    buckets = list(iter_buckets(iter(named), bucket_bytes=140))  # fp32: 40, 40, 120, 20, 400, 4 bytes
+    assert [[n for n, _ in b] for b in buckets] == [["t0", "t1"], ["t2", "t3"], ["t4"], ["t5"]]
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    named = [("x", torch.randn(100)), ("y", torch.randn(100)), ("z", torch.randn(10))]
+    nbytes, shards = write_hf_checkpoint(iter(named), str(tmp_path / "v1"), shard_bytes=500)
+    assert nbytes == 840 and shards == 2
+    index = json.loads((tmp_path / "v1" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors",
+                                   "z": "model-00002-of-00002.safetensors"}
+
+    def broken():
+        yield "a", torch.zeros(3)
+        raise RuntimeError("trainer died mid-export")
+
+    with pytest.raises(RuntimeError, match="mid-export"):
+        write_hf_checkpoint(broken(), str(tmp_path / "v2"), shard_bytes=500)
+    assert sorted(os.listdir(tmp_path)) == ["v1"]  # neither v2 nor a temp dir is left
+
+
+def test_launch_commands_pass_options_through():
+    cmd = sglang_command("/m", "0.0.0.0", 30001, 2, {"mem_fraction_static": 0.7, "enable_x": True, "off": False}, 2)
+    assert cmd[1:] == ["-m", "sglang.launch_server", "--model-path", "/m", "--host", "0.0.0.0", "--port", "30001",
+                       "--tp-size", "2", "--base-gpu-id", "2", "--mem-fraction-static", "0.7", "--enable-x"]
+    assert cpu_server_command("/m", "127.0.0.1", 5, {"seed": 3})[1:] == [
+        "-m", "megatron_sdpg.rollout.server", "--hf-dir", "/m", "--host", "127.0.0.1", "--port", "5", "--seed", "3"]
