@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         return hf_to_megatron(args.hf_dir, args.megatron_dir, groups, dtype=args.dtype, overwrite=args.overwrite,
                               verify=verify, progress=not args.no_progress)
 
-    return run_cli(args, args.megatron_dir, convert, lambda: args.dtype)
+    def precheck() -> None:
+        from megatron_sdpg.weights.convert import hf_model_config
+
+        hf_model_config(args.hf_dir, args.dtype).validate("model", tp=args.tp)
+
+    return run_cli(args, args.megatron_dir, precheck, convert, lambda: args.dtype)
 
 
 if __name__ == "__main__":

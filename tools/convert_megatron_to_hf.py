@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return args.dtype or read_checkpoint_config(args.megatron_dir).params_dtype
 
-    return run_cli(args, args.hf_dir, convert, dtype_of)
+    def precheck() -> None:
+        from megatron_sdpg.weights.checkpoint import read_checkpoint_config
+
+        read_checkpoint_config(args.megatron_dir).validate("model", tp=args.tp)
+
+    return run_cli(args, args.hf_dir, precheck, convert, dtype_of)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run_cli(args: argparse.Namespace, out_dir: str, convert: Callable, dtype_of: Callable[[], str]) -> int:
-    """Starts distributed, runs ``convert(groups, verify_cfg)``, prints the verdict.
+def run_cli(args: argparse.Namespace, out_dir: str, precheck: Callable[[], None], convert: Callable,
+            dtype_of: Callable[[], str]) -> int:
+    """Checks the inputs, starts distributed, runs ``convert(groups, verify_cfg)``, prints the verdict.
+
+    ``precheck`` validates what can be validated without processes (config,
+    architecture, TP against the heads) so bad input fails fast.
 
     Returns:
         0 on success, 1 when verification fails, 2 for a user error (printed as one line).
@@ -43,6 +47,7 @@ def run_cli(args: argparse.Namespace, out_dir: str, convert: Callable, dtype_of:
                               max_abs_tol=args.max_abs_tol, kl_tol=args.kl_tol)
     try:
         check_output_dir(out_dir, args.overwrite)
+        precheck()
         _, world = init_distributed()
         pp = args.pp if args.pp is not None else max(world // max(args.tp, 1), 1)
         groups = init_model_parallel(ParallelConfig(tp=args.tp, pp=pp, use_distributed_optimizer=False), seed=0)
