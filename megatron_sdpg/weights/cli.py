@@ -38,6 +38,8 @@ def run_cli(args: argparse.Namespace, out_dir: str, precheck: Callable[[], None]
     Returns:
         0 on success, 1 when verification fails, 2 for a user error (printed as one line).
     """
+    import torch.distributed as dist
+
     from megatron_sdpg.platform.distributed import init_distributed, init_model_parallel, shutdown
     from megatron_sdpg.platform.layout import ParallelConfig
 
@@ -54,7 +56,8 @@ def run_cli(args: argparse.Namespace, out_dir: str, precheck: Callable[[], None]
         reports = convert(groups, verify)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        shutdown()
+        if dist.is_initialized():
+            shutdown()
         return 2
     code = 0
     if reports is not None:
@@ -62,7 +65,6 @@ def run_cli(args: argparse.Namespace, out_dir: str, precheck: Callable[[], None]
     if verify is not None:
         # Every rank leaves with rank 0's verdict.
         import torch
-        import torch.distributed as dist
 
         box = torch.tensor([code])
         dist.broadcast(box, src=0)
