@@ -47,13 +47,21 @@ def llama3_inv_freq(dim: int, theta: float, scaling: RopeScalingConfig) -> torch
     return torch.where(medium, smoothed, scaled).float()
 
 
-def build_model_chunks(cfg: ModelConfig, groups: ParallelGroups, use_te: bool | None = None) -> list:
+def _leave_uninitialised(weight: torch.Tensor) -> torch.Tensor:
+    """An init method that draws nothing (the weights are loaded right after)."""
+    return weight
+
+
+def build_model_chunks(cfg: ModelConfig, groups: ParallelGroups, use_te: bool | None = None,
+                       init_weights: bool = True) -> list:
     """Builds this rank's model chunk(s): one per virtual pipeline stage.
 
     Args:
         cfg: The architecture (already resolved from ``hf_dir`` if any).
         groups: Process groups of this rank.
         use_te: Force the transformer-engine spec on or off (default: auto).
+        init_weights: Run megatron's random initialisation. Off when the weights
+            are loaded right after (converters): saves the time of drawing them.
 
     Returns:
         A list of ``GPTModel`` (length ``vpp`` or 1) on the current device, in
@@ -63,6 +71,10 @@ def build_model_chunks(cfg: ModelConfig, groups: ParallelGroups, use_te: bool | 
 
     layout = groups.layout
     tcfg = to_transformer_config(cfg, layout.tp, layout.pp, layout.cp, layout.vpp)
+    if not init_weights:
+        # Not perform_initialization=False: megatron then skips tagging the TP
+        # attributes (partition_dim/stride) of CPU-initialised weights.
+        tcfg.init_method = tcfg.output_layer_init_method = tcfg.embedding_init_method = _leave_uninitialised
     spec = layer_spec(cfg, use_te)
     n_chunks = layout.vpp or 1
     chunks = []

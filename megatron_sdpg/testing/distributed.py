@@ -92,6 +92,7 @@ def run_on_ranks(
     timeout: float = 180.0,
     backend: str = "gloo",
     env: dict[str, str] | None = None,
+    daemon: bool = True,
 ) -> list[Any]:
     """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks.
 
@@ -102,6 +103,10 @@ def run_on_ranks(
         timeout: Seconds for the whole call; past it every rank is killed.
         backend: ``gloo`` (CPU) or ``nccl``.
         env: Extra environment variables for the ranks.
+        daemon: Start the ranks as daemonic processes. Pass False when the code
+            under test starts processes of its own (megatron's
+            ``dist_checkpointing`` starts a multiprocessing manager); every rank
+            is still killed on timeout or error.
 
     Returns:
         The return values, indexed by rank.
@@ -119,7 +124,7 @@ def run_on_ranks(
         ctx.Process(
             target=_child,
             args=(fn, r, world_size, port, backend, args, child_env, result_queue, timeout),
-            daemon=True,
+            daemon=daemon,
         )
         for r in range(world_size)
     ]

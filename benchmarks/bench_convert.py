@@ -1,0 +1,168 @@
+"""Conversion speed and memory: HF -> Megatron -> HF on a synthetic Llama checkpoint.
+
+Writes a random Llama-architecture HF checkpoint (~1B parameters by default) into a
+temporary directory, converts it HF -> Megatron (dist_checkpointing) -> HF on N
+gloo ranks, and in the same run measures the raw safetensors read + write speed of
+the same bytes (the baseline). Prints one JSON line per measurement and a summary
+line with the ratios against the targets:
+
+* conversion speed >= 0.5x the raw I/O speed (per direction);
+* peak RSS per rank <= 2 x (model bytes / ranks) + the largest tensor
+  (RSS growth above the rank's start-up footprint of torch + megatron imports).
+
+Usage:
+    python benchmarks/bench_convert.py                  # ~1B params, bf16, 2 ranks
+    python benchmarks/bench_convert.py --params 3e8     # ~300M
+    python benchmarks/bench_convert.py --quick          # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+
+import torch
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def llama_config(params: float) -> dict:
+    """A Llama config of about ``params`` parameters (width by size, depth to fit)."""
+    if params >= 2e8:
+        h, ffn, heads, kv, vocab = 2048, 5632, 16, 8, 32000
+    else:
+        h, ffn, heads, kv, vocab = 512, 1408, 8, 4, 8000
+    hd = h // heads
+    per_layer = h * (heads * hd + 2 * kv * hd) + heads * hd * h + 3 * h * ffn + 2 * h
+    layers = max(2, round((params - 2 * vocab * h) / per_layer))
+    layers += layers % 2  # divisible by pp=2
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=h,
+                intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                head_dim=hd, rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+
+
+def write_synthetic_hf(out_dir: str, config: dict, dtype: torch.dtype, shard_bytes: int) -> tuple[int, int]:
+    """Random weights for ``config`` as sharded safetensors; returns (total bytes, largest tensor bytes)."""
+    from megatron_sdpg.models.architecture import model_config_from_hf
+    from megatron_sdpg.weights import mapping_for
+    from megatron_sdpg.weights.hf_io import ShardedSafetensorsWriter
+
+    os.makedirs(out_dir)
+    cfg = dict(config, dtype=str(dtype).removeprefix("torch."))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    shapes = mapping_for(model_config_from_hf(config)).expected_hf_shapes()
+    writer = ShardedSafetensorsWriter(out_dir, shard_bytes)
+    gen = torch.Generator().manual_seed(0)
+    largest = 0
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype)
+        writer.add(name, t)
+        largest = max(largest, t.numel() * t.element_size())
+    writer.close()
+    return writer.total_bytes, largest
+
+
+def raw_io(src: str, dst: str, shard_bytes: int) -> dict:
+    """Reads every tensor of ``src`` and writes them to ``dst`` (the I/O floor of a conversion)."""
+    from megatron_sdpg.weights.hf_io import SafetensorsReader, ShardedSafetensorsWriter
+
+    os.makedirs(dst)
+    t0 = time.perf_counter()
+    reader = SafetensorsReader(src)
+    writer = ShardedSafetensorsWriter(dst, shard_bytes)
+    for name in reader:
+        writer.add(name, reader[name])
+    writer.close()
+    return {"seconds": time.perf_counter() - t0, "bytes": writer.total_bytes}
+
+
+def _convert_rank(rank, world_size, direction, src, dst, tp, pp, shard_bytes):
+    from megatron_sdpg.platform.distributed import init_model_parallel
+    from megatron_sdpg.platform.layout import ParallelConfig
+    from megatron_sdpg.weights.convert import hf_to_megatron, megatron_to_hf
+
+    groups = init_model_parallel(ParallelConfig(tp=tp, pp=pp, use_distributed_optimizer=False), seed=0)
+    base = _rss_gb()
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    if direction == "hf_to_megatron":
+        hf_to_megatron(src, dst, groups, dtype="bfloat16", progress=False)
+    else:
+        megatron_to_hf(src, dst, groups, max_shard_bytes=shard_bytes, progress=False)
+    torch.distributed.barrier()
+    return {"seconds": time.perf_counter() - t0, "rss_start_gb": base, "rss_peak_gb": _peak_rss_gb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=float, default=1e9, help="approximate parameter count")
+    parser.add_argument("--quick", action="store_true", help="a ~30M-parameter smoke run")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--shard-gb", type=float, default=0.5, help="HF safetensors shard size")
+    parser.add_argument("--workdir", default=None, help="where to put the temporary files (default: $TMPDIR)")
+    args = parser.parse_args()
+    params = 3e7 if args.quick else args.params
+    pp = args.ranks // args.tp
+    shard_bytes = int(args.shard_gb * 2**30)
+
+    from megatron_sdpg.testing.distributed import run_on_ranks
+
+    work = tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir)
+    try:
+        config = llama_config(params)
+        hf = os.path.join(work, "hf")
+        model_bytes, largest = write_synthetic_hf(hf, config, torch.bfloat16, shard_bytes)
+        n_params = model_bytes // 2
+        gb = model_bytes / 2**30
+        print(json.dumps({"model": "llama-synthetic", "params": n_params, "layers": config["num_hidden_layers"],
+                          "dtype": "bfloat16", "gb": round(gb, 3), "largest_tensor_gb": round(largest / 2**30, 3),
+                          "ranks": args.ranks, "tp": args.tp, "pp": pp}))
+        raw = raw_io(hf, os.path.join(work, "raw"), shard_bytes)
+        raw_gbps = gb / raw["seconds"]
+        print(json.dumps({"measure": "raw_safetensors_read_write", "seconds": round(raw["seconds"], 2),
+                          "gb_per_s": round(raw_gbps, 3)}))
+        shutil.rmtree(os.path.join(work, "raw"))
+        rss_budget = 2 * gb / args.ranks + largest / 2**30
+        summary = {"raw_gb_per_s": round(raw_gbps, 3), "rss_budget_gb": round(rss_budget, 3)}
+        steps = (("hf_to_megatron", hf, os.path.join(work, "mg")),
+                 ("megatron_to_hf", os.path.join(work, "mg"), os.path.join(work, "hf_back")))
+        for direction, src, dst in steps:
+            res = run_on_ranks(_convert_rank, args.ranks, direction, src, dst, args.tp, pp, shard_bytes,
+                               timeout=3000, daemon=False)
+            seconds = max(r["seconds"] for r in res)
+            growth = [r["rss_peak_gb"] - r["rss_start_gb"] for r in res]
+            record = {"measure": direction, "seconds": round(seconds, 2), "gb_per_s": round(gb / seconds, 3),
+                      "speed_vs_raw_io": round(gb / seconds / raw_gbps, 3),
+                      "peak_rss_gb_per_rank": [round(r["rss_peak_gb"], 3) for r in res],
+                      "rss_growth_gb_per_rank": [round(g, 3) for g in growth],
+                      "rss_growth_vs_budget": round(max(growth) / rss_budget, 3)}
+            print(json.dumps(record))
+            summary[f"{direction}_speed_vs_raw_io"] = record["speed_vs_raw_io"]
+            summary[f"{direction}_rss_vs_budget"] = record["rss_growth_vs_budget"]
+        summary["targets_met"] = all(v >= 0.5 for k, v in summary.items() if k.endswith("speed_vs_raw_io")) and \
+            all(v <= 1.0 for k, v in summary.items() if k.endswith("rss_vs_budget"))
+        print(json.dumps({"summary": summary}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

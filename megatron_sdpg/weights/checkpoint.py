@@ -1,0 +1,81 @@
+"""Megatron checkpoints in ``dist_checkpointing`` (torch_dist) format, loadable at any TP/PP.
+
+A checkpoint directory holds megatron's sharded files, the architecture as
+``megatron_sdpg_model.json`` (a :class:`ModelConfig`), and ``hf/`` with the HF
+config, tokenizer and generation config it came from, so that it converts back
+to a complete HF directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch.distributed as dist
+
+from megatron_sdpg.models.architecture import ModelConfig, RopeScalingConfig
+from megatron_sdpg.weights.hf_io import copy_side_files
+
+MODEL_CONFIG_FILE = "megatron_sdpg_model.json"
+HF_SIDE_DIR = "hf"
+
+
+def _sharded_state_dict(chunks: list) -> dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_megatron_checkpoint(chunks: list, model_cfg: ModelConfig, ckpt_dir: str, hf_side_dir: str | None = None) -> None:
+    """Saves this rank's chunks into ``ckpt_dir`` (a collective over all ranks).
+
+    Args:
+        chunks: This rank's bare ``GPTModel`` chunks.
+        model_cfg: The architecture, written to ``megatron_sdpg_model.json``.
+        ckpt_dir: An existing, empty directory.
+        hf_side_dir: An HF directory whose config/tokenizer files are copied to ``hf/``.
+    """
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(_sharded_state_dict(chunks), ckpt_dir)
+    if dist.get_rank() == 0:
+        cfg = dataclasses.replace(model_cfg, hf_dir=None)
+        with open(os.path.join(ckpt_dir, MODEL_CONFIG_FILE), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        if hf_side_dir:
+            os.makedirs(os.path.join(ckpt_dir, HF_SIDE_DIR), exist_ok=True)
+            copy_side_files(hf_side_dir, os.path.join(ckpt_dir, HF_SIDE_DIR))
+    dist.barrier()
+
+
+def read_checkpoint_config(ckpt_dir: str) -> ModelConfig:
+    """The :class:`ModelConfig` stored with a checkpoint.
+
+    Raises:
+        FileNotFoundError: ``ckpt_dir`` is not a checkpoint written by this project.
+    """
+    path = os.path.join(ckpt_dir, MODEL_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{ckpt_dir!r} has no {MODEL_CONFIG_FILE}: not a megatron_sdpg checkpoint")
+    with open(path) as f:
+        raw = json.load(f)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown ModelConfig fields {unknown}")
+    raw["rope_scaling"] = RopeScalingConfig(**raw.get("rope_scaling", {}))
+    return ModelConfig(**raw)
+
+
+def load_megatron_checkpoint(chunks: list, ckpt_dir: str) -> None:
+    """Loads a ``dist_checkpointing`` checkpoint into this rank's chunks (any TP/PP).
+
+    Raises:
+        RuntimeError: from megatron when tensors are missing or misshapen.
+    """
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), ckpt_dir)
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)

@@ -1,0 +1,203 @@
+"""Offline conversions HF <-> Megatron, shared by the two CLIs in ``tools/``.
+
+Both run on every rank of an initialised process group (torchrun with N ranks,
+or one plain process) under a model-parallel layout; each rank holds only its
+share of the model. Output goes to ``<out>.incomplete`` and is renamed to
+``<out>`` only when everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdpg.models.architecture import ModelConfig, model_config_from_hf, read_hf_config
+from megatron_sdpg.models.builder import build_model_chunks
+from megatron_sdpg.platform.distributed import ParallelGroups
+from megatron_sdpg.weights.checkpoint import (HF_SIDE_DIR, load_megatron_checkpoint, read_checkpoint_config,
+                                              save_megatron_checkpoint)
+from megatron_sdpg.weights.export import export_hf_weights
+from megatron_sdpg.weights.hf_io import SafetensorsReader, ShardedSafetensorsWriter, copy_side_files
+from megatron_sdpg.weights.load import load_hf_weights_into
+from megatron_sdpg.weights.verify import PromptReport, compare_with_hf, format_reports
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory exists and ``overwrite`` was not asked for."""
+
+
+@dataclass
+class VerifyConfig:
+    """Greedy-decode comparison with ``transformers`` after a conversion.
+
+    Attributes:
+        prompts: Number of random-token prompts.
+        prompt_len: Tokens per prompt.
+        new_tokens: Greedy tokens decoded per prompt.
+        max_abs_tol: Largest allowed ``|logit_hf - logit_megatron|`` (None: by dtype).
+        kl_tol: Largest allowed per-position KL(HF || Megatron) (None: by dtype).
+    """
+
+    prompts: int = 3
+    prompt_len: int = 8
+    new_tokens: int = 8
+    max_abs_tol: float | None = None
+    kl_tol: float | None = None
+
+    def tolerances(self, dtype: str) -> tuple[float, float]:
+        """fp32 is held to rounding noise; bf16 to bf16 compute noise."""
+        default = (1e-3, 1e-6) if dtype == "float32" else (1.0, 1e-2)
+        return (self.max_abs_tol if self.max_abs_tol is not None else default[0],
+                self.kl_tol if self.kl_tol is not None else default[1])
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """Raises :class:`OutputExistsError` when ``path`` exists and ``overwrite`` is off."""
+    if os.path.exists(path) and not overwrite:
+        raise OutputExistsError(f"output directory {path!r} already exists (pass --overwrite to replace it)")
+
+
+def _staging_dir(out_dir: str) -> str:
+    """Creates an empty ``<out>.incomplete`` on rank 0; all ranks get its path."""
+    staging = os.path.abspath(out_dir).rstrip("/") + ".incomplete"
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    dist.barrier()
+    return staging
+
+
+def _publish(staging: str, out_dir: str) -> None:
+    """Renames the finished staging directory to ``out_dir`` (rank 0), replacing an old one."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    dist.barrier()
+
+
+def hf_model_config(hf_dir: str, dtype: str) -> ModelConfig:
+    """The :class:`ModelConfig` of an HF directory in ``dtype`` (validated later for the layout)."""
+    return model_config_from_hf(read_hf_config(hf_dir), hf_dir=hf_dir, params_dtype=dtype)
+
+
+def hf_to_megatron(hf_dir: str, megatron_dir: str, groups: ParallelGroups, dtype: str = "float32",
+                   overwrite: bool = False, verify: VerifyConfig | None = None,
+                   progress: bool = True) -> list[PromptReport] | None:
+    """Converts an HF directory into a ``dist_checkpointing`` checkpoint.
+
+    Args:
+        hf_dir: HF model directory (config.json + safetensors).
+        megatron_dir: Output directory (must not exist unless ``overwrite``).
+        groups: The layout the model is held in while converting (any TP/PP).
+        dtype: ``float32`` or ``bfloat16`` for the stored weights.
+        overwrite: Replace an existing output directory.
+        verify: Compare logits with ``transformers`` after converting.
+        progress: tqdm bars on rank 0.
+
+    Returns:
+        The verification reports on rank 0 (None without ``verify`` or elsewhere).
+    """
+    check_output_dir(megatron_dir, overwrite)
+    cfg = hf_model_config(hf_dir, dtype)
+    cfg.validate("model", tp=groups.layout.tp)
+    chunks = build_model_chunks(cfg, groups, init_weights=False)
+    load_hf_weights_into(chunks, cfg, groups, SafetensorsReader(hf_dir), progress=progress and dist.get_rank() == 0)
+    staging = _staging_dir(megatron_dir)
+    save_megatron_checkpoint(chunks, cfg, staging, hf_side_dir=hf_dir)
+    _publish(staging, megatron_dir)
+    return _verify(chunks, cfg, groups, hf_dir, verify)
+
+
+def megatron_to_hf(megatron_dir: str, hf_dir: str, groups: ParallelGroups, dtype: str | None = None,
+                   overwrite: bool = False, max_shard_bytes: int = 5 * 2**30, verify: VerifyConfig | None = None,
+                   progress: bool = True) -> list[PromptReport] | None:
+    """Converts a checkpoint written by :func:`hf_to_megatron` (or training) to an HF directory.
+
+    Args:
+        megatron_dir: The ``dist_checkpointing`` directory.
+        hf_dir: Output HF directory (must not exist unless ``overwrite``).
+        groups: The layout the checkpoint is loaded at (any TP/PP).
+        dtype: Dtype of the written tensors (default: the checkpoint's).
+        overwrite: Replace an existing output directory.
+        max_shard_bytes: Size limit of one safetensors shard.
+        verify: Compare logits with ``transformers`` after converting.
+        progress: tqdm bars on rank 0.
+
+    Returns:
+        The verification reports on rank 0 (None without ``verify`` or elsewhere).
+    """
+    check_output_dir(hf_dir, overwrite)
+    cfg = read_checkpoint_config(megatron_dir)
+    cfg.validate("model", tp=groups.layout.tp)
+    out_dtype = dtype or cfg.params_dtype
+    chunks = build_model_chunks(cfg, groups, init_weights=False)
+    load_megatron_checkpoint(chunks, megatron_dir)
+    staging = _staging_dir(hf_dir)
+    rank0 = dist.get_rank() == 0
+    writer = ShardedSafetensorsWriter(staging, max_shard_bytes) if rank0 else None
+    from tqdm import tqdm
+
+    bar = tqdm(desc="export HF", unit="tensor", disable=not (progress and rank0), leave=False)
+    for name, tensor in export_hf_weights(chunks, cfg, groups):
+        writer.add(name, tensor.to(DTYPES[out_dtype]))
+        bar.update(1)
+    bar.close()
+    if rank0:
+        writer.close()
+        _write_hf_side_files(os.path.join(megatron_dir, HF_SIDE_DIR), staging, out_dtype)
+    _publish(staging, hf_dir)
+    return _verify(chunks, cfg, groups, hf_dir, verify)
+
+
+def _write_hf_side_files(side_dir: str, out_dir: str, dtype: str) -> None:
+    if os.path.isdir(side_dir):
+        copy_side_files(side_dir, out_dir)
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint has no {HF_SIDE_DIR}/config.json to write an HF config from")
+    with open(path) as f:
+        config = json.load(f)
+    key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+    if config.get(key) not in (None, dtype):
+        config[key] = dtype
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _verify(chunks: list, cfg: ModelConfig, groups: ParallelGroups, hf_dir: str,
+            verify: VerifyConfig | None) -> list[PromptReport] | None:
+    if verify is None:
+        return None
+    hf_model = None
+    if dist.get_rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (verify.prompt_len,), generator=gen) for _ in range(verify.prompts)]
+    with torch.no_grad():
+        return compare_with_hf(chunks, groups, hf_model, prompts, verify.new_tokens, cfg.vocab_size)
+
+
+def verification_passed(reports: list[PromptReport], verify: VerifyConfig, dtype: str) -> bool:
+    """True when every prompt is within both tolerances."""
+    max_abs, kl = verify.tolerances(dtype)
+    return all(r.max_abs_diff <= max_abs and r.kl_max <= kl for r in reports)
+
+
+def print_verification(reports: list[PromptReport], verify: VerifyConfig, dtype: str) -> bool:
+    """Prints the table and the verdict; returns whether it passed."""
+    max_abs, kl = verify.tolerances(dtype)
+    ok = verification_passed(reports, verify, dtype)
+    print(format_reports(reports))
+    print(f"verify: {'PASS' if ok else 'FAIL'} (tolerances: max|dlogit| <= {max_abs:g}, KL <= {kl:g}, dtype {dtype})")
+    return ok

@@ -1,0 +1,136 @@
+"""The HF <-> Megatron mapping without processes: layouts against explicit references, and errors."""
+
+import json
+
+import pytest
+import torch
+
+from megatron_sdpg.config.errors import ConfigError
+from megatron_sdpg.models.architecture import ModelConfig, model_config_from_hf
+from megatron_sdpg.models.init import shard_of
+from megatron_sdpg.weights import WeightMappingError, mapping_for
+from megatron_sdpg.weights.mapping_base import unshard
+
+
+def _cfg(**kw) -> ModelConfig:
+    base = dict(arch="qwen2", vocab_size=11, hidden_size=8, intermediate_size=6, num_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=3)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_fused_qkv_is_grouped_per_query_group_like_megatron():
+    cfg = _cfg()
+    m = mapping_for(cfg)
+    hd, ng, heads_per_group = 3, 2, 2
+    q, k, v = torch.randn(12, 8), torch.randn(6, 8), torch.randn(6, 8)
+    # Explicit reference: for each group g, its query heads' rows, then k_g, then v_g.
+    rows = []
+    for g in range(ng):
+        for h in range(g * heads_per_group, (g + 1) * heads_per_group):
+            rows += list(q[h * hd:(h + 1) * hd])
+        rows += list(k[g * hd:(g + 1) * hd]) + list(v[g * hd:(g + 1) * hd])
+    fused = m.fuse_qkv(q, k, v)
+    assert torch.equal(fused, torch.stack(rows))
+    back = m.split_qkv(fused)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v)))
+    bias = [torch.randn(12), torch.randn(6), torch.randn(6)]
+    assert all(torch.equal(a, b) for a, b in zip(m.split_qkv(m.fuse_qkv(*bias)), bias))
+
+
+@pytest.mark.parametrize("tp,stride", [(1, 1), (2, 1), (4, 1), (2, 2), (3, 2)])
+def test_unshard_inverts_megatron_sharding(tp, stride):
+    full = torch.randn(12 * stride, 5)
+    pieces = [shard_of(full, 0, stride, tp, r) for r in range(tp)]
+    assert torch.equal(unshard(pieces, 0, stride), full)
+    full_t = full.t().contiguous()
+    assert torch.equal(unshard([shard_of(full_t, 1, stride, tp, r) for r in range(tp)], 1, stride), full_t)
+
+
+def test_gate_up_stride_two_gives_each_rank_its_gate_then_its_up_rows():
+    gate, up = torch.arange(4.0).view(4, 1), 100 + torch.arange(4.0).view(4, 1)
+    m = mapping_for(_cfg(intermediate_size=4, hidden_size=1, num_attention_heads=1, num_key_value_heads=1))
+    fused = m.to_megatron("decoder.layers.0.mlp.linear_fc1.weight", [gate, up], (8, 1))
+    rank1 = shard_of(fused, 0, 2, 2, 1)
+    assert torch.equal(rank1, torch.cat([gate[2:4], up[2:4]]))
+
+
+def test_vocab_rows_are_padded_with_zeros_and_unpadded():
+    cfg = _cfg(tie_word_embeddings=True)
+    m = mapping_for(cfg)
+    emb = torch.randn(11, 8)
+    full = m.to_megatron("output_layer.weight", [emb], (12, 8))
+    assert torch.equal(full[:11], emb) and torch.equal(full[11], torch.zeros(8))
+    assert m.rule("output_layer.weight").hf_names == ("model.embed_tokens.weight",)
+    assert not m.exports("output_layer.weight")
+    (name, back), = m.to_hf("embedding.word_embeddings.weight", full)
+    assert name == "model.embed_tokens.weight" and torch.equal(back, emb)
+
+
+def test_both_layer_specs_map_their_norms():
+    m = mapping_for(_cfg(arch="qwen3"))
+    assert m.rule("decoder.layers.1.self_attention.linear_qkv.layer_norm_weight").hf_names == \
+        m.rule("decoder.layers.1.input_layernorm.weight").hf_names == ("model.layers.1.input_layernorm.weight",)
+    assert m.rule("decoder.layers.0.mlp.linear_fc1.layer_norm_weight").hf_names == \
+        ("model.layers.0.post_attention_layernorm.weight",)
+    assert m.rule("decoder.layers.0.self_attention.k_layernorm.weight").hf_names == \
+        ("model.layers.0.self_attn.k_norm.weight",)
+
+
+def test_missing_and_unexpected_tensors_are_named():
+    m = mapping_for(_cfg(arch="llama"))
+    names = list(m.expected_hf_shapes())
+    with pytest.raises(WeightMappingError, match=r"^missing HF tensors for llama: model.layers.1.mlp.up_proj.weight$"):
+        m.check_hf_names([n for n in names if n != "model.layers.1.mlp.up_proj.weight"])
+    with pytest.raises(WeightMappingError,
+                       match=r"^unexpected HF tensors for llama: model.layers.0.self_attn.q_proj.bias$"):
+        m.check_hf_names(names + ["model.layers.0.self_attn.q_proj.bias"])
+    m.check_hf_names(names + ["model.layers.0.self_attn.rotary_emb.inv_freq"])  # old checkpoints: ignored
+
+
+def test_shape_mismatch_names_the_tensor():
+    m = mapping_for(_cfg())
+    with pytest.raises(WeightMappingError, match=r"^shape mismatch for HF tensor 'model.layers.0.self_attn.v_proj.weight': "
+                                                 r"got \(5, 8\), expected \(6, 8\)$"):
+        m.to_megatron("decoder.layers.0.self_attention.linear_qkv.weight",
+                      [torch.zeros(12, 8), torch.zeros(6, 8), torch.zeros(5, 8)], (24, 8))
+
+
+def test_unsupported_architecture_and_tp_not_dividing_heads():
+    with pytest.raises(ConfigError, match="unsupported HF model_type 'gpt2'"):
+        model_config_from_hf({"model_type": "gpt2", "vocab_size": 10})
+    with pytest.raises(ConfigError, match=r"^model.num_attention_heads: tp=3 does not divide 4 heads$"):
+        _cfg().validate("model", tp=3)
+
+
+def _write_hf_config(path, **kw):
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2)
+    cfg.update(kw)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("exists", "error: output directory '{out}' already exists (pass --overwrite to replace it)"),
+    ("arch", "error: model.hf_dir: unsupported HF model_type 'gpt2' in {hf}; supported: ['llama', 'qwen2', 'qwen3']"),
+    ("tp", "error: model.num_attention_heads: tp=3 does not divide 4 heads"),
+])
+def test_cli_prints_one_line_errors_before_starting_processes(tmp_path, capsys, case, message):
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_hf_to_megatron",
+        os.path.join(os.path.dirname(__file__), "..", "..", "tools", "convert_hf_to_megatron.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    hf = _write_hf_config(tmp_path / "hf", model_type="gpt2" if case == "arch" else "llama")
+    out = tmp_path / "out"
+    if case == "exists":
+        out.mkdir()
+    argv = ["--hf-dir", hf, "--megatron-dir", str(out)] + (["--tp", "3"] if case == "tp" else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == message.format(out=out, hf=hf)
