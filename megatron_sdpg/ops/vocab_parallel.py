@@ -145,31 +145,46 @@ class _Entropy(torch.autograd.Function):
         return grad.view(logits.shape), None, None, None
 
 
+def _row_max(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-row max of ``chunk / temperature`` in fp32 ``[c]`` (exact in any dtype)."""
+    return chunk.amax(dim=-1).to(torch.float32).div_(temperature)
+
+
+def _scaled_minus(chunk: torch.Tensor, temperature: float, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = chunk / temperature - shift[:, None]`` in fp32, reading ``chunk`` once when T == 1."""
+    if temperature == 1.0:
+        return torch.sub(chunk, shift[:, None], out=out)
+    return torch.div(chunk, temperature, out=out).sub_(shift[:, None])
+
+
 class _FullVocabKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, tp_group, temperature, chunk_size, inplace_backward):
         s_rows, t_rows = as_rows(student), as_rows(teacher)
-        n = s_rows.shape[0]
-        kl = torch.empty(n, dtype=torch.float32, device=s_rows.device)
-        lse = torch.empty(2, n, dtype=torch.float32, device=s_rows.device)
+        n, v = s_rows.shape
+        f32 = dict(dtype=torch.float32, device=s_rows.device)
+        kl = torch.empty(n, **f32)
+        lse = torch.empty(2, n, **f32)
+        a, b, e = (torch.empty(min(n, chunk_size), v, **f32) for _ in range(3))
         for sl in chunks(n, chunk_size):
-            zs = scaled_fp32(s_rows[sl], temperature)
-            zt = scaled_fp32(t_rows[sl], temperature)
-            m = global_max([zs, zt], tp_group)
-            zs.sub_(m[0, :, None])
-            zt.sub_(m[1, :, None])
-            e = torch.exp(zt)
-            sum_exp_t = e.sum(dim=-1)
-            torch.exp(zs, out=e)
-            sum_exp_s = e.sum(dim=-1)
-            # zt <- e_s * (zs' - zt'): the unnormalised p-weighted log-ratio.
-            partial = zero_where_nan_(zt.sub_(zs).neg_().mul_(e)).sum(dim=-1)
+            c = sl.stop - sl.start
+            m = torch.stack([_row_max(s_rows[sl], temperature), _row_max(t_rows[sl], temperature)])
+            all_reduce_(m, dist.ReduceOp.MAX, tp_group)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            zs = _scaled_minus(s_rows[sl], temperature, m[0], a[:c])  # z_s - max_s
+            zt = _scaled_minus(t_rows[sl], temperature, m[1], b[:c])  # z_t - max_t
+            es = e[:c]
+            sum_exp_t = torch.exp(zt, out=es).sum(dim=-1)
+            sum_exp_s = torch.exp(zs, out=es).sum(dim=-1)
+            # sum_v e_s * (zs' - zt'); NaN only from 0 * inf at masked entries, which count 0.
+            partial = torch.sub(zs, zt, out=zt).mul_(es).nansum(dim=-1)
             sums = torch.stack([sum_exp_s, sum_exp_t, partial])
             all_reduce_(sums, dist.ReduceOp.SUM, tp_group)
             log_z = sums[:2].log()
             # KL = sum p_s (zs' - zt') - log Z_s + log Z_t
             kl[sl] = sums[2] / sums[0] - log_z[0] + log_z[1]
             lse[:, sl] = m + log_z
+        del a, b, e
         ctx.save_for_backward(student, teacher, lse, kl)
         ctx.temperature, ctx.chunk_size, ctx.inplace = temperature, chunk_size, inplace_backward
         return kl.view(student.shape[:-1])
@@ -178,21 +193,24 @@ class _FullVocabKL(torch.autograd.Function):
     def backward(ctx, grad_output):
         student, teacher, lse, kl = ctx.saved_tensors
         s_rows, t_rows = as_rows(student), as_rows(teacher)
+        n, v = s_rows.shape
         g = upstream_per_row(grad_output, ctx.temperature)
         if ctx.inplace and student.is_contiguous():
             grad = s_rows  # each chunk is read before it is overwritten
         else:
             grad = torch.empty(s_rows.shape, dtype=student.dtype, device=student.device)
+        # log p_s - log p_t - KL = log p_s - (z_t / T - (lse_t - KL))
+        t_shift = lse[1] - kl
+        a, b = (torch.empty(min(n, ctx.chunk_size), v, dtype=torch.float32, device=student.device) for _ in range(2))
         with torch.no_grad():
-            for sl in chunks(s_rows.shape[0], ctx.chunk_size):
-                log_ps = scaled_fp32(s_rows[sl], ctx.temperature).sub_(lse[0, sl, None])
-                p = log_ps.exp()
-                log_pt = scaled_fp32(t_rows[sl], ctx.temperature).sub_(lse[1, sl, None])
-                # dKL/dz = p * (log p - log q - KL)
-                d = zero_where_nan_(log_ps.sub_(log_pt).sub_(kl[sl, None]).mul_(p))
-                gs = g[sl]
-                d.mul_(gs).masked_fill_(gs == 0, 0.0)
-                grad[sl] = d
+            for sl in chunks(n, ctx.chunk_size):
+                c = sl.stop - sl.start
+                log_ps = _scaled_minus(s_rows[sl], ctx.temperature, lse[0, sl], a[:c])
+                d = _scaled_minus(t_rows[sl], ctx.temperature, t_shift[sl], b[:c])
+                torch.sub(log_ps, d, out=d)
+                p_g = log_ps.exp_().mul_(g[sl])
+                # dKL/dz = p * (log p - log q - KL); NaN (0 * inf) only where p == 0 or g == 0.
+                zero_where_nan_(torch.mul(d, p_g, out=grad[sl]))
         return grad.view(student.shape), None, None, None, None, None
 
 
