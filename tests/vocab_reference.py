@@ -91,7 +91,25 @@ def run_ops_on_shard(case: dict, rank: int, world_size: int, tp_group) -> dict:
         value = op(x)
         (grad,) = torch.autograd.grad(value, x, w, allow_unused=False) if value.numel() else (torch.zeros_like(x),)
         out[name] = (value.detach(), grad.detach())
+    out.update(_run_fused(s, t, w, case["target"], kw))
     return out
+
+
+def _run_fused(s, t, w, target, kw) -> dict:
+    """The fused op: each output's gradient alone, and of ``sum(w * log_prob + 0.5 * w * kl)``."""
+    from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy
+
+    x = s.clone().requires_grad_(True)
+    lp, kl, ent = log_probs_kl_entropy(x, t, target, **kw)
+    if lp.numel():
+        (g_lp,) = torch.autograd.grad(lp, x, w, retain_graph=True)
+        (g_kl,) = torch.autograd.grad(kl, x, w, retain_graph=True)
+        (g_both,) = torch.autograd.grad([lp, kl], x, [w, 0.5 * w])
+    else:
+        g_lp = g_kl = g_both = torch.zeros_like(x)
+    zeros = torch.zeros_like(x)
+    return {"fused_log_prob": (lp.detach(), g_lp), "fused_kl": (kl.detach(), g_kl),
+            "fused_entropy": (ent, zeros), "fused_both": (kl.detach(), g_both)}
 
 
 # ---------------------------------------------------------------- references
@@ -200,12 +218,17 @@ def check_against_reference(case: dict, shard_results: list[dict]) -> None:
             assert torch.equal(v, values[0]), f"{case['name']}/{name}: rank {rank} value differs from rank 0"
         grad = torch.cat([r[name][1] for r in shard_results], dim=-1)
         clip = case["clip"] if name.endswith("_clip") else None
-        ref_v = ref_value(name, s, t, target, temp, clip)
-        if case["masked"]:
-            ref_g = ref_grad_analytic(name, s, t, target, w, temp)
+        base = name.removeprefix("fused_")
+        grad_fn = ref_grad_analytic if case["masked"] else ref_grad_autograd
+        extra = () if case["masked"] else (clip,)
+        if base == "both":  # value: the KL; gradient of w * log_prob + 0.5 * w * kl
+            ref_v = ref_value("kl", s, t, target, temp)
+            ref_g = grad_fn("log_prob", s, t, target, w, temp, *extra) + grad_fn("kl", s, t, target, 0.5 * w, temp, *extra)
         else:
-            ref_g = ref_grad_autograd(name, s, t, target, w, temp, clip)
+            ref_v = ref_value(base, s, t, target, temp, clip)
+            ref_g = None if name == "fused_entropy" else grad_fn(base, s, t, target, w, temp, *extra)
         what = f"{case['name']}/{name}"
         _assert_close(values[0], ref_v, *tol["value"], what + " value")
-        _assert_close(grad, ref_g, *tol["grad"], what + " grad")
+        if ref_g is not None:
+            _assert_close(grad, ref_g, *tol["grad"], what + " grad")
         assert grad.dtype == case["dtype"], f"{what}: grad dtype {grad.dtype}"

@@ -38,6 +38,7 @@ from megatron_sdpg.algo.loss_terms import (
     truncated_is_weight,
 )
 from megatron_sdpg.ops.vocab_parallel import entropy, full_vocab_kl, generalized_jsd, token_log_probs
+from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy
 
 MAX_SUFFIX = "_max"
 
@@ -114,15 +115,20 @@ def sdpg_loss(
         num_seqs = int(batch.seq_index.max()) + 1 if batch.seq_index.numel() else 0
     beta_k = beta_schedule(step, cfg.beta_base, cfg.total_steps, cfg.beta_warmup_steps, cfg.beta_decay_steps)
     kw = dict(tp_group=tp_group, temperature=cfg.temperature, chunk_size=cfg.vocab_chunk_size)
-    log_probs = token_log_probs(student_logits, batch.target, **kw)
-    metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"beta": (torch.tensor(float(beta_k)), torch.tensor(1.0))}
-    with torch.no_grad():
-        metrics["entropy"] = (_masked_sum(entropy(student_logits.detach(), **kw), mask), n_tok)
-
     opsd = cfg.objective == "opsd"
     needs_teacher = beta_k > 0 or opsd
     if needs_teacher and teacher_logits is None:
         raise ValueError(f"teacher_logits is None but beta(k={step}) = {beta_k} needs the teacher")
+    if needs_teacher and cfg.distill_divergence == "reverse_kl" and cfg.pointwise_clip is None:
+        # One pass over the vocabulary and one gradient buffer for all three statistics.
+        log_probs, div, ent = log_probs_kl_entropy(student_logits, teacher_logits, batch.target, **kw)
+    else:
+        log_probs = token_log_probs(student_logits, batch.target, **kw)
+        with torch.no_grad():
+            ent = entropy(student_logits.detach(), **kw)
+        div = distill_divergence(student_logits, teacher_logits, cfg, tp_group) if needs_teacher else None
+    metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"beta": (torch.tensor(float(beta_k)), torch.tensor(1.0))}
+    metrics["entropy"] = (_masked_sum(ent, mask), n_tok)
 
     rho = torch.ones_like(log_probs)
     behaviour = batch.rollout_log_probs if batch.rollout_log_probs is not None else batch.old_log_probs
@@ -142,7 +148,6 @@ def sdpg_loss(
         metrics["dual_clip_frac"] = (_masked_sum(dual.float(), mask), n_tok)
 
     if needs_teacher:
-        div = distill_divergence(student_logits, teacher_logits, cfg, tp_group)
         if cfg.distill_kl_clamp is not None:
             div = div.clamp(max=cfg.distill_kl_clamp)
         gate = mask

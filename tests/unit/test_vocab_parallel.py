@@ -66,3 +66,18 @@ def test_bad_inputs_raise_clear_errors():
         entropy(x, temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         entropy(x, chunk_size=0)
+
+
+def test_fused_gradient_on_infinite_kl_row_is_the_log_prob_part_when_kl_is_clamped():
+    from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy
+
+    s = torch.tensor([[0.5, -1.0, 2.0, 0.0]])
+    t = torch.tensor([[0.0, -math.inf, 1.0, 0.0]])  # teacher masks an entry the student uses
+    target = torch.tensor([2])
+    x = s.clone().requires_grad_(True)
+    lp, kl, _ = log_probs_kl_entropy(x, t, target)
+    assert kl.item() == math.inf
+    (lp * 1.5 + kl.clamp(max=20.0)).sum().backward()
+    p = torch.softmax(s.double(), -1)
+    expected = (torch.nn.functional.one_hot(target, 4).double() - p) * 1.5
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-6, atol=1e-7)
