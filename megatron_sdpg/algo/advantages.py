@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_sdpg.algo.loss_terms import reference_kl_term
+
 
 def verifier_rewards(correct: torch.Tensor, scheme: str = "zero_one") -> torch.Tensor:
     """Binary verifier outcome ``[n]`` (bool) to rewards: 1/0 (``zero_one``) or +1/-1 (``plus_minus_one``)."""
@@ -77,17 +79,22 @@ def kl_penalized_rewards(
     loss_mask: torch.Tensor,
     seq_index: torch.Tensor,
     coef: float,
+    estimator: str = "k1",
 ) -> torch.Tensor:
-    """"KL in reward" (GRPO baseline): ``R_i - coef * sum_{t in i} (log pi - log pi_ref)``.
+    """"KL in reward" (GRPO baseline): ``R_i - coef * sum_{t in i} k(log pi - log pi_ref)``.
 
     Args:
         rewards: ``[n]`` sequence rewards.
         log_probs, ref_log_probs, loss_mask, seq_index: ``[T]`` per token; ``seq_index``
             in ``[0, n)`` says which sequence each token belongs to.
+        estimator: Per-token KL estimator ``k1`` (``log w``), ``k2`` or ``k3``.
 
     Returns:
-        ``[n]`` penalised rewards (the k1 estimate of KL(pi || pi_ref) per sequence).
+        ``[n]`` penalised rewards.
     """
-    k1 = torch.where(loss_mask.bool(), (log_probs - ref_log_probs).to(torch.float32), torch.zeros(()))
-    per_seq = torch.zeros_like(rewards, dtype=torch.float32).index_add_(0, seq_index.long(), k1)
+    if estimator not in ("k1", "k2", "k3"):
+        raise ValueError(f"KL-in-reward estimator must be k1, k2 or k3, got {estimator!r}")
+    k = reference_kl_term(log_probs.detach().to(torch.float32), ref_log_probs.to(torch.float32), estimator)
+    k = torch.where(loss_mask.bool(), k, torch.zeros_like(k))
+    per_seq = torch.zeros_like(rewards, dtype=torch.float32).index_add_(0, seq_index.long(), k)
     return rewards.to(torch.float32) - coef * per_seq

@@ -71,7 +71,7 @@ class AlgorithmConfig:
     # Reference-KL term.
     alpha: float = 1e-3
     ref_kl_mode: str = "urkl"
-    ref_kl_in_reward: bool = False  # GRPO baseline: R_i - alpha * sum_t k1_t instead of a loss term
+    ref_kl_in_reward: bool = False  # GRPO baseline: R_i - alpha * sum_t k_t (k = ref_kl_mode, k1/k2/k3) instead of a loss term
     sg_rho_factors: bool = True  # appendix A.3: SG[pi/pi_rollout] on the beta and alpha terms
 
     # Aggregation and numerics.
@@ -116,6 +116,9 @@ class AlgorithmConfig:
         if self.pointwise_clip is not None:
             require(self.pointwise_clip > 0, f("pointwise_clip"), f"must be > 0 or null, got {self.pointwise_clip}")
         require(self.alpha >= 0, f("alpha"), f"must be >= 0, got {self.alpha}")
+        if self.ref_kl_in_reward:
+            require(self.ref_kl_mode in ("k1", "k2", "k3"), f("ref_kl_mode"),
+                    f"KL in reward needs an estimator k1, k2 or k3, got {self.ref_kl_mode!r}")
         if self.loss_agg == "constant":
             require(
                 self.loss_agg_constant is not None and self.loss_agg_constant > 0,

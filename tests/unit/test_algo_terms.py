@@ -45,6 +45,10 @@ def test_reward_shaping_helpers():
                                torch.tensor([-1.1, -1.2, -5.0, -1.3]), torch.tensor([1, 1, 0, 1]),
                                torch.tensor([0, 0, 0, 1]), coef=0.5)
     torch.testing.assert_close(out, torch.tensor([1.0 - 0.5 * 0.3, -0.5 * 0.3]))
+    # k3 of log w = 0.1: exp(-0.1) - 1 + 0.1 = 0.0048374180.
+    out = kl_penalized_rewards(torch.tensor([1.0]), torch.tensor([-1.0]), torch.tensor([-1.1]),
+                               torch.tensor([1]), torch.tensor([0]), coef=2.0, estimator="k3")
+    assert out.item() == pytest.approx(1.0 - 2.0 * 0.0048374180, rel=1e-6)
 
 
 def test_ppo_clip_separate_eps_and_dual_clip():
