@@ -16,7 +16,9 @@ Collectives per chunk, each on per-token ``[k, chunk]`` fp32 statistics only:
 - ``full_vocab_kl``: MAX of both maxima, then SUM of (student sum-exp, teacher
   sum-exp, sum of exp(student) * (student - teacher));
 - ``generalized_jsd`` (``vocab_parallel_jsd``): MAX, SUM of sum-exps, SUM of the
-  per-token divergence terms (the mixture needs normalised log-probs first).
+  per-token divergence terms (the mixture needs normalised log-probs first);
+- ``log_probs_kl_entropy`` (``vocab_parallel_fused``): the SDPG loss's three
+  statistics in one pass: MAX, then one SUM.
 
 Backward passes issue no collective: forward saves the inputs (references, no
 copy) and per-token fp32 statistics (log-sum-exp, the value), recomputes the
@@ -34,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy
+from megatron_sdpg.ops.vocab_parallel_jsd import generalized_jsd
 from megatron_sdpg.ops.vocab_shard import (
     DEFAULT_CHUNK_SIZE,
     all_reduce_,
@@ -43,31 +47,15 @@ from megatron_sdpg.ops.vocab_shard import (
     check_temperature,
     chunks,
     global_max,
+    local_targets,
+    row_max,
     scaled_fp32,
-    shard_rank_and_size,
+    scaled_minus,
     upstream_per_row,
     zero_where_nan_,
 )
 
-__all__ = ["token_log_probs", "entropy", "full_vocab_kl", "generalized_jsd"]
-
-
-def _local_targets(target: torch.Tensor, n: int, vocab_local: int, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps GLOBAL target ids ``[n]`` to (shard-local index, in-this-shard mask)."""
-    rank, world = shard_rank_and_size(tp_group)
-    flat = target.reshape(-1)
-    if flat.numel() != n:
-        raise ValueError(f"target has {flat.numel()} tokens but logits have {n}")
-    if flat.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"target must hold integer token ids, got {flat.dtype}")
-    if n and bool(((flat < 0) | (flat >= vocab_local * world)).any()):
-        raise ValueError(
-            f"target ids must lie in [0, {vocab_local * world}) (global vocabulary); "
-            f"got min {int(flat.min())}, max {int(flat.max())}"
-        )
-    local = flat.long() - rank * vocab_local
-    in_shard = (local >= 0) & (local < vocab_local)
-    return torch.where(in_shard, local, torch.zeros_like(local)), in_shard
+__all__ = ["token_log_probs", "entropy", "full_vocab_kl", "generalized_jsd", "log_probs_kl_entropy"]
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -75,7 +63,7 @@ class _TokenLogProbs(torch.autograd.Function):
     def forward(ctx, logits, target, tp_group, temperature, chunk_size):
         rows = as_rows(logits)
         n = rows.shape[0]
-        local, in_shard = _local_targets(target, n, rows.shape[-1], tp_group)
+        local, in_shard = local_targets(target, n, rows.shape[-1], tp_group)
         out = torch.empty(n, dtype=torch.float32, device=rows.device)
         lse = torch.empty(n, dtype=torch.float32, device=rows.device)
         for sl in chunks(n, chunk_size):
@@ -145,18 +133,6 @@ class _Entropy(torch.autograd.Function):
         return grad.view(logits.shape), None, None, None
 
 
-def _row_max(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-row max of ``chunk / temperature`` in fp32 ``[c]`` (exact in any dtype)."""
-    return chunk.amax(dim=-1).to(torch.float32).div_(temperature)
-
-
-def _scaled_minus(chunk: torch.Tensor, temperature: float, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = chunk / temperature - shift[:, None]`` in fp32, reading ``chunk`` once when T == 1."""
-    if temperature == 1.0:
-        return torch.sub(chunk, shift[:, None], out=out)
-    return torch.div(chunk, temperature, out=out).sub_(shift[:, None])
-
-
 class _FullVocabKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, tp_group, temperature, chunk_size, inplace_backward):
@@ -168,11 +144,11 @@ class _FullVocabKL(torch.autograd.Function):
         a, b, e = (torch.empty(min(n, chunk_size), v, **f32) for _ in range(3))
         for sl in chunks(n, chunk_size):
             c = sl.stop - sl.start
-            m = torch.stack([_row_max(s_rows[sl], temperature), _row_max(t_rows[sl], temperature)])
+            m = torch.stack([row_max(s_rows[sl], temperature), row_max(t_rows[sl], temperature)])
             all_reduce_(m, dist.ReduceOp.MAX, tp_group)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            zs = _scaled_minus(s_rows[sl], temperature, m[0], a[:c])  # z_s - max_s
-            zt = _scaled_minus(t_rows[sl], temperature, m[1], b[:c])  # z_t - max_t
+            zs = scaled_minus(s_rows[sl], temperature, m[0], a[:c])  # z_s - max_s
+            zt = scaled_minus(t_rows[sl], temperature, m[1], b[:c])  # z_t - max_t
             es = e[:c]
             sum_exp_t = torch.exp(zt, out=es).sum(dim=-1)
             sum_exp_s = torch.exp(zs, out=es).sum(dim=-1)
@@ -205,8 +181,8 @@ class _FullVocabKL(torch.autograd.Function):
         with torch.no_grad():
             for sl in chunks(n, ctx.chunk_size):
                 c = sl.stop - sl.start
-                log_ps = _scaled_minus(s_rows[sl], ctx.temperature, lse[0, sl], a[:c])
-                d = _scaled_minus(t_rows[sl], ctx.temperature, t_shift[sl], b[:c])
+                log_ps = scaled_minus(s_rows[sl], ctx.temperature, lse[0, sl], a[:c])
+                d = scaled_minus(t_rows[sl], ctx.temperature, t_shift[sl], b[:c])
                 torch.sub(log_ps, d, out=d)
                 p_g = log_ps.exp_().mul_(g[sl])
                 # dKL/dz = p * (log p - log q - KL); NaN (0 * inf) only where p == 0 or g == 0.
@@ -298,5 +274,3 @@ def full_vocab_kl(
         student_logits, teacher_logits.detach(), tp_group, float(temperature), chunk_size, inplace_backward
     )
 
-
-from megatron_sdpg.ops.vocab_parallel_jsd import generalized_jsd  # noqa: E402  (re-export)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_sdpg.ops.vocab_parallel import _local_targets, _row_max, _scaled_minus
 from megatron_sdpg.ops.vocab_shard import (
     DEFAULT_CHUNK_SIZE,
     all_reduce_,
@@ -28,6 +27,9 @@ from megatron_sdpg.ops.vocab_shard import (
     check_pair,
     check_temperature,
     chunks,
+    local_targets,
+    row_max,
+    scaled_minus,
     upstream_per_row,
 )
 
@@ -37,20 +39,20 @@ class _LogProbsKLEntropy(torch.autograd.Function):
     def forward(ctx, student, teacher, target, tp_group, temperature, chunk_size, inplace_backward):
         s_rows, t_rows = as_rows(student), as_rows(teacher)
         n, v = s_rows.shape
-        local, in_shard = _local_targets(target, n, v, tp_group)
+        local, in_shard = local_targets(target, n, v, tp_group)
         f32 = dict(dtype=torch.float32, device=s_rows.device)
         log_probs, kl, ent = (torch.empty(n, **f32) for _ in range(3))
         lse = torch.empty(2, n, **f32)
         a, b, e = (torch.empty(min(n, chunk_size), v, **f32) for _ in range(3))
         for sl in chunks(n, chunk_size):
             c = sl.stop - sl.start
-            m = torch.stack([_row_max(s_rows[sl], temperature), _row_max(t_rows[sl], temperature)])
+            m = torch.stack([row_max(s_rows[sl], temperature), row_max(t_rows[sl], temperature)])
             all_reduce_(m, dist.ReduceOp.MAX, tp_group)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             predicted = s_rows[sl].gather(1, local[sl, None]).squeeze(1).float().div_(temperature).sub_(m[0])
             predicted = torch.where(in_shard[sl], predicted, torch.zeros_like(predicted))
-            zs = _scaled_minus(s_rows[sl], temperature, m[0], a[:c])  # z_s - max_s
-            diff = _scaled_minus(t_rows[sl], temperature, m[1], b[:c])  # z_t - max_t
+            zs = scaled_minus(s_rows[sl], temperature, m[0], a[:c])  # z_s - max_s
+            diff = scaled_minus(t_rows[sl], temperature, m[1], b[:c])  # z_t - max_t
             es = e[:c]
             sum_exp_t = torch.exp(diff, out=es).sum(dim=-1)
             torch.sub(zs, diff, out=diff)  # zs' - zt'
@@ -90,8 +92,8 @@ class _LogProbsKLEntropy(torch.autograd.Function):
         with torch.no_grad():
             for sl in chunks(n, ctx.chunk_size):
                 c = sl.stop - sl.start
-                log_ps = _scaled_minus(s_rows[sl], temperature, lse[0, sl], a[:c])
-                d = _scaled_minus(t_rows[sl], temperature, t_shift[sl], b[:c])
+                log_ps = scaled_minus(s_rows[sl], temperature, lse[0, sl], a[:c])
+                d = scaled_minus(t_rows[sl], temperature, t_shift[sl], b[:c])
                 torch.sub(log_ps, d, out=d).mul_(g_kl[sl])  # g_kl (log p_s - log p_t - KL)
                 # Non-finite only where p_s == 0 (then multiplied by 0), where g_kl == 0 and
                 # the KL is infinite (the KL part is 0), or where the gradient is undefined.

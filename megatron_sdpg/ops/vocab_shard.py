@@ -100,3 +100,33 @@ def zero_where_nan_(x: torch.Tensor) -> torch.Tensor:
 def upstream_per_row(grad_output: torch.Tensor, temperature: float) -> torch.Tensor:
     """Upstream gradient as an fp32 column ``[n, 1]``, divided by the temperature."""
     return (grad_output.reshape(-1, 1).to(torch.float32) / temperature).contiguous()
+
+
+def local_targets(target: torch.Tensor, n: int, vocab_local: int, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps GLOBAL target ids ``[n]`` to (shard-local index, in-this-shard mask)."""
+    rank, world = shard_rank_and_size(tp_group)
+    flat = target.reshape(-1)
+    if flat.numel() != n:
+        raise ValueError(f"target has {flat.numel()} tokens but logits have {n}")
+    if flat.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"target must hold integer token ids, got {flat.dtype}")
+    if n and bool(((flat < 0) | (flat >= vocab_local * world)).any()):
+        raise ValueError(
+            f"target ids must lie in [0, {vocab_local * world}) (global vocabulary); "
+            f"got min {int(flat.min())}, max {int(flat.max())}"
+        )
+    local = flat.long() - rank * vocab_local
+    in_shard = (local >= 0) & (local < vocab_local)
+    return torch.where(in_shard, local, torch.zeros_like(local)), in_shard
+
+
+def row_max(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-row max of ``chunk / temperature`` in fp32 ``[c]`` (exact in any dtype)."""
+    return chunk.amax(dim=-1).to(torch.float32).div_(temperature)
+
+
+def scaled_minus(chunk: torch.Tensor, temperature: float, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = chunk / temperature - shift[:, None]`` in fp32, reading ``chunk`` once when T == 1."""
+    if temperature == 1.0:
+        return torch.sub(chunk, shift[:, None], out=out)
+    return torch.div(chunk, temperature, out=out).sub_(shift[:, None])
