@@ -62,20 +62,24 @@ class _TokenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp_group, temperature, chunk_size):
         rows = as_rows(logits)
-        n = rows.shape[0]
-        local, in_shard = local_targets(target, n, rows.shape[-1], tp_group)
+        n, v = rows.shape
+        local, in_shard = local_targets(target, n, v, tp_group)
         out = torch.empty(n, dtype=torch.float32, device=rows.device)
         lse = torch.empty(n, dtype=torch.float32, device=rows.device)
+        buf = torch.empty(min(n, chunk_size), v, dtype=torch.float32, device=rows.device)
         for sl in chunks(n, chunk_size):
-            z = scaled_fp32(rows[sl], temperature)
-            m = global_max([z], tp_group)[0]
-            predicted = z.gather(1, local[sl, None]).squeeze(1)
+            m = row_max(rows[sl], temperature)
+            all_reduce_(m, dist.ReduceOp.MAX, tp_group)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            predicted = rows[sl].gather(1, local[sl, None]).squeeze(1).float().div_(temperature).sub_(m)
             predicted = torch.where(in_shard[sl], predicted, torch.zeros_like(predicted))
-            z.sub_(m[:, None]).exp_()
-            sums = torch.stack([z.sum(dim=-1), predicted])
+            sum_exp = scaled_minus(rows[sl], temperature, m, buf[: sl.stop - sl.start]).exp_().sum(dim=-1)
+            sums = torch.stack([sum_exp, predicted])
             all_reduce_(sums, dist.ReduceOp.SUM, tp_group)
-            lse[sl] = m + sums[0].log()
-            out[sl] = sums[1] - lse[sl]
+            log_z = sums[0].log()
+            lse[sl] = m + log_z
+            out[sl] = sums[1] - log_z
+        del buf
         ctx.save_for_backward(logits, local, in_shard, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return out.view(logits.shape[:-1])
@@ -84,11 +88,13 @@ class _TokenLogProbs(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, local, in_shard, lse = ctx.saved_tensors
         rows = as_rows(logits)
+        n, v = rows.shape
         g = upstream_per_row(grad_output, ctx.temperature)
         grad = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
+        buf = torch.empty(min(n, ctx.chunk_size), v, dtype=torch.float32, device=logits.device)
         with torch.no_grad():
-            for sl in chunks(rows.shape[0], ctx.chunk_size):
-                p = scaled_fp32(rows[sl], ctx.temperature).sub_(lse[sl, None]).exp_()
+            for sl in chunks(n, ctx.chunk_size):
+                p = scaled_minus(rows[sl], ctx.temperature, lse[sl], buf[: sl.stop - sl.start]).exp_()
                 p.mul_(-g[sl])
                 # d log p_target / dz = onehot(target) - p, on the shard that owns the target.
                 p.scatter_add_(1, local[sl, None], g[sl] * in_shard[sl, None])
