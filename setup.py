@@ -21,6 +21,9 @@ install_requires = [
     "omegaconf>=2.3,<3",  # YAML + dotted overrides validated against typed dataclasses
     "tqdm>=4.66",  # progress bars (training, conversion)
     "numpy>=1.26",
+    "datasets>=3.0,<6",  # jsonl / parquet problem files (megatron_sdpg/data/files.py)
+    "math-verify[antlr4_13_2]>=0.7,<1",  # math answer equivalence for the "math" verifier
+    "pebble>=5.1,<6",  # verifier worker pool whose calls are killed at a timeout
 ]
 
 extras_require = {
