@@ -28,7 +28,7 @@ from megatron_sdpg.data.templates import BUILTIN_TEMPLATES, get_template  # noqa
 from megatron_sdpg.eval import evaluate  # noqa: E402
 from megatron_sdpg.tiny.model import SIZES, build_model, num_parameters, save_hf_dir  # noqa: E402
 from megatron_sdpg.tiny.tokenizer import build_tokenizer  # noqa: E402
-from megatron_sdpg.tiny.warm_start import WarmStartConfig, warm_start  # noqa: E402
+from megatron_sdpg.tiny.warm_start import WarmStartConfig, response_budget, warm_start  # noqa: E402
 
 
 def tokenizer_corpus(task, n: int = 300) -> list[str]:
@@ -85,7 +85,9 @@ def main(argv=None) -> dict:
     result = warm_start(model, tokenizer, task, builder, cfg)
     model.load_state_dict(result.state_dict)
     t0 = time.perf_counter()
-    report = evaluate(model, tokenizer, task, args.report_n, with_context=True, builder=builder)
+    heldout = task.problems("heldout", args.report_n)
+    report = evaluate(model, tokenizer, task, args.report_n, with_context=True, builder=builder,
+                      max_new_tokens=response_budget(tokenizer, task, heldout))
     summary = {
         "out": os.path.abspath(args.out),
         "size": args.size,

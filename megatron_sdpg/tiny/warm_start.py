@@ -83,6 +83,11 @@ def _loss_sum(model, ids, mask, labels) -> tuple[torch.Tensor, int]:
     return loss, int((target != -100).sum())
 
 
+def response_budget(tokenizer, task, problems, margin: int = 4) -> int:
+    """Generation cap for evaluations: the longest reference response (+EOS) plus a margin."""
+    return max(len(encode(tokenizer, task.reference_response(p))) for p in problems[:512]) + 1 + margin
+
+
 def _pick(history: list[dict], target: tuple[float, float]) -> dict:
     lo, hi = target
 
@@ -106,6 +111,7 @@ def warm_start(model, tokenizer, task, builder: PromptBuilder, cfg: WarmStartCon
     torch.manual_seed(cfg.seed)
     problems = task.problems("train", cfg.steps * cfg.batch_size, seed=cfg.seed)
     eos = [tokenizer.eos_token_id]
+    max_new_tokens = response_budget(tokenizer, task, problems)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
 
     def lr_at(step):
@@ -144,7 +150,7 @@ def warm_start(model, tokenizer, task, builder: PromptBuilder, cfg: WarmStartCon
             if step % cfg.eval_every and step != cfg.steps and not out_of_time:
                 continue
             res = evaluate(model, tokenizer, task, cfg.eval_n, with_context=True, builder=builder,
-                           pool=pool, split="valid", max_new_tokens=48)
+                           pool=pool, split="valid", max_new_tokens=max_new_tokens)
             entry = {"step": step, "loss": total / max(count, 1), "accuracy": res["mean@1"],
                      "context_accuracy": res["context/mean@1"], "seconds": round(time.perf_counter() - start, 1),
                      "cpu_seconds": round(time.process_time() - cpu_start, 1)}

@@ -105,3 +105,19 @@ def test_several_files_in_order(tmp_path):
     b = write_parquet(tmp_path / "b.parquet", [{"question": "q2", "answer": "7", "solution": ""}])
     problems = load_problem_files([a, b], Columns())
     assert [p.answer for p in problems] == ["5", "7"]
+
+
+def test_files_task_through_the_config(tmp_path):
+    from megatron_sdpg.data import DataConfig, build_prompt_source, build_task
+
+    train = write_jsonl(tmp_path / "train.jsonl", [GOOD, {"question": "q" * 50, "answer": "1"}, {"question": "x"}])
+    heldout = write_parquet(tmp_path / "eval.parquet", [GOOD])
+    cfg = DataConfig(task="files", train_files=[train], eval_files=[heldout], skip_bad_rows=True, max_prompt_tokens=20)
+    cfg.validate("data")
+    task = build_task(cfg, prompt_length=lambda p: len(p.question))
+    source = build_prompt_source(task, cfg, batch_size=3)
+    assert [p.answer for p in source.next_batch()] == ["5", "5", "5"]
+    assert [p.answer for p in task.problems("heldout")] == ["5"]
+    cfg.skip_bad_rows = False
+    with pytest.raises(BadRowError, match=r"train\.jsonl: row 1: prompt too long"):
+        build_task(cfg, prompt_length=lambda p: len(p.question)).problems("train")
