@@ -41,7 +41,14 @@ def generate_responses(
         ``finished`` is False when the response hit ``max_new_tokens`` without EOS.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return _generate(model, tokenizer, prompts, samples, temperature, max_new_tokens, batch_size, eos, pad)
+    finally:
+        tokenizer.padding_side = side
+
+
+def _generate(model, tokenizer, prompts, samples, temperature, max_new_tokens, batch_size, eos, pad):
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     out: list[tuple[str, int, bool]] = []
     per_batch = max(1, batch_size // samples)

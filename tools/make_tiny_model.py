@@ -50,11 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-accuracy", type=float, nargs=2, default=(0.15, 0.5), metavar=("LO", "HI"),
                         help="band of no-context greedy accuracy for the kept checkpoint")
-    parser.add_argument("--template", default="paper", choices=sorted(BUILTIN_TEMPLATES))
+    parser.add_argument("--template", default="compact", choices=sorted(BUILTIN_TEMPLATES),
+                        help="prompt template the model is trained for (compact: 4-5x shorter than paper)")
     parser.add_argument("--task", default="synthetic")
     parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--teacher-fraction", type=float, default=0.25,
+                        help="share of each batch under the teacher prompt (the rest under the student prompt)")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-n", type=int, default=200, help="valid problems per checkpoint evaluation")
     parser.add_argument("--report-n", type=int, default=500, help="held-out problems in the final report")
@@ -80,6 +83,7 @@ def main(argv=None) -> dict:
     builder = PromptBuilder(tokenizer, get_template(args.template))
     cfg = WarmStartConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+        teacher_fraction=args.teacher_fraction,
         eval_n=args.eval_n, target=tuple(args.target_accuracy), max_cpu_seconds=60 * args.max_minutes, seed=args.seed,
     )
     result = warm_start(model, tokenizer, task, builder, cfg)

@@ -73,20 +73,25 @@ class PromptBuilder:
 
     def teacher_text(self, problem: Problem) -> str:
         """The chat-templated teacher prompt, its context truncated to fit if needed."""
+        return self._teacher(problem)[0]
+
+    def teacher_ids(self, problem: Problem) -> list[int]:
+        """Token ids of the teacher prompt."""
+        return self._teacher(problem)[1]
+
+    def _teacher(self, problem: Problem) -> tuple[str, list[int]]:
         text = chat_prompt(self.tokenizer, self.template.render_teacher(problem))
-        excess = len(encode(self.tokenizer, text)) - self.max_teacher_prompt_tokens
+        ids = encode(self.tokenizer, text)
+        excess = len(ids) - self.max_teacher_prompt_tokens
         if excess <= 0:
-            return text
+            return text, ids
         if self.context_truncation == "error" or not problem.context:
             raise PromptTooLongError(
                 f"problem {problem.id}: teacher prompt is {excess} tokens over "
                 f"max_teacher_prompt_tokens={self.max_teacher_prompt_tokens}"
             )
-        return self._truncated_teacher_text(problem, excess)
-
-    def teacher_ids(self, problem: Problem) -> list[int]:
-        """Token ids of the teacher prompt."""
-        return encode(self.tokenizer, self.teacher_text(problem))
+        text = self._truncated_teacher_text(problem, excess)
+        return text, encode(self.tokenizer, text)
 
     def _truncated_teacher_text(self, problem: Problem, excess: int) -> str:
         ctx_ids = encode(self.tokenizer, problem.context)

@@ -36,7 +36,7 @@ class WarmStartConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 30
-    teacher_fraction: float = 0.5
+    teacher_fraction: float = 0.25
     eval_every: int = 25
     eval_n: int = 200
     target: tuple[float, float] = (0.15, 0.5)

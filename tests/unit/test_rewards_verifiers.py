@@ -83,3 +83,16 @@ def test_registry_names_and_plugin_path():
         resolve_verifier("no_such_pkg.mod:fn")
     with pytest.raises(ValueError, match="no callable"):
         resolve_verifier("megatron_sdpg.rewards.numeric:nothing")
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(response=st.text(alphabet=st.characters(), max_size=200) | st.from_regex(r"\\boxed\{[-0-9,./{}a-z]*\}?", fullmatch=True),
+       answer=st.text(max_size=20))
+def test_string_verifiers_return_bool_for_any_text(response, answer):
+    """numeric and exact_match are pure string code: they must never raise (run in-process here)."""
+    assert numeric.verify(response, answer) in (True, False)
+    assert exact_match.verify(response, answer) in (True, False)
