@@ -31,6 +31,7 @@ REWARD_SCHEMES = ("zero_one", "plus_minus_one")
 OBJECTIVES = ("policy_gradient", "opsd")
 DISTILL_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 TEACHER_SOURCES = ("current", "initial")
+PAPER_TOTAL_STEPS = 400
 
 
 @dataclass
@@ -41,7 +42,6 @@ class AlgorithmConfig:
     objective: str = "policy_gradient"  # "policy_gradient" (SDPG/GRPO/DAPO) or "opsd" (no reward)
 
     # Rewards and group-relative advantages.
-    group_size: int = 8
     reward_scheme: str = "zero_one"  # verifier reward 1/0 (paper) or +1/-1 (authors)
     normalize_adv_std: bool = True  # False: Dr.GRPO, mean-centred only
     eps_std: float = 1e-6
@@ -59,7 +59,8 @@ class AlgorithmConfig:
     beta_base: float = 1e-3
     beta_warmup_steps: int = 50  # T_warm; 0 disables the warmup factor
     beta_decay_steps: int = 350  # T_decay; 0 disables the decay factor
-    total_steps: int = 400  # T
+    # T; None = train.steps (filled in by load_config); schedule_steps() falls back to the paper's 400.
+    total_steps: int | None = None
     distill_gate: bool = True  # m_i = 1[A_i > 0]
     distill_kl_clamp: float | None = 20.0  # per-token l_t <= clamp (reference implementation)
     distill_divergence: str = "reverse_kl"  # reverse_kl (SDPG), forward_kl or jsd (OPSD)
@@ -77,8 +78,17 @@ class AlgorithmConfig:
     # Aggregation and numerics.
     loss_agg: str = "token-mean"
     loss_agg_constant: float | None = None  # Dr.GRPO normaliser per sequence (e.g. max response length)
-    temperature: float = 1.0
+    # None = rollout.sampling.temperature (1 when greedy), filled in by load_config; 1.0 when built directly.
+    temperature: float | None = None
     vocab_chunk_size: int = 128
+
+    def schedule_steps(self) -> int:
+        """T of the beta schedule."""
+        return self.total_steps if self.total_steps is not None else PAPER_TOTAL_STEPS
+
+    def logprob_temperature(self) -> float:
+        """Temperature of every log-prob and divergence in the loss."""
+        return self.temperature if self.temperature is not None else 1.0
 
     def validate(self, prefix: str = "algorithm") -> None:
         """Raises ConfigError naming ``prefix.field`` for the first bad value."""
@@ -97,7 +107,6 @@ class AlgorithmConfig:
         ):
             value = getattr(self, name)
             require(value in allowed, f(name), f"{value!r} is not one of {list(allowed)}")
-        require(self.group_size >= 1, f("group_size"), f"must be >= 1, got {self.group_size}")
         require(self.eps_std > 0, f("eps_std"), f"must be > 0, got {self.eps_std}")
         require(self.overlong_buffer >= 0, f("overlong_buffer"), f"must be >= 0, got {self.overlong_buffer}")
         require(0 <= self.clip_eps_low < 1, f("clip_eps_low"), f"must be in [0, 1), got {self.clip_eps_low}")
@@ -109,7 +118,8 @@ class AlgorithmConfig:
         require(self.beta_base >= 0, f("beta_base"), f"must be >= 0, got {self.beta_base}")
         require(self.beta_warmup_steps >= 0, f("beta_warmup_steps"), f"must be >= 0, got {self.beta_warmup_steps}")
         require(self.beta_decay_steps >= 0, f("beta_decay_steps"), f"must be >= 0, got {self.beta_decay_steps}")
-        require(self.total_steps >= 1, f("total_steps"), f"must be >= 1, got {self.total_steps}")
+        require(self.total_steps is None or self.total_steps >= 1, f("total_steps"),
+                f"must be >= 1 or null, got {self.total_steps}")
         if self.distill_kl_clamp is not None:
             require(self.distill_kl_clamp > 0, f("distill_kl_clamp"), f"must be > 0 or null, got {self.distill_kl_clamp}")
         require(0 <= self.jsd_beta <= 1, f("jsd_beta"), f"must be in [0, 1], got {self.jsd_beta}")
@@ -125,7 +135,8 @@ class AlgorithmConfig:
                 f("loss_agg_constant"),
                 "must be > 0 when loss_agg is 'constant' (e.g. the max response length)",
             )
-        require(self.temperature > 0, f("temperature"), f"must be > 0, got {self.temperature}")
+        require(self.temperature is None or self.temperature > 0, f("temperature"),
+                f"must be > 0 or null, got {self.temperature}")
         require(self.vocab_chunk_size >= 1, f("vocab_chunk_size"), f"must be >= 1, got {self.vocab_chunk_size}")
 
 

@@ -24,6 +24,8 @@ names ending in ``_max`` hold ``(max, 1)`` and are reduced with MAX instead
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,8 @@ class LossInputs:
         target: Sampled token ids (global vocabulary ids; any valid id on padding).
         loss_mask: 1 on response tokens, 0 on prompt/padding.
         advantages: The sequence advantage repeated on its tokens.
-        old_log_probs: Behaviour-policy log-probs of ``target``.
+        old_log_probs: Behaviour-policy log-probs of ``target``; None means fully
+            on-policy (one update per rollout batch): the current log-probs, detached.
         seq_index: Sequence id in ``[0, num_sequences)`` of each token.
         ref_log_probs: Reference-policy log-probs; needed when ``alpha > 0`` and the
             KL is in the loss.
@@ -63,7 +66,7 @@ class LossInputs:
     target: torch.Tensor
     loss_mask: torch.Tensor
     advantages: torch.Tensor
-    old_log_probs: torch.Tensor
+    old_log_probs: torch.Tensor | None
     seq_index: torch.Tensor
     ref_log_probs: torch.Tensor | None = None
     rollout_log_probs: torch.Tensor | None = None
@@ -73,7 +76,7 @@ class LossInputs:
 
 def distill_divergence(student_logits, teacher_logits, cfg: AlgorithmConfig, tp_group) -> torch.Tensor:
     """Per-token divergence ``[T]`` of the student from the (detached) teacher, per ``cfg``."""
-    kw = dict(tp_group=tp_group, temperature=cfg.temperature, chunk_size=cfg.vocab_chunk_size)
+    kw = dict(tp_group=tp_group, temperature=cfg.logprob_temperature(), chunk_size=cfg.vocab_chunk_size)
     if cfg.distill_divergence == "reverse_kl" and cfg.pointwise_clip is None:
         return full_vocab_kl(student_logits, teacher_logits, **kw)
     beta = {"reverse_kl": 1.0, "forward_kl": 0.0, "jsd": cfg.jsd_beta}[cfg.distill_divergence]
@@ -113,8 +116,8 @@ def sdpg_loss(
     num_seqs = batch.num_sequences
     if num_seqs is None:
         num_seqs = int(batch.seq_index.max()) + 1 if batch.seq_index.numel() else 0
-    beta_k = beta_schedule(step, cfg.beta_base, cfg.total_steps, cfg.beta_warmup_steps, cfg.beta_decay_steps)
-    kw = dict(tp_group=tp_group, temperature=cfg.temperature, chunk_size=cfg.vocab_chunk_size)
+    beta_k = beta_schedule(step, cfg.beta_base, cfg.schedule_steps(), cfg.beta_warmup_steps, cfg.beta_decay_steps)
+    kw = dict(tp_group=tp_group, temperature=cfg.logprob_temperature(), chunk_size=cfg.vocab_chunk_size)
     opsd = cfg.objective == "opsd"
     needs_teacher = beta_k > 0 or opsd
     if needs_teacher and teacher_logits is None:
@@ -130,6 +133,8 @@ def sdpg_loss(
     metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"beta": (torch.tensor(float(beta_k)), torch.tensor(1.0))}
     metrics["entropy"] = (_masked_sum(ent, mask), n_tok)
 
+    if batch.old_log_probs is None:
+        batch = dataclasses.replace(batch, old_log_probs=log_probs.detach())
     rho = torch.ones_like(log_probs)
     behaviour = batch.rollout_log_probs if batch.rollout_log_probs is not None else batch.old_log_probs
     if cfg.sg_rho_factors and not opsd:
