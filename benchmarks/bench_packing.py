@@ -9,8 +9,8 @@ Usage::
 
 Prints JSON lines. Per function: the best of ``--repeats`` wall-clock timings of
 each path on the same input (object conversion both ways and freeing the result
-included, as a caller pays them), and ``speedup`` = Python seconds / native
-seconds (target >= 10 for ``balance_partitions``). Both paths are checked to give
+included, as a caller pays them), ``speedup`` = Python seconds / native seconds
+(target >= 10 for ``balance_partitions``) and the same ratio of CPU seconds. Both paths are checked to give
 identical results first. ``split_microbatches`` is timed on every rank's part of
 the balanced split (the trainer's per-rank call) and on all sequences at once.
 """
@@ -29,25 +29,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_sdpg.data import packing  # noqa: E402
 
 
-def best_seconds(fns, repeats: int) -> list[float]:
-    """The fastest of ``repeats`` calls of each of ``fns``, interleaved so that both see
-    the same background load."""
-    best = [float("inf")] * len(fns)
+def best_seconds(fns, repeats: int) -> list[tuple[float, float]]:
+    """The fastest wall-clock and CPU seconds of ``repeats`` calls of each of ``fns``,
+    interleaved so that all see the same background load."""
+    best = [(float("inf"), float("inf"))] * len(fns)
     for _ in range(repeats):
         for k, fn in enumerate(fns):
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            best[k] = min(best[k], time.perf_counter() - start)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[k] = (min(best[k][0], wall), min(best[k][1], cpu))
     return best
 
 
 def compare(name: str, py_fn, native_fn, repeats: int, **fields) -> None:
-    """Checks both paths agree, times them, prints one JSON line."""
+    """Checks both paths agree, times them, prints one JSON line (``speedup`` from wall-clock
+    time, ``cpu_speedup`` from process CPU time, the steadier one on a shared machine)."""
     if py_fn() != native_fn():
         raise SystemExit(f"{name}: the native and Python results differ")
-    py_s, native_s = best_seconds([py_fn, native_fn], repeats)
+    (py_s, py_cpu), (native_s, native_cpu) = best_seconds([py_fn, native_fn], repeats)
     print(json.dumps({"bench": name, **fields, "python_ms": round(py_s * 1e3, 3),
-                      "native_ms": round(native_s * 1e3, 3), "speedup": round(py_s / native_s, 2)}), flush=True)
+                      "native_ms": round(native_s * 1e3, 3), "speedup": round(py_s / native_s, 2),
+                      "python_cpu_ms": round(py_cpu * 1e3, 3), "native_cpu_ms": round(native_cpu * 1e3, 3),
+                      "cpu_speedup": round(py_cpu / max(native_cpu, 1e-9), 2)}), flush=True)
 
 
 def main() -> None:
