@@ -57,7 +57,8 @@ class LossInputs:
         ref_log_probs: Reference-policy log-probs; needed when ``alpha > 0`` and the
             KL is in the loss.
         rollout_log_probs: The rollout engine's log-probs (TIS, SG[rho], metrics).
-        gate: Per-token distillation gate (bool); None derives ``advantages > 0``.
+        gate: ``[num_sequences]`` per-sequence distillation gate (bool); None derives
+            it per token from ``advantages > 0``.
         num_sequences: Sequences in the micro-batch; None = ``seq_index.max() + 1``.
     """
 
@@ -154,7 +155,10 @@ def sdpg_loss(
             div = div.clamp(max=cfg.distill_kl_clamp)
         gate = mask
         if cfg.distill_gate and not opsd:
-            gate = mask & (batch.gate.bool() if batch.gate is not None else batch.advantages > 0)
+            if batch.gate is not None:
+                gate = mask & batch.gate.bool()[batch.seq_index.long()]
+            else:
+                gate = mask & (batch.advantages > 0)
         per_token = per_token + beta_k * rho * torch.where(gate, div, torch.zeros_like(div))
         metrics["distill_kl"] = (_masked_sum(div, mask), n_tok)
         metrics["distill_gated_frac"] = (_masked_sum(gate.float(), mask), n_tok)
