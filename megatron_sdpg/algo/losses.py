@@ -16,7 +16,8 @@ positive-advantage gate, ``w_tis`` the truncated IS weight (``tis_cap``).
 Objective ``opsd``: ``l_t = beta(k) * D_t`` with ``D`` the configured divergence
 to the teacher (no reward term, no reference KL).
 
-Metrics are a dict ``name -> (sum, count)`` of 0-dim fp32 tensors (detached).
+Metrics are a dict ``name -> (sum, count)`` of 0-dim fp32 tensors (detached, on
+the logits' device).
 Reduce over micro-batches and DP ranks by summing both entries and dividing;
 names ending in ``_max`` hold ``(max, 1)`` and are reduced with MAX instead
 (``reduce_metrics`` does the local part).
@@ -59,7 +60,8 @@ class LossInputs:
         ref_log_probs: Reference-policy log-probs; needed when ``alpha > 0`` and the
             KL is in the loss.
         rollout_log_probs: The rollout engine's log-probs (TIS, SG[rho], metrics).
-        gate: Per-token distillation gate (bool); None derives ``advantages > 0``.
+        gate: ``[num_sequences]`` per-sequence distillation gate (bool); None derives
+            it per token from ``advantages > 0``.
         num_sequences: Sequences in the micro-batch; None = ``seq_index.max() + 1``.
     """
 
@@ -130,7 +132,8 @@ def sdpg_loss(
         with torch.no_grad():
             ent = entropy(student_logits.detach(), **kw)
         div = distill_divergence(student_logits, teacher_logits, cfg, tp_group) if needs_teacher else None
-    metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"beta": (torch.tensor(float(beta_k)), torch.tensor(1.0))}
+    one = torch.ones((), device=log_probs.device)
+    metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"beta": (one * beta_k, one)}
     metrics["entropy"] = (_masked_sum(ent, mask), n_tok)
 
     if batch.old_log_probs is None:
@@ -157,7 +160,10 @@ def sdpg_loss(
             div = div.clamp(max=cfg.distill_kl_clamp)
         gate = mask
         if cfg.distill_gate and not opsd:
-            gate = mask & (batch.gate.bool() if batch.gate is not None else batch.advantages > 0)
+            if batch.gate is not None:
+                gate = mask & batch.gate.bool()[batch.seq_index.long()]
+            else:
+                gate = mask & (batch.advantages > 0)
         per_token = per_token + beta_k * rho * torch.where(gate, div, torch.zeros_like(div))
         metrics["distill_kl"] = (_masked_sum(div, mask), n_tok)
         metrics["distill_gated_frac"] = (_masked_sum(gate.float(), mask), n_tok)
@@ -176,7 +182,7 @@ def sdpg_loss(
         diff = (log_probs.detach() - batch.rollout_log_probs).abs()
         metrics["rollout_logp_abs_diff"] = (_masked_sum(diff, mask), n_tok)
         top = torch.where(mask, diff, torch.zeros_like(diff)).max() if diff.numel() else diff.new_zeros(())
-        metrics["rollout_logp_abs_diff" + MAX_SUFFIX] = (top.detach().float(), torch.tensor(1.0))
+        metrics["rollout_logp_abs_diff" + MAX_SUFFIX] = (top.detach().float(), one)
 
     per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
     loss_sum, normaliser = aggregate(per_token, mask, batch.seq_index, num_seqs, cfg.loss_agg, cfg.loss_agg_constant)

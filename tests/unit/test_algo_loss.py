@@ -75,6 +75,24 @@ def test_sdpg_loss_token_mean_matches_dense_formula_and_gradient():
     assert m["loss"] == pytest.approx(expected.item() / 6, rel=1e-5)
 
 
+def test_explicit_per_sequence_gate_replaces_the_advantage_gate():
+    s, t, b = _batch()
+    cfg = apply_preset("sdpg", beta_base=0.5, alpha=0.0)
+    derived = sdpg_loss(s, t, b, cfg, step=100)[0]
+    b.gate = torch.tensor([True, False, False])  # the same as advantages > 0
+    assert sdpg_loss(s, t, b, cfg, step=100)[0].item() == pytest.approx(derived.item(), rel=1e-6)
+    b.gate = torch.tensor([False, True, True])  # sequences 1 and 2 instead of 0
+    _, _, metrics = sdpg_loss(s, t, b, cfg, step=100)
+    assert reduce_metrics([metrics])["distill_gated_frac"] == pytest.approx(3 / 6)
+    kl = _dense_sdpg(s.double(), t, b, 0.0, 0.0, 0.2, 0.2, math.inf, 20.0)[2]
+    logp = s.double().log_softmax(-1).gather(1, b.target[:, None]).squeeze(1)
+    rho = torch.exp(logp - b.rollout_log_probs.double())  # SG[rho] factor (appendix A.3)
+    policy_only = apply_preset("sdpg", beta_base=0.0, alpha=0.0)
+    distill = 0.5 * 6 / 7 * (rho * kl)[3:6].sum().item()
+    expected = sdpg_loss(s, None, b, policy_only, step=100)[0].item() + distill
+    assert sdpg_loss(s, t, b, cfg, step=100)[0].item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_seq_mean_token_mean_and_constant_normalisers():
     s, t, b = _batch()
     xd = s.double()
