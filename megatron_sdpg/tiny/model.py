@@ -62,6 +62,7 @@ def save_hf_dir(model, tokenizer, out_dir: str, metadata: dict) -> None:
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    os.chmod(tmp, 0o755)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
