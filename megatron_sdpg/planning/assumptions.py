@@ -1,0 +1,45 @@
+"""What the planner assumes about the hardware and the kernels (not part of a run's config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_sdpg.config.errors import require
+
+
+@dataclass(frozen=True)
+class PlanAssumptions:
+    """Hardware and implementation assumptions of a plan.
+
+    Attributes:
+        gpu_memory_gib: Memory of one GPU. 79.6 GiB is what ``nvidia-smi`` reports
+            (81559 MiB) for an H100/A100 "80 GB".
+        reserve_gib: Kept free for the CUDA context, NCCL buffers and allocator
+            fragmentation; a layout fits when ``peak + reserve <= gpu_memory``.
+        peak_tflops: Dense bf16 peak of one GPU (H100 SXM: 989).
+        mfu: Model FLOPs utilisation assumed for the training passes.
+        flash_attention: Fused attention (TE / flash): no ``s x s`` score tensors are
+            kept. False models megatron's unfused ``DotProductAttention`` (the local
+            layer spec used on CPU).
+        fused_optimizer: A fused multi-tensor Adam (TE/apex on GPU) with no temporaries.
+            False models torch's single-tensor AdamW (CPU), whose step allocates two
+            temporaries the size of the largest parameter.
+    """
+
+    gpu_memory_gib: float = 79.6
+    reserve_gib: float = 5.0
+    peak_tflops: float = 989.0
+    mfu: float = 0.35
+    flash_attention: bool = True
+    fused_optimizer: bool = True
+
+    def validate(self) -> None:
+        require(self.gpu_memory_gib > 0, "--gpu-memory-gib", f"must be > 0, got {self.gpu_memory_gib}")
+        require(0 <= self.reserve_gib < self.gpu_memory_gib, "--reserve-gib",
+                f"must be in [0, gpu memory {self.gpu_memory_gib}), got {self.reserve_gib}")
+        require(self.peak_tflops > 0, "--peak-tflops", f"must be > 0, got {self.peak_tflops}")
+        require(0 < self.mfu <= 1, "--mfu", f"must be in (0, 1], got {self.mfu}")
+
+    @property
+    def usable_gib(self) -> float:
+        return self.gpu_memory_gib - self.reserve_gib
