@@ -35,7 +35,8 @@ def _parse(argv):
     p.add_argument("--reserve-gib", type=float, default=5.0, help="kept free: CUDA context, NCCL, fragmentation")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (H100 SXM: 989)")
     p.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation assumed for the training passes")
-    p.add_argument("--no-flash-attention", action="store_true", help="unfused attention (s x s scores kept)")
+    p.add_argument("--local-kernels", action="store_true",
+                   help="megatron's local layer spec with torch ops (CPU) instead of transformer-engine's")
     p.add_argument("--unfused-optimizer", action="store_true", help="torch AdamW step temporaries (CPU)")
     p.add_argument("--require-fit", action="store_true", help="exit 1 when the layout does not fit")
     return p.parse_args(argv)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     assume = PlanAssumptions(gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib,
                              peak_tflops=args.peak_tflops, mfu=args.mfu,
-                             flash_attention=not args.no_flash_attention, fused_optimizer=not args.unfused_optimizer)
+                             fused_kernels=not args.local_kernels, fused_optimizer=not args.unfused_optimizer)
     world = args.world_size or args.nodes * args.gpus_per_node
     try:
         cfg = load_config(args.config, args.overrides)

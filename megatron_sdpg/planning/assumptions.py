@@ -18,9 +18,11 @@ class PlanAssumptions:
             fragmentation; a layout fits when ``peak + reserve <= gpu_memory``.
         peak_tflops: Dense bf16 peak of one GPU (H100 SXM: 989).
         mfu: Model FLOPs utilisation assumed for the training passes.
-        flash_attention: Fused attention (TE / flash): no ``s x s`` score tensors are
-            kept. False models megatron's unfused ``DotProductAttention`` (the local
-            layer spec used on CPU).
+        fused_kernels: transformer-engine's layer (GPU): fused attention keeping no
+            ``s x s`` scores, fused RMSNorm+linear, fused SwiGLU. False models
+            megatron's local layer spec with torch ops (CPU): unfused attention
+            (K/V expanded to every head, fp32 ``s x s`` softmax kept), a composite
+            RMSNorm that also keeps its normalised output, SwiGLU keeping its SiLU output.
         fused_optimizer: A fused multi-tensor Adam (TE/apex on GPU) with no temporaries.
             False models torch's single-tensor AdamW (CPU), whose step allocates two
             temporaries the size of the largest parameter.
@@ -30,7 +32,7 @@ class PlanAssumptions:
     reserve_gib: float = 5.0
     peak_tflops: float = 989.0
     mfu: float = 0.35
-    flash_attention: bool = True
+    fused_kernels: bool = True
     fused_optimizer: bool = True
 
     def validate(self) -> None:

@@ -81,7 +81,7 @@ class StageMemory:
         return self.static + max(self.working, self.optimizer_temp)
 
 
-def activation_bytes_per_layer(cfg: ModelConfig, tp: int, b: int, s: int, flash_attention: bool) -> int:
+def activation_bytes_per_layer(cfg: ModelConfig, tp: int, b: int, s: int, fused_kernels: bool) -> int:
     """Bytes one layer saves for backward on one micro-batch ``[b, s]`` (no recompute).
 
     Args:
@@ -89,8 +89,8 @@ def activation_bytes_per_layer(cfg: ModelConfig, tp: int, b: int, s: int, flash_
         tp: Tensor-parallel size (no sequence parallelism: norms see the full hidden).
         b: Sequences in the micro-batch.
         s: Tokens per sequence on this GPU (after context parallelism).
-        flash_attention: True for fused attention (per-head log-sum-exp only);
-            False keeps the fp32 softmax ``[b, H/tp, s, s]`` (plus its bf16 copy).
+        fused_kernels: transformer-engine's fused layer (see :class:`PlanAssumptions`);
+            False for megatron's local spec with torch ops.
     """
     e = _elem_bytes(cfg)
     h, d, f = cfg.hidden_size, cfg.kv_channels, cfg.intermediate_size
@@ -98,12 +98,11 @@ def activation_bytes_per_layer(cfg: ModelConfig, tp: int, b: int, s: int, flash_
     per_token = 4 * h + (heads + 2 * kv) * d + heads * d + 3 * f // tp
     if cfg.arch == "qwen3":
         per_token += (heads + kv) * d  # q/k RMSNorm inputs
-    out = b * s * per_token * e
-    if flash_attention:
-        out += b * s * heads * FP32
-    else:
-        out += b * heads * s * s * (FP32 + (e if e < FP32 else 0))
-    return out
+    if fused_kernels:
+        return b * s * per_token * e + b * s * heads * FP32  # + per-head log-sum-exp
+    per_token += 2 * h + f // tp + 2 * (heads - kv) * d  # normalised outputs, SiLU output, expanded K/V
+    scores = b * heads * s * s * (FP32 + (e if e < FP32 else 0))  # fp32 softmax (+ its bf16 copy)
+    return b * s * per_token * e + scores
 
 
 def _in_flight(stage: int, pp: int, microbatches: int, vpp: int | None) -> float:
@@ -138,7 +137,7 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
     h = cfg.hidden_size
     optimizer_per_param = (8 if e == FP32 else 12)
     shards = layout.dp * cp if distributed_optimizer else 1
-    full_layer = activation_bytes_per_layer(cfg, tp, b, s_student, assume.flash_attention)
+    full_layer = activation_bytes_per_layer(cfg, tp, b, s_student, assume.fused_kernels)
     stored_layer = b * s_student * h * e if cfg.recompute else full_layer
     largest_param = max(2 * cfg.intermediate_size * h // tp, vocab * h)
     out = []
