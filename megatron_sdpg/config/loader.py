@@ -89,6 +89,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), world_si
         cfg: SDPGConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _as_config_error(err, "merged config") from None
+    cfg.fill_derived()
     cfg.validate(world_size)
     return cfg
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from megatron_sdpg.algo.config import AlgorithmConfig
+from megatron_sdpg.config.errors import ConfigError
 from megatron_sdpg.config.sections import LoggingConfig, TrainConfig
+from megatron_sdpg.data.config import DataConfig
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.platform.layout import ParallelConfig
+from megatron_sdpg.rewards.config import RewardConfig
+from megatron_sdpg.rollout.config import RolloutConfig
 from megatron_sdpg.train.step import OptimizerConfig
 
 
@@ -18,6 +23,10 @@ class SDPGConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, world_size: int | None = None) -> None:
@@ -36,3 +45,20 @@ class SDPGConfig:
                 section.validate(f.name, tp=self.parallel.tp)
             else:
                 section.validate(f.name)
+        self._validate_across_sections()
+
+    def fill_derived(self) -> None:
+        """Fills fields whose default is "the same as another section's"."""
+        if self.algorithm.total_steps is None:
+            self.algorithm.total_steps = self.train.steps
+        if self.algorithm.temperature is None:
+            self.algorithm.temperature = self.rollout.sampling.temperature or 1.0
+        if not self.rollout.model_path and self.model.hf_dir:
+            self.rollout.model_path = self.model.hf_dir
+
+    def _validate_across_sections(self) -> None:
+        """Settings that two sections must agree on."""
+        algo, sampling = self.algorithm, self.rollout.sampling
+        if sampling.temperature > 0 and abs(algo.temperature - sampling.temperature) > 1e-12:
+            raise ConfigError("algorithm.temperature", f"{algo.temperature} differs from rollout.sampling.temperature "
+                              f"{sampling.temperature}: training log-probs must use the sampling temperature")

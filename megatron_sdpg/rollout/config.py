@@ -53,7 +53,8 @@ class RolloutConfig:
         urls: Base URLs of running engines (or of one ``sglang-router``). Empty means
             "launch ``num_engines`` engines" with the launch settings below.
         num_engines: Engines to launch when ``urls`` is empty.
-        model_path: HF checkpoint directory the launched engines load first.
+        model_path: HF checkpoint directory the launched engines load first; empty
+            means ``model.hf_dir`` (the trainer fills it in).
         host: Address launched engines bind to (loopback unless told otherwise).
         base_port: First port of launched engines (engine i listens on base_port + i).
         tp_size: Tensor-parallel size of each launched SGLang engine.
@@ -112,7 +113,6 @@ class RolloutConfig:
             )
         if not self.urls:
             require(self.num_engines >= 1, f"{prefix}.num_engines", "must be >= 1 when urls is empty")
-            require(bool(self.model_path), f"{prefix}.model_path", "needed to launch engines when urls is empty")
             require(1 <= self.base_port <= 65535 - self.num_engines, f"{prefix}.base_port", "out of range")
         require(self.tp_size >= 1, f"{prefix}.tp_size", f"must be >= 1, got {self.tp_size}")
         require(self.engine == "sglang" or self.tp_size == 1, f"{prefix}.tp_size", "the cpu engine has no TP")

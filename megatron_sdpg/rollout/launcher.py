@@ -161,6 +161,8 @@ class EngineLauncher:
     """
 
     def __init__(self, cfg: RolloutConfig, python: str = sys.executable):
+        if not cfg.model_path:
+            raise ValueError("rollout.model_path: no model to launch engines with (set it or model.hf_dir)")
         self.cfg = cfg
         self.engines: list[EngineProcess] = []
         for i in range(cfg.num_engines):

@@ -28,6 +28,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -74,13 +75,11 @@ def _child(fn, rank, world_size, port, backend, args, env, result_queue, timeout
 def _teardown() -> None:
     import torch.distributed as dist
 
-    try:
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-    except ImportError:
-        pass
+    # Only a rank that used megatron can have its model-parallel state set up;
+    # importing megatron (~5 s) just to find that out would dominate small tests.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -45,7 +45,7 @@ def collect_rollouts(ctx: RolloutContext, problems: list[Problem], seed: int, al
     """
     import torch
 
-    from megatron_sdpg.algo.advantages import group_advantages
+    from megatron_sdpg.algo.advantages import group_advantages, overlong_penalty, verifier_rewards
 
     student = [ctx.builder.student_ids(p) for p in problems]
     teacher = [ctx.builder.teacher_ids(p) for p in problems]
@@ -56,8 +56,14 @@ def collect_rollouts(ctx: RolloutContext, problems: list[Problem], seed: int, al
     scored = ctx.verifier.score(_texts(ctx.tokenizer, flat), answers)
     metrics["time/verify_s"] = time.perf_counter() - t0
     metrics.update(scored.metrics())
-    rewards = torch.tensor(scored.rewards, dtype=torch.float32).view(len(problems), ctx.n_samples)
-    advantages = group_advantages(rewards, algo)
+    flat_rewards = verifier_rewards(torch.tensor(scored.correct), algo.reward_scheme)
+    if algo.overlong_buffer:
+        lengths = torch.tensor([len(o.output_ids) for o in flat])
+        flat_rewards = flat_rewards + overlong_penalty(lengths, ctx.sampling.max_new_tokens, algo.overlong_buffer,
+                                                       algo.overlong_penalty)
+    advantages = group_advantages(flat_rewards, ctx.n_samples, algo.normalize_adv_std, algo.eps_std)
+    advantages = advantages.view(len(problems), ctx.n_samples)
+    rewards = flat_rewards.view(len(problems), ctx.n_samples)
     samples = []
     dropped = 0
     for g in range(len(problems)):
@@ -81,6 +87,7 @@ def collect_rollouts(ctx: RolloutContext, problems: list[Problem], seed: int, al
         "response_length": sum(lengths) / len(lengths),
         "response_length_max": float(max(lengths)),
         "reward": float(rewards.mean()),
+        "accuracy": sum(scored.correct) / max(len(scored.correct), 1),
     })
     return samples, metrics
 

@@ -56,8 +56,7 @@ def sdpg_loss_fn(cfg: SDPGConfig, groups: ParallelGroups, step: int, mb: dict, l
         rollout_log_probs=mb["rollout_log_probs"],
         seq_index=mb["seq_index"],
     )
-    return sdpg_loss(student, mb.get("teacher_logits"), inputs, cfg.algorithm, step,
-                     tp_group=groups.tp_group_or_none, temperature=cfg.rollout.sampling.temperature or 1.0)
+    return sdpg_loss(student, mb.get("teacher_logits"), inputs, cfg.algorithm, step + 1, tp_group=groups.tp_group_or_none)
 
 
 @dataclass
@@ -81,15 +80,18 @@ class TrainerParts:
     closers: list = field(default_factory=list)
 
     def beta(self, step: int) -> float:
-        from megatron_sdpg.algo.losses import beta_schedule
+        """beta(k) of 0-based ``step`` (the schedule counts k from 1)."""
+        from megatron_sdpg.algo.loss_terms import beta_schedule
 
-        return beta_schedule(step, self.cfg.algorithm, self.cfg.train.steps)
+        a = self.cfg.algorithm
+        return beta_schedule(step + 1, a.beta_base, a.schedule_steps(), a.beta_warmup_steps, a.beta_decay_steps)
 
-    def teacher_model(self) -> PolicyModel | None:
-        """The model on the teacher view: the frozen reference for OPSD, else the policy."""
-        if self.cfg.algorithm.preset == "opsd" or getattr(self.cfg.algorithm, "teacher", "current") == "frozen":
-            return self.reference
-        return self.policy
+    def needs_teacher(self, step: int) -> bool:
+        return self.cfg.algorithm.objective == "opsd" or self.beta(step) > 0
+
+    def teacher_model(self) -> PolicyModel:
+        """The model on the teacher view: the frozen initial policy (OPSD) or the current weights."""
+        return self.reference if self.cfg.algorithm.teacher_source == "initial" else self.policy
 
     def loss_fn(self, step: int):
         return partial(sdpg_loss_fn, self.cfg, self.groups, step)
@@ -147,37 +149,35 @@ def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
     """Builds models, data, engines, sync and logging for this rank."""
     from transformers import AutoTokenizer
 
-    from megatron_sdpg.data.prompts import PromptBuilder
-    from megatron_sdpg.data.source import PromptSource
+    from megatron_sdpg.data.build import build_prompt_builder, build_prompt_source
     from megatron_sdpg.data.tasks import build_task
-    from megatron_sdpg.data.templates import template_from_config
 
     if not cfg.model.hf_dir:
         raise ConfigError("model.hf_dir", "an HF model directory is needed (tokenizer, architecture, weights)")
     model_cfg = resolve_model_config(cfg.model)
     model_cfg.validate("model", tp=groups.layout.tp)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
-    builder = PromptBuilder(tokenizer, template_from_config(cfg.data),
-                            max_teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens,
-                            context_truncation=cfg.data.context_truncation)
+    builder = build_prompt_builder(tokenizer, cfg.data)
     task = build_task(cfg.data, prompt_length=lambda p: len(builder.student_ids(p)))
-    train_problems = task.problems("train", cfg.data.train_size, cfg.data.seed)
-    heldout = task.problems("heldout", cfg.train.eval_n, cfg.data.seed)
-    max_prompt = max(len(builder.teacher_ids(p)) for p in train_problems[:256])
+    source = build_prompt_source(task, cfg.data, batch_size=cfg.train.prompts_per_step)
+    heldout = task.problems("heldout", cfg.train.eval_n if task.generated else None, seed=cfg.data.seed)
+    max_prompt = max(len(builder.teacher_ids(p)) for p in source.problems[:256])
     _check_fits(cfg, model_cfg, groups, max_prompt)
 
     algo = cfg.algorithm
-    needs_ref = algo.needs_reference_log_probs()
+    if algo.ref_kl_in_reward:
+        raise ConfigError("algorithm.ref_kl_in_reward", "KL-in-reward is implemented in algo/ but not wired into the "
+                          "trainer yet; use the in-loss reference KL (alpha > 0)")
+    needs_ref = algo.alpha > 0 and algo.objective != "opsd"
     loader = weights_loader(model_cfg, groups)
     policy = PolicyModel(model_cfg, groups, cfg.optimizer, cfg.parallel.use_distributed_optimizer,
                          total_steps=cfg.train.steps, seed=cfg.train.seed, weights_loader=loader)
     reference = None
-    if needs_ref or cfg.algorithm.preset == "opsd":
+    if needs_ref or algo.teacher_source == "initial":
         reference = PolicyModel(model_cfg, groups, None, weights_loader=loader)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     parts = TrainerParts(cfg=cfg, groups=groups, model_cfg=model_cfg, policy=policy, reference=reference,
-                         source=PromptSource(train_problems, cfg.train.prompts_per_step, seed=cfg.data.seed,
-                                             shuffle=cfg.data.shuffle),
+                         source=source,
                          heldout=heldout, pad_id=pad_id, needs_ref_log_probs=needs_ref)
     if dist.get_rank() == 0:
         _start_rank0_services(parts, tokenizer, builder, task)

@@ -85,11 +85,18 @@ def to_device(mb: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
 
 
-def reduce_metrics(per_microbatch: list[dict[str, torch.Tensor]], groups: ParallelGroups) -> dict[str, float]:
-    """Sums ``{name: [sum, count]}`` over micro-batches and DP ranks; returns means.
+def _pair(value) -> torch.Tensor:
+    if isinstance(value, (tuple, list)):
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in value])
+    return value.detach().to(torch.float64).reshape(2).cpu()
 
-    Only the last pipeline stage has metrics; they are broadcast to every stage
-    so that any rank can log them. Names must be the same on every rank.
+
+def reduce_metrics(per_microbatch: list[dict], groups: ParallelGroups) -> dict[str, float]:
+    """Reduces ``{name: (sum, count)}`` over micro-batches and DP ranks; returns ``sum / count``.
+
+    Names ending in ``_max`` hold ``(value, 1)`` and are reduced with max instead.
+    Only the last pipeline stage has metrics; the result is broadcast to every
+    stage so that any rank can log it. Names must agree across DP ranks.
     """
     names = sorted({k for mb in per_microbatch for k in mb})
     if groups.layout.pp > 1:
@@ -99,16 +106,32 @@ def reduce_metrics(per_microbatch: list[dict[str, torch.Tensor]], groups: Parall
         names = obj[0]
     if not names:
         return {}
-    totals = torch.zeros(len(names), 2, dtype=torch.float64, device=comm_device())
+    is_max = torch.tensor([n.endswith("_max") for n in names])
+    sums = torch.zeros(len(names), 2, dtype=torch.float64)
+    maxes = torch.full((len(names),), float("-inf"), dtype=torch.float64)
     for mb in per_microbatch:
         for i, name in enumerate(names):
             if name in mb:
-                totals[i] += mb[name].detach().to(totals.device, torch.float64).reshape(2)
+                pair = _pair(mb[name])
+                if is_max[i]:
+                    maxes[i] = torch.maximum(maxes[i], pair[0])
+                else:
+                    sums[i] += pair
+    sums, maxes = sums.to(comm_device()), maxes.to(comm_device())
     if groups.layout.dp > 1:
-        dist.all_reduce(totals, group=groups.dp)
+        dist.all_reduce(sums, group=groups.dp)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=groups.dp)
     if groups.layout.pp > 1:
-        dist.broadcast(totals, src=dist.get_global_rank(groups.pp, groups.layout.pp - 1), group=groups.pp)
-    return {n: (t[0] / t[1]).item() if t[1] > 0 else float("nan") for n, t in zip(names, totals)}
+        src = dist.get_global_rank(groups.pp, groups.layout.pp - 1)
+        dist.broadcast(sums, src=src, group=groups.pp)
+        dist.broadcast(maxes, src=src, group=groups.pp)
+    out = {}
+    for i, name in enumerate(names):
+        if is_max[i]:
+            out[name] = maxes[i].item()
+        else:
+            out[name] = (sums[i, 0] / sums[i, 1]).item() if sums[i, 1] > 0 else float("nan")
+    return out
 
 
 def _all_finite(chunks: list, groups: ParallelGroups) -> bool:

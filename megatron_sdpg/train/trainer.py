@@ -88,11 +88,11 @@ class Trainer:
 
         beta = parts.beta(step)
         teacher_model = parts.teacher_model()
-        need_teacher = teacher_model is not None and (beta > 0 or algo.preset == "opsd")
+        need_teacher = parts.needs_teacher(step)
         mbs = plan_microbatches(samples, self.groups.layout.dp, self.groups.dp_rank, cfg.train.micro_batch_size,
                                 cfg.train.max_tokens_per_microbatch, parts.pad_id, with_teacher=need_teacher)
         t0 = time.perf_counter()
-        temperature = cfg.rollout.sampling.temperature or 1.0
+        temperature = algo.logprob_temperature()
         if parts.reference is not None and parts.needs_ref_log_probs:
             passes.log_prob_pass(parts.reference, mbs, "ref_log_probs", temperature)
         if cfg.train.ppo_epochs * cfg.train.mini_batches > 1:

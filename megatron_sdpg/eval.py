@@ -1,0 +1,194 @@
+"""Held-out evaluation: mean@k and pass@k of a Hugging Face model on a task.
+
+Usage::
+
+    python -m megatron_sdpg.eval --hf-dir artifacts/tiny --task synthetic --n 500
+    python -m megatron_sdpg.eval --hf-dir DIR --task synthetic --samples 4 --temperature 1.0 --with-context
+
+Prints one JSON line. With ``--samples 1 --temperature 0`` (the defaults) mean@1 is
+greedy accuracy. ``--with-context`` adds the same metrics under the teacher prompt
+(keys prefixed ``context/``). Task options and the prompt template default to those
+recorded in ``DIR/sdpg_task.json`` by ``tools/make_tiny_model.py``.
+
+The trainer calls :func:`evaluate` directly for periodic held-out evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from megatron_sdpg.data.prompts import PromptBuilder
+from megatron_sdpg.data.templates import get_template
+from megatron_sdpg.rewards.config import RewardConfig
+from megatron_sdpg.rewards.pool import VerifierPool
+
+TASK_METADATA = "sdpg_task.json"
+
+
+@torch.no_grad()
+def generate_responses(
+    model, tokenizer, prompts: list[str], samples: int, temperature: float, max_new_tokens: int, batch_size: int
+) -> list[tuple[str, int, bool]]:
+    """Generates ``samples`` responses per prompt with left padding, in batches.
+
+    Returns:
+        ``len(prompts) * samples`` tuples ``(text, num_tokens, finished)``, prompt-major;
+        ``finished`` is False when the response hit ``max_new_tokens`` without EOS.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return _generate(model, tokenizer, prompts, samples, temperature, max_new_tokens, batch_size, eos, pad)
+    finally:
+        tokenizer.padding_side = side
+
+
+def _generate(model, tokenizer, prompts, samples, temperature, max_new_tokens, batch_size, eos, pad):
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    out: list[tuple[str, int, bool]] = []
+    per_batch = max(1, batch_size // samples)
+    for start in range(0, len(prompts), per_batch):
+        enc = tokenizer(prompts[start : start + per_batch], add_special_tokens=False, padding=True, return_tensors="pt")
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        gen = model.generate(
+            **enc, max_new_tokens=max_new_tokens, num_return_sequences=samples,
+            eos_token_id=eos, pad_token_id=pad, **sampling,
+        )
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+            finished = eos in row
+            tokens = row[: row.index(eos) + 1] if finished else row
+            out.append((tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finished))
+    return out
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task,
+    n: int = 500,
+    samples: int = 1,
+    temperature: float = 0.0,
+    with_context: bool = False,
+    *,
+    builder: PromptBuilder | None = None,
+    pool: VerifierPool | None = None,
+    split: str = "heldout",
+    max_new_tokens: int = 64,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict:
+    """mean@k and pass@k over the first ``n`` problems of a split.
+
+    Args:
+        model: A causal LM (e.g. ``AutoModelForCausalLM``), put in eval mode here.
+        tokenizer: Its tokenizer (with a chat template and a pad token).
+        task: A task (``megatron_sdpg.data.tasks``).
+        n: Problems evaluated.
+        samples: k, responses per problem.
+        temperature: 0 = greedy (then use samples=1).
+        with_context: Also evaluate under the teacher prompt (keys prefixed ``context/``).
+        builder: Prompt builder; default: the ``paper`` template.
+        pool: Verifier pool; default: one with the task's verifier, closed on return.
+        split: Which split.
+        max_new_tokens: Response length cap.
+        batch_size: Sequences generated together.
+        seed: Seed of the sampling.
+
+    Returns:
+        ``{"mean@k", "pass@k", "mean_response_tokens", "truncated", ...}`` for the student
+        prompt, and the same under ``context/`` with ``with_context``.
+    """
+    start = time.perf_counter()
+    builder = builder or PromptBuilder(tokenizer, get_template("paper"))
+    own_pool = pool is None
+    pool = pool or VerifierPool(task.default_verifier, RewardConfig())
+    was_training = model.training
+    model.eval()
+    problems = task.problems(split, n)
+    torch.manual_seed(seed)
+    result = {"task": task.name, "split": split, "n": len(problems), "samples": samples, "temperature": temperature}
+    try:
+        modes = [("", builder.student_text)] + ([("context/", builder.teacher_text)] if with_context else [])
+        for prefix, render in modes:
+            prompts = [render(p) for p in problems]
+            gens = generate_responses(model, tokenizer, prompts, samples, temperature, max_new_tokens, batch_size)
+            answers = [p.answer for p in problems for _ in range(samples)]
+            scored = pool.score([g[0] for g in gens], answers)
+            correct = torch.tensor(scored.correct, dtype=torch.float64).view(len(problems), samples)
+            result[f"{prefix}mean@{samples}"] = correct.mean().item()
+            result[f"{prefix}pass@{samples}"] = (correct.amax(dim=1) > 0).double().mean().item()
+            result[f"{prefix}mean_response_tokens"] = sum(g[1] for g in gens) / len(gens)
+            result[f"{prefix}truncated"] = sum(not g[2] for g in gens) / len(gens)
+            result[f"{prefix}verifier_failures"] = scored.timeouts + scored.errors
+    finally:
+        if own_pool:
+            pool.close()
+        model.train(was_training)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def read_task_metadata(hf_dir: str) -> dict:
+    """``sdpg_task.json`` of a model directory (task, options, template), or {}."""
+    path = os.path.join(hf_dir, TASK_METADATA)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command line (see the module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_sdpg.data.tasks import get_task
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory")
+    parser.add_argument("--task", required=True, help="registered task name (e.g. synthetic)")
+    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="task option (JSON value), overrides the model's recorded options")
+    parser.add_argument("--template", default=None, help="prompt template (default: recorded, else paper)")
+    parser.add_argument("--n", type=int, default=500, help="held-out problems")
+    parser.add_argument("--samples", type=int, default=1, help="k: samples per problem")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--with-context", action="store_true", help="also evaluate under the teacher prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = read_task_metadata(args.hf_dir)
+    options = dict(meta.get("task_options", {})) if meta.get("task") == args.task else {}
+    for item in args.task_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--task-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    task = get_task(args.task, **options)
+    template = get_template(args.template or meta.get("template", "paper"))
+    tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    builder = PromptBuilder(tokenizer, template)
+    result = evaluate(
+        model, tokenizer, task, args.n, args.samples, args.temperature, args.with_context,
+        builder=builder, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+    )
+    result["template"] = template.name
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Helpers shared by the vocab-parallel ops: shard geometry, chunking, reductions.
+
+Logits arrive sharded on the last dimension across ``tp_group``: rank ``r`` of
+``tp`` holds the contiguous global vocabulary ids ``[r * V/tp, (r + 1) * V/tp)``.
+Every helper here works on one rank's shard and, where it needs the whole
+vocabulary, all-reduces only per-token statistics (``[k, chunk]`` fp32 tensors),
+never the vocabulary itself. ``tp_group=None`` means no tensor parallelism: no
+collective is issued at all.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_CHUNK_SIZE = 128
+"""Tokens per chunk. At a 151,936-entry shard one fp32 chunk buffer is 78 MB."""
+
+
+def shard_rank_and_size(tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """Returns ``(rank, world_size)`` of ``tp_group``; ``(0, 1)`` for None."""
+    if tp_group is None:
+        return 0, 1
+    return dist.get_rank(tp_group), dist.get_world_size(tp_group)
+
+
+def all_reduce_(t: torch.Tensor, op: dist.ReduceOp, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """In-place all-reduce over ``tp_group``; a no-op without TP."""
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(t, op=op, group=tp_group)
+    return t
+
+
+def as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Views ``[..., v/tp]`` as ``[n, v/tp]`` (copies only if it must)."""
+    if logits.dim() < 1:
+        raise ValueError(f"logits must have a vocab dimension, got shape {tuple(logits.shape)}")
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """Raises ValueError unless the student and teacher logits have the same shape."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"teacher_logits shape {tuple(teacher.shape)} != student_logits shape {tuple(student.shape)}"
+        )
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def chunks(n: int, chunk_size: int) -> Iterator[slice]:
+    """Yields row slices of at most ``chunk_size`` covering ``[0, n)``."""
+    for start in range(0, n, chunk_size):
+        yield slice(start, min(n, start + chunk_size))
+
+
+def scaled_fp32(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A fresh fp32 copy of ``chunk / temperature`` that callers may modify in place."""
+    z = chunk.to(torch.float32, copy=True)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def global_max(zs: list[torch.Tensor], tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Row maxima over the whole vocabulary, one all-reduce(MAX) for all inputs.
+
+    Args:
+        zs: ``k`` tensors ``[c, v/tp]`` (fp32).
+
+    Returns:
+        ``[k, c]`` fp32. A row that is ``-inf`` everywhere gets 0 so that
+        ``z - max`` stays ``-inf`` instead of NaN.
+    """
+    m = torch.stack([z.amax(dim=-1) for z in zs])
+    all_reduce_(m, dist.ReduceOp.MAX, tp_group)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def zero_where_nan_(x: torch.Tensor) -> torch.Tensor:
+    """Replaces NaN with 0 in place, keeping +-inf.
+
+    Every product ``p * d`` in these ops is NaN only where the probability ``p``
+    is 0 and ``d`` is infinite (``0 * inf``) or undefined (``-inf - -inf``);
+    such an entry contributes exactly 0.
+    """
+    return torch.nan_to_num_(x, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+
+
+def upstream_per_row(grad_output: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Upstream gradient as an fp32 column ``[n, 1]``, divided by the temperature."""
+    return (grad_output.reshape(-1, 1).to(torch.float32) / temperature).contiguous()
+
+
+def local_targets(target: torch.Tensor, n: int, vocab_local: int, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps GLOBAL target ids ``[n]`` to (shard-local index, in-this-shard mask)."""
+    rank, world = shard_rank_and_size(tp_group)
+    flat = target.reshape(-1)
+    if flat.numel() != n:
+        raise ValueError(f"target has {flat.numel()} tokens but logits have {n}")
+    if flat.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"target must hold integer token ids, got {flat.dtype}")
+    if n and bool(((flat < 0) | (flat >= vocab_local * world)).any()):
+        raise ValueError(
+            f"target ids must lie in [0, {vocab_local * world}) (global vocabulary); "
+            f"got min {int(flat.min())}, max {int(flat.max())}"
+        )
+    local = flat.long() - rank * vocab_local
+    in_shard = (local >= 0) & (local < vocab_local)
+    return torch.where(in_shard, local, torch.zeros_like(local)), in_shard
+
+
+def row_max(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-row max of ``chunk / temperature`` in fp32 ``[c]`` (exact in any dtype)."""
+    return chunk.amax(dim=-1).to(torch.float32).div_(temperature)
+
+
+def scaled_minus(chunk: torch.Tensor, temperature: float, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = chunk / temperature - shift[:, None]`` in fp32, reading ``chunk`` once when T == 1."""
+    if temperature == 1.0:
+        return torch.sub(chunk, shift[:, None], out=out)
+    return torch.div(chunk, temperature, out=out).sub_(shift[:, None])

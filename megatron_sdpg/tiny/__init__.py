@@ -1,0 +1,1 @@
+"""A tiny tokenizer + Llama model for the synthetic task, built and warm-started on CPU."""

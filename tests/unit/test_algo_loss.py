@@ -1,0 +1,145 @@
+"""sdpg_loss (Megatron loss contract) and AlgorithmConfig presets.
+
+The expected losses are written out in float64 dense PyTorch in the test itself
+(log_softmax over the full vocabulary, the paper's formulas), independent of
+the vocab-parallel ops and the loss-term helpers. Tolerance: 1e-5 relative
+(fp32 logits through the fp32 ops).
+"""
+
+import math
+
+import pytest
+import torch
+
+from megatron_sdpg.algo.config import PRESETS, AlgorithmConfig, apply_preset
+from megatron_sdpg.algo.losses import LossInputs, reduce_metrics, sdpg_loss
+from megatron_sdpg.config.errors import ConfigError
+
+V = 6
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(7, V, generator=g) * 2
+    t = s + torch.randn(7, V, generator=g)
+    batch = LossInputs(
+        target=torch.tensor([1, 2, 3, 0, 5, 4, 0]),
+        loss_mask=torch.tensor([1, 1, 1, 1, 1, 1, 0]),  # last token is padding
+        advantages=torch.tensor([0.8, 0.8, 0.8, -0.8, -0.8, 0.0, 0.0]),
+        old_log_probs=torch.tensor([-1.5, -2.0, -1.0, -2.5, -1.2, -3.0, 0.0]),
+        seq_index=torch.tensor([0, 0, 0, 1, 1, 2, 2]),
+        ref_log_probs=torch.tensor([-1.6, -1.9, -1.1, -2.4, -1.0, -2.5, 0.0]),
+        rollout_log_probs=torch.tensor([-1.55, -2.1, -1.0, -2.45, -1.3, -2.9, 0.0]),
+    )
+    return s, t, batch
+
+
+def _dense_sdpg(s, t, b, beta, alpha, eps_low, eps_high, c, clamp):
+    ls, lt = s.log_softmax(-1), t.double().log_softmax(-1)
+    logp = ls.gather(1, b.target[:, None]).squeeze(1)
+    kl = (ls.exp() * (ls - lt)).sum(-1).clamp(max=clamp)
+    adv, old = b.advantages.double(), b.old_log_probs.double()
+    ratio = torch.exp(logp - old)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high))
+    pg = torch.where(adv < 0, torch.minimum(pg, -adv * c), pg)
+    rho = torch.exp(logp.detach() - b.rollout_log_probs.double())
+    gate = (adv > 0).double()
+    urkl = 0.5 * (logp - b.ref_log_probs.double()) ** 2
+    per_token = pg + beta * rho * gate * kl + alpha * rho * urkl
+    mask = b.loss_mask.double()
+    return per_token, mask, kl
+
+
+def test_sdpg_loss_token_mean_matches_dense_formula_and_gradient():
+    s, t, b = _batch()
+    cfg = apply_preset("sdpg", beta_base=0.5, alpha=0.1, clip_eps_high=0.28, dual_clip_c=3.0)
+    step = 100
+    beta = 0.5 * min(1, 100 / 50) * min(1, (400 - 100) / 350)
+    x = s.clone().requires_grad_(True)
+    loss_sum, n, metrics = sdpg_loss(x, t, b, cfg, step)
+    (loss_sum / n).backward()
+
+    xd = s.double().requires_grad_(True)
+    per_token, mask, kl = _dense_sdpg(xd, t, b, beta, 0.1, 0.2, 0.28, 3.0, 20.0)
+    expected = (per_token * mask).sum()
+    (expected / mask.sum()).backward()
+    assert n.item() == 6
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+    m = reduce_metrics([metrics])
+    assert m["beta"] == pytest.approx(beta)
+    assert m["distill_kl"] == pytest.approx((kl * mask).sum().item() / 6, rel=1e-5)
+    assert m["distill_gated_frac"] == pytest.approx(3 / 6)
+    diff = (xd.detach().log_softmax(-1).gather(1, b.target[:, None]).squeeze(1) - b.rollout_log_probs.double()).abs()
+    assert m["rollout_logp_abs_diff_max"] == pytest.approx(diff[:6].max().item(), rel=1e-5)
+    assert m["loss"] == pytest.approx(expected.item() / 6, rel=1e-5)
+
+
+def test_seq_mean_token_mean_and_constant_normalisers():
+    s, t, b = _batch()
+    xd = s.double()
+    beta = 1e-3 * min(1, 10 / 50)
+    per_token, mask, _ = _dense_sdpg(xd, t, b, beta, 1e-3, 0.2, 0.2, math.inf, 20.0)
+    per_token = per_token * mask
+    seq_means = [per_token[0:3].sum() / 3, per_token[3:5].sum() / 2, per_token[5:6].sum() / 1]
+    cfg = apply_preset("sdpg", loss_agg="seq-mean-token-mean")
+    loss_sum, n, _ = sdpg_loss(s, t, b, cfg, step=10)
+    assert n.item() == 3
+    assert loss_sum.item() == pytest.approx(sum(seq_means).item(), rel=1e-5)
+    cfg = apply_preset("sdpg", loss_agg="constant", loss_agg_constant=16)
+    loss_sum, n, _ = sdpg_loss(s, t, b, cfg, step=10)
+    assert n.item() == 48 and loss_sum.item() == pytest.approx(per_token.sum().item(), rel=1e-5)
+
+
+def test_opsd_loss_is_masked_mean_jsd():
+    s, t, b = _batch()
+    ls, lt = s.double().log_softmax(-1), t.double().log_softmax(-1)
+    m = torch.log(0.5 * ls.exp() + 0.5 * lt.exp())
+    jsd = 0.5 * (lt.exp() * (lt - m)).sum(-1) + 0.5 * (ls.exp() * (ls - m)).sum(-1)
+    loss_sum, n, metrics = sdpg_loss(s, t, b, apply_preset("opsd"), step=1)
+    assert n.item() == 6
+    assert loss_sum.item() == pytest.approx(jsd[:6].sum().item(), rel=1e-5)
+    assert "policy_loss" not in metrics
+
+
+def test_grpo_runs_without_teacher_and_sdpg_requires_one():
+    s, t, b = _batch()
+    loss_sum, n, metrics = sdpg_loss(s, None, b, apply_preset("grpo"), step=5)
+    assert torch.isfinite(loss_sum) and "distill_kl" not in metrics
+    with pytest.raises(ValueError, match="teacher_logits is None"):
+        sdpg_loss(s, None, b, apply_preset("sdpg"), step=5)
+    b.ref_log_probs = None
+    with pytest.raises(ValueError, match="ref_log_probs is None"):
+        sdpg_loss(s, None, b, apply_preset("grpo"), step=5)
+
+
+def test_empty_micro_batch():
+    b = LossInputs(*(torch.zeros(0, dtype=torch.long) for _ in range(2)), torch.zeros(0), torch.zeros(0),
+                   torch.zeros(0, dtype=torch.long), ref_log_probs=torch.zeros(0), rollout_log_probs=torch.zeros(0))
+    x = torch.zeros(0, V, requires_grad=True)
+    loss_sum, n, metrics = sdpg_loss(x, torch.zeros(0, V), b, apply_preset("sdpg"), step=100)
+    assert loss_sum.item() == 0.0 and n.item() == 0.0
+    loss_sum.backward()
+    assert x.grad.shape == (0, V)
+    assert reduce_metrics([metrics])["entropy"] == 0.0
+
+
+def test_presets_and_validation():
+    assert apply_preset("sdpg") == AlgorithmConfig()
+    authors = apply_preset("sdpg-authors")
+    assert (authors.clip_eps_high, authors.dual_clip_c, authors.beta_warmup_steps, authors.beta_decay_steps,
+            authors.distill_gate, authors.ref_kl_mode, authors.reward_scheme, authors.sg_rho_factors) == (
+        0.28, 10.0, 0, 0, False, "urkl", "plus_minus_one", False)
+    assert apply_preset("grpo").beta_base == 0.0 and apply_preset("opsd").objective == "opsd"
+    for name in PRESETS:
+        apply_preset(name).validate("algorithm")
+    with pytest.raises(ConfigError, match=r"^algorithm\.preset: unknown preset 'ppo'"):
+        apply_preset("ppo")
+    with pytest.raises(ConfigError, match=r"^algorithm\.dual_clip_c: must be > 1"):
+        apply_preset("sdpg", dual_clip_c=0.5)
+    with pytest.raises(ConfigError, match=r"^algorithm\.loss_agg_constant"):
+        apply_preset("sdpg", loss_agg="constant")
+    with pytest.raises(ConfigError, match=r"^rl\.ref_kl_mode: 'kl' is not one of"):
+        AlgorithmConfig(ref_kl_mode="kl").validate("rl")
+    with pytest.raises(ConfigError, match=r"^algorithm\.bogus: no such field"):
+        apply_preset("sdpg", bogus=1)
