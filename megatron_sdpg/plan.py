@@ -38,6 +38,8 @@ def _parse(argv):
     p.add_argument("--local-kernels", action="store_true",
                    help="megatron's local layer spec with torch ops (CPU) instead of transformer-engine's")
     p.add_argument("--unfused-optimizer", action="store_true", help="torch AdamW step temporaries (CPU)")
+    p.add_argument("--colocated-engine-fraction", type=float, default=0.0,
+                   help="GPU share held by colocated SGLang engines (their --mem-fraction-static)")
     p.add_argument("--require-fit", action="store_true", help="exit 1 when the layout does not fit")
     return p.parse_args(argv)
 
@@ -117,7 +119,9 @@ def format_table(plan: dict) -> str:
     margin = usable - worst.peak / GIB
     lines += [
         "",
-        f"capacity {a.gpu_memory_gib:.1f} GiB - reserve {a.reserve_gib:.1f} GiB = {usable:.1f} GiB usable; "
+        f"capacity {a.gpu_memory_gib:.1f} GiB - reserve {a.reserve_gib:.1f} GiB"
+        + (f" - colocated engines {a.colocated_engine_fraction:.2f} x capacity" if a.colocated_engine_fraction else "")
+        + f" = {usable:.1f} GiB usable; "
         f"worst stage {worst.stage}: {worst.peak / GIB:.2f} GiB -> "
         + (f"FITS with {margin:.2f} GiB to spare" if margin >= 0 else f"DOES NOT FIT by {-margin:.2f} GiB"),
         "peak of the worst stage by variant: "
@@ -160,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     assume = PlanAssumptions(gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib,
                              peak_tflops=args.peak_tflops, mfu=args.mfu,
-                             fused_kernels=not args.local_kernels, fused_optimizer=not args.unfused_optimizer)
+                             fused_kernels=not args.local_kernels, fused_optimizer=not args.unfused_optimizer,
+                             colocated_engine_fraction=args.colocated_engine_fraction)
     world = args.world_size or args.nodes * args.gpus_per_node
     try:
         cfg = load_config(args.config, args.overrides)

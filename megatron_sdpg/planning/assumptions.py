@@ -23,6 +23,8 @@ class PlanAssumptions:
             megatron's local layer spec with torch ops (CPU): unfused attention
             (K/V expanded to every head, fp32 ``s x s`` softmax kept), a composite
             RMSNorm that also keeps its normalised output, SwiGLU keeping its SiLU output.
+        colocated_engine_fraction: Share of each GPU held by a colocated SGLang engine
+            (its ``--mem-fraction-static``) while the trainer runs; 0 for dedicated nodes.
         fused_optimizer: A fused multi-tensor Adam (TE/apex on GPU) with no temporaries.
             False models torch's single-tensor AdamW (CPU), whose step allocates two
             temporaries the size of the largest parameter.
@@ -34,6 +36,7 @@ class PlanAssumptions:
     mfu: float = 0.35
     fused_kernels: bool = True
     fused_optimizer: bool = True
+    colocated_engine_fraction: float = 0.0
 
     def validate(self) -> None:
         require(self.gpu_memory_gib > 0, "--gpu-memory-gib", f"must be > 0, got {self.gpu_memory_gib}")
@@ -41,7 +44,10 @@ class PlanAssumptions:
                 f"must be in [0, gpu memory {self.gpu_memory_gib}), got {self.reserve_gib}")
         require(self.peak_tflops > 0, "--peak-tflops", f"must be > 0, got {self.peak_tflops}")
         require(0 < self.mfu <= 1, "--mfu", f"must be in (0, 1], got {self.mfu}")
+        require(0 <= self.colocated_engine_fraction < 1, "--colocated-engine-fraction",
+                f"must be in [0, 1), got {self.colocated_engine_fraction}")
 
     @property
     def usable_gib(self) -> float:
-        return self.gpu_memory_gib - self.reserve_gib
+        """What the trainer may use: capacity less the reserve and a colocated engine's share."""
+        return self.gpu_memory_gib * (1 - self.colocated_engine_fraction) - self.reserve_gib

@@ -92,13 +92,14 @@ def workload_from_config(cfg) -> Workload:
 
     Lengths are the configured maxima: ``data.max_prompt_tokens``,
     ``data.max_teacher_prompt_tokens`` and ``rollout.sampling.max_new_tokens``.
-    The passes follow the trainer: a teacher forward when ``beta_base > 0`` or the
-    objective is OPSD, a frozen reference copy when ``alpha > 0`` or the teacher is
-    the initial policy, an old-policy pass when ``ppo_epochs * mini_batches > 1``.
+    The passes follow the trainer (train/setup.py): a teacher forward when
+    ``beta_base > 0`` (the schedule's peak) or the objective is OPSD, a frozen
+    reference copy when the reference KL is on (``alpha > 0``, not OPSD) or the
+    teacher is the initial policy, an old-policy pass when
+    ``ppo_epochs * mini_batches > 1``.
     """
     algo, train = cfg.algorithm, cfg.train
-    opsd = algo.objective == "opsd" or algo.preset == "opsd"
-    teacher = algo.beta_base > 0 or opsd
+    teacher = algo.beta_base > 0 or algo.objective == "opsd"
     return Workload(
         prompt_tokens=cfg.data.max_prompt_tokens,
         teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens if teacher else cfg.data.max_prompt_tokens,
@@ -107,7 +108,7 @@ def workload_from_config(cfg) -> Workload:
         micro_batch_size=train.micro_batch_size,
         max_tokens_per_microbatch=train.max_tokens_per_microbatch,
         teacher_forward=teacher,
-        reference_model=algo.alpha > 0 or algo.teacher_source == "initial" or opsd,
+        reference_model=(algo.alpha > 0 and algo.objective != "opsd") or algo.teacher_source == "initial",
         old_logprob_pass=train.ppo_epochs * train.mini_batches > 1,
         update_passes=train.ppo_epochs,
         kl_chunk_size=algo.vocab_chunk_size,
