@@ -12,7 +12,8 @@ The model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = this GPU's parameters)
   (``Hd/tp``), the gated-MLP ``fc1`` output and ``fc2`` input (``3f/tp``), plus the
   ``s x s`` softmax per head without fused attention; with full recomputation only
   each layer's input (``h``) is kept, and one layer is re-materialised at a time.
-  Stage ``i`` of a 1F1B pipeline holds ``min(m, pp - i)`` micro-batches in flight;
+  Stage ``i`` of a 1F1B pipeline holds ``min(m, pp - i)`` micro-batches in flight,
+  plus one layer's transient gradients during backward;
 * logits and KL buffers on the last stage: the ``[b, s, V/tp]`` logits and their
   transposed copy, the ``[T, V/tp]`` response rows, the fused KL kernel's three
   ``[chunk, V/tp]`` fp32 work buffers and its ``[T, V/tp]`` gradient buffer;
@@ -105,6 +106,20 @@ def activation_bytes_per_layer(cfg: ModelConfig, tp: int, b: int, s: int, fused_
     return b * s * per_token * e + scores
 
 
+def backward_working_bytes(cfg: ModelConfig, tp: int, b: int, s: int, fused_kernels: bool) -> int:
+    """Transient gradients of one layer's backward: its largest intermediates' gradients.
+
+    The gradient of the ``fc1`` output and input (``2f/tp + h`` per token); with
+    unfused attention also the softmax gradient and its input's (twice the
+    ``[b, H/tp, s, s]`` fp32 scores).
+    """
+    e = _elem_bytes(cfg)
+    out = b * s * (2 * cfg.intermediate_size // tp + cfg.hidden_size) * e
+    if not fused_kernels:
+        out += 2 * b * (cfg.num_attention_heads // tp) * s * s * FP32
+    return out
+
+
 def _in_flight(stage: int, pp: int, microbatches: int, vpp: int | None) -> float:
     """Micro-batches whose activations stage ``stage`` holds at its peak (1F1B)."""
     n = min(microbatches, pp - stage)
@@ -139,12 +154,13 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
     shards = layout.dp * cp if distributed_optimizer else 1
     full_layer = activation_bytes_per_layer(cfg, tp, b, s_student, assume.fused_kernels)
     stored_layer = b * s_student * h * e if cfg.recompute else full_layer
+    backward = backward_working_bytes(cfg, tp, b, s_student, assume.fused_kernels)
     largest_param = max(2 * cfg.intermediate_size * h // tp, vocab * h)
     out = []
     for sp in stage_params(cfg, tp, pp):
         last = sp.stage == pp - 1
         in_flight = _in_flight(sp.stage, pp, m, layout.vpp)
-        activations = int(sp.layers * in_flight * stored_layer) + (full_layer if cfg.recompute else 0)
+        activations = int(sp.layers * in_flight * stored_layer) + (full_layer if cfg.recompute else 0) + backward
         logits_kl = teacher = 0
         if last:
             activations += 2 * b * s_student * h * e  # final norm input, output layer input

@@ -62,16 +62,18 @@ def test_memory_by_hand():
     # One layer's activations (bf16, tp 2: 2 heads, 1 KV head, d 16): per token 4*64 + (2+2)*16 + 2*16 + 3*128/2
     # = 544 elements; 2*64 tokens -> 128*544*2 bytes, + the fp32 log-sum-exp 128*2*4.
     layer = 128 * 544 * 2 + 128 * 2 * 4
+    # Plus one layer's transient gradients in backward: fc1 output and input, 128 * (2*128/2 + 64) * 2 bytes.
+    bwd = 128 * (128 + 64) * 2
     s0, s1 = stages
     assert (s0.weights, s0.gradients, s0.optimizer, s0.reference_weights) == (2 * p0, 4 * p0, 12 * p0 // 2, 2 * p0)
     assert (s1.weights, s1.gradients, s1.optimizer, s1.reference_weights) == (2 * p1, 4 * p1, 12 * p1 // 2, 2 * p1)
-    assert s0.activations == 2 * 2 * layer  # 2 layers x 2 micro-batches in flight (pp - stage)
-    assert s1.activations == 2 * 1 * layer + 2 * 128 * 64 * 2  # + final norm and output layer inputs
+    assert s0.activations == 2 * 2 * layer + bwd  # 2 layers x 2 micro-batches in flight (pp - stage)
+    assert s1.activations == 2 * 1 * layer + 2 * 128 * 64 * 2 + bwd  # + final norm and output layer inputs
     full_logits, rows = 128 * 500 * 2, 88 * 500 * 2
     assert s1.logits_and_kl == 2 * full_logits + rows + 3 * 88 * 500 * 4 + rows
     assert s1.teacher_logits == 4 * rows  # pp > 1: the teacher pass keeps every micro-batch's logits
     assert s0.logits_and_kl == s0.teacher_logits == 0
-    assert s1.peak == 2593920 and s0.peak == 1528832
+    assert s1.peak == 2593920 + bwd and s0.peak == 1528832 + bwd
     assert worst_stage(stages) is s1
 
 
@@ -81,8 +83,9 @@ def test_memory_switches():
     assert no_distopt.optimizer == 2 * base.optimizer
     recompute = estimate_memory(ModelConfig(**{**SMALL.__dict__, "recompute": True}), TP2_PP2_DP2, SMALL_WORK,
                                 PlanAssumptions(), True)[1]
-    layer = 128 * 544 * 2 + 128 * 2 * 4
-    assert recompute.activations == 2 * 128 * 64 * 2 + layer + 2 * 128 * 64 * 2  # layer inputs + one layer + head
+    layer, bwd = 128 * 544 * 2 + 128 * 2 * 4, 128 * (128 + 64) * 2
+    # Two layer inputs kept, one layer re-materialised, its backward transients, the head's inputs.
+    assert recompute.activations == 2 * 128 * 64 * 2 + layer + bwd + 2 * 128 * 64 * 2
     grpo = Workload(**{**SMALL_WORK.__dict__, "teacher_forward": False, "reference_model": False})
     plain = estimate_memory(SMALL, TP2_PP2_DP2, grpo, PlanAssumptions(), True)[1]
     assert plain.teacher_logits == 0 and plain.reference_weights == 0
