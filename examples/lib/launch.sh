@@ -29,7 +29,9 @@
 #   ENGINE_PORT     first engine port on a node (engine i: ENGINE_PORT+i); ROUTER_PORT;
 #   MASTER_PORT     torchrun rendezvous port on the first training node
 #   TRAIN_DATA, EVAL_DATA  comma-separated jsonl/parquet files (data.train_files/eval_files)
-#   PYTHON          interpreter on the nodes (default python)
+#   PYTHON          the trainer's interpreter on the nodes (default python)
+#   ENGINE_PYTHON   the engines' and router's (default PYTHON; /opt/sglang/bin/python
+#                   with CONTAINER_IMAGE: the Dockerfile keeps SGLang in its own venv)
 #   CONTAINER_IMAGE, CONTAINER_MOUNTS  run every step in a pyxis/enroot container
 #   HEALTH_TIMEOUT_S, STOP_GRACE_S
 # Arguments of the run script are passed to the trainer as dotted overrides.
@@ -73,6 +75,11 @@ sdpg_defaults() {
     : "${TRAIN_DATA:=}"
     : "${EVAL_DATA:=}"
     : "${DP:=}"
+    if [[ -n $CONTAINER_IMAGE ]]; then
+        : "${ENGINE_PYTHON:=/opt/sglang/bin/python}"
+    else
+        : "${ENGINE_PYTHON:=$PYTHON}"
+    fi
     JOB_ID=${SLURM_JOB_ID:-dryrun}
     : "${RUN_DIR:=$REPO_DIR/runs/$MODEL_NAME-$JOB_ID}"
     : "${LOG_DIR:=$RUN_DIR/logs}"
@@ -202,7 +209,7 @@ sdpg_start_engines() {
     for node in "${ROLLOUT_HOSTS[@]}"; do
         for ((i = 0; i < per_node; i++)); do
             port=$((ENGINE_PORT + i))
-            local -a argv=("$PYTHON" -m sglang.launch_server --model-path "$HF_DIR" --host 0.0.0.0 --port "$port"
+            local -a argv=("$ENGINE_PYTHON" -m sglang.launch_server --model-path "$HF_DIR" --host 0.0.0.0 --port "$port"
                 --tp-size "$ROLLOUT_TP" --base-gpu-id $((i * ROLLOUT_TP)) --mem-fraction-static "$MEM_FRACTION")
             [[ $COLOCATE == 0 ]] || argv+=(--enable-memory-saver)
             sdpg_step 1 "$node" "$LOG_DIR/$node/engine${i}_port$port.log" "${argv[@]}"
@@ -234,7 +241,7 @@ sdpg_start_router() {
     local node=${ROLLOUT_HOSTS[0]}
     ROUTER_URL=http://$node:$ROUTER_PORT
     sdpg_step 1 "$node" "$LOG_DIR/$node/router.log" \
-        "$PYTHON" -m sglang_router.launch_router --worker-urls "${ENGINE_URLS[@]}" --host 0.0.0.0 --port "$ROUTER_PORT"
+        "$ENGINE_PYTHON" -m sglang_router.launch_router --worker-urls "${ENGINE_URLS[@]}" --host 0.0.0.0 --port "$ROUTER_PORT"
 }
 
 sdpg_run_trainer() {
