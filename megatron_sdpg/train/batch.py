@@ -52,9 +52,13 @@ class TrainSample:
         return len(self.teacher_prompt_ids) + len(self.response_ids)
 
 
-def _collate_view(prompts: list[list[int]], responses: list[list[int]], pad_id: int, pad_to: int):
-    """Right-padded tokens ``[b, s]`` and the flat logit rows predicting each response token."""
-    b = len(prompts)
+def _collate_view(prompts: list[list[int]], responses: list[list[int]], pad_id: int, pad_to: int, rows: int):
+    """Right-padded tokens ``[rows, s]`` and the flat logit rows predicting each response token.
+
+    Rows past ``len(prompts)`` are all padding (no response tokens): pipeline
+    parallelism needs every micro-batch of a call to have one shape.
+    """
+    b = max(rows, len(prompts))
     tokens = torch.full((b, pad_to), pad_id, dtype=torch.long)
     rows = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -69,8 +73,9 @@ def _collate_view(prompts: list[list[int]], responses: list[list[int]], pad_id: 
     return tokens, positions, resp_rows
 
 
-def collate(samples: list[TrainSample], pad_id: int, student_len: int, teacher_len: int | None) -> dict:
-    """One micro-batch.
+def collate(samples: list[TrainSample], pad_id: int, student_len: int, teacher_len: int | None,
+            rows: int = 0) -> dict:
+    """One micro-batch, padded to at least ``rows`` sequences.
 
     Returns:
         A dict with ``tokens``/``position_ids`` ``[b, student_len]``,
@@ -81,7 +86,7 @@ def collate(samples: list[TrainSample], pad_id: int, student_len: int, teacher_l
     """
     prompts = [s.prompt_ids for s in samples]
     responses = [s.response_ids for s in samples]
-    tokens, positions, resp_rows = _collate_view(prompts, responses, pad_id, student_len)
+    tokens, positions, resp_rows = _collate_view(prompts, responses, pad_id, student_len, rows)
     lengths = [len(r) for r in responses]
     mb = dict(
         tokens=tokens,
@@ -96,7 +101,7 @@ def collate(samples: list[TrainSample], pad_id: int, student_len: int, teacher_l
     )
     if teacher_len is not None:
         t_tokens, t_positions, t_rows = _collate_view([s.teacher_prompt_ids for s in samples], responses, pad_id,
-                                                      teacher_len)
+                                                      teacher_len, rows)
         mb.update(teacher_tokens=t_tokens, teacher_position_ids=t_positions, teacher_resp_rows=t_rows)
     return mb
 
@@ -105,10 +110,10 @@ def plan_microbatches(samples: list[TrainSample], dp: int, dp_rank: int, micro_b
                       pad_id: int, with_teacher: bool, pad_multiple: int = 8) -> list[dict]:
     """This DP rank's micro-batches of a global batch, balanced by tokens across DP.
 
-    All micro-batches of the call share one padded length (pipeline p2p
-    buffers need a fixed shape): the longest sequence of the whole global batch
-    rounded up to ``pad_multiple``, separately for the student and teacher
-    views. The split is deterministic, so every rank of a DP replica (its TP and
+    All micro-batches of the call share one shape (pipeline p2p buffers need
+    it): as many rows as the largest micro-batch, and as many tokens as the
+    longest sequence of the whole global batch rounded up to ``pad_multiple``,
+    separately for the student and teacher views. The split is deterministic, so every rank of a DP replica (its TP and
     PP peers) computes the same micro-batches.
 
     Returns:
@@ -127,4 +132,5 @@ def plan_microbatches(samples: list[TrainSample], dp: int, dp_rank: int, micro_b
     budget_len = max(student_len, teacher_len or 0)
     cost = [budget_len] * len(samples)  # everything is padded to the same length
     groups = split_microbatches(mine, cost, micro_batch_size, max_tokens)
-    return [collate([samples[i] for i in g], pad_id, student_len, teacher_len) for g in groups]
+    rows = max((len(g) for g in groups), default=0)
+    return [collate([samples[i] for i in g], pad_id, student_len, teacher_len, rows) for g in groups]

@@ -49,14 +49,15 @@ class MetricsLog:
             self._wandb = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=run_dir,
                                      config=config_dict or {}, resume="allow")
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Writes one step's metrics everywhere."""
+    def log(self, step: int, metrics: dict[str, Any], advance: bool = True) -> None:
+        """Writes one step's metrics everywhere; ``advance`` moves the progress bar."""
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         if self._bar is not None:
             shown = {k: f"{metrics[k]:.3g}" for k in CONSOLE_KEYS if isinstance(metrics.get(k), (int, float))}
-            self._bar.set_postfix(shown, refresh=False)
-            self._bar.update(1)
+            self._bar.set_postfix(shown, refresh=not advance)
+            if advance:
+                self._bar.update(1)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
 

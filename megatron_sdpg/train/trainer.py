@@ -67,7 +67,7 @@ class Trainer:
             "run_dir": os.path.abspath(cfg.train.run_dir),
         }
         if self.rank == 0:
-            parts.log.log(cfg.train.steps, {**after, "final": True})
+            parts.log.log(cfg.train.steps, {**after, "final": True}, advance=False)
             with open(os.path.join(cfg.train.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)
         return summary

@@ -1,17 +1,58 @@
-"""Balancing and micro-batching: every sequence exactly once, balanced loads, budgets."""
+"""Balancing and micro-batching: every sequence exactly once, balanced loads, budgets, and the
+native extension identical to the pure-Python path (and to a literal LPT reference)."""
 
+import heapq
 import random
+import subprocess
+import sys
 
 import pytest
 
+from megatron_sdpg.data import packing
 from megatron_sdpg.data.packing import balance_partitions, split_microbatches
 from megatron_sdpg.train.batch import TrainSample, collate
 
+needs_native = pytest.mark.skipif(
+    not packing.NATIVE_AVAILABLE,
+    reason="native packing extension not built (python setup.py build_ext --inplace)")
 
-def test_partitions_cover_every_index_once_and_balance():
+IMPLS = [
+    pytest.param((packing.balance_partitions_py, packing.split_microbatches_py), id="py"),
+    pytest.param((getattr(packing._native, "balance_partitions", None),
+                  getattr(packing._native, "split_microbatches", None)), id="native", marks=needs_native),
+]
+
+
+def lpt_reference(lengths, n_parts):
+    """The rule written out literally: longest first (ties by index) to the smallest
+    (load, count, part) tuple."""
+    heap = [(0, 0, p) for p in range(n_parts)]
+    parts = [[] for _ in range(n_parts)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        load, count, p = heapq.heappop(heap)
+        parts[p].append(i)
+        heapq.heappush(heap, (load + lengths[i], count + 1, p))
+    return [sorted(p) for p in parts]
+
+
+def random_lengths(rng, n):
+    """Lengths with many ties (narrow ranges, repeated values) as well as wide ones."""
+    style = rng.randrange(4)
+    if style == 0:
+        return [rng.randint(0, 3) for _ in range(n)]
+    if style == 1:
+        return [rng.choice([64, 128, 8192]) for _ in range(n)]
+    if style == 2:
+        return [rng.randint(64, 8192) for _ in range(n)]
+    return [rng.randint(0, 2**40) for _ in range(n)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_partitions_cover_every_index_once_and_balance(impl):
+    balance, _ = impl
     rng = random.Random(0)
     lengths = [rng.randint(1, 500) for _ in range(1000)]
-    parts = balance_partitions(lengths, 7)
+    parts = balance(lengths, 7)
     flat = sorted(i for p in parts for i in p)
     assert flat == list(range(1000))
     loads = [sum(lengths[i] for i in p) for p in parts]
@@ -19,23 +60,110 @@ def test_partitions_cover_every_index_once_and_balance():
     assert max(loads) - sum(loads) / 7 <= max(lengths)
 
 
-def test_partitions_edge_cases():
-    assert balance_partitions([], 3) == [[], [], []]
-    assert balance_partitions([5], 2) == [[0], []]
-    assert balance_partitions([3, 3, 3, 3], 4) == [[0], [1], [2], [3]]
-    with pytest.raises(ValueError):
-        balance_partitions([1], 0)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_partitions_edge_cases(impl):
+    balance, _ = impl
+    assert balance([], 3) == [[], [], []]
+    assert balance([], 1) == [[]]
+    assert balance([5], 1) == [[0]]
+    assert balance([5], 2) == [[0], []]
+    assert balance([3, 3, 3, 3], 4) == [[0], [1], [2], [3]]
+    assert balance([2, 7], 5) == [[1], [0], [], [], []]
+    assert balance([4, 2, 2, 1, 1], 2) == [[0, 3], [1, 2, 4]]
+    # Equal loads: the part holding fewer sequences wins (index 3 to part 1), then the lower index.
+    assert balance([1, 1, 0, 0], 2) == [[0, 2], [1, 3]]
+    assert balance([0, 0, 0], 2) == [[0, 2], [1]]
+    with pytest.raises(ValueError, match="n_parts must be >= 1, got 0"):
+        balance([1], 0)
+    with pytest.raises(ValueError, match=r"lengths\[1\] is -2; token counts must be >= 0"):
+        balance([1, -2, -3], 2)
 
 
-def test_microbatches_respect_count_and_token_budget():
+@needs_native
+def test_native_partitions_identical_on_random_inputs():
+    rng = random.Random(1234)
+    for seed in range(300):
+        n = rng.choice([0, 1, 2, rng.randint(3, 40), rng.randint(40, 400)])
+        lengths = random_lengths(rng, n)
+        n_parts = rng.choice([1, 2, rng.randint(1, 16), n + rng.randint(1, 5), max(1, n // 3)])
+        expected = lpt_reference(lengths, n_parts)
+        assert packing.balance_partitions_py(lengths, n_parts) == expected, seed
+        assert packing._native.balance_partitions(lengths, n_parts) == expected, seed
+        assert packing._native.balance_partitions(tuple(lengths), n_parts) == expected, seed
+        assert sorted(i for p in expected for i in p) == list(range(n))
+
+
+def test_python_partitions_match_the_literal_rule():
+    rng = random.Random(7)
+    for seed in range(200):
+        lengths = random_lengths(rng, rng.randint(0, 200))
+        n_parts = rng.randint(1, 40)
+        assert packing.balance_partitions_py(lengths, n_parts) == lpt_reference(lengths, n_parts), seed
+
+
+def test_partitions_outside_int64_fall_back_to_python():
+    lengths = [2**70, 3, 2**70, 2**62, 2**62]  # too large for the extension's int64 keys
+    assert balance_partitions(lengths, 2) == lpt_reference(lengths, 2)
+    with pytest.raises(TypeError, match=r"lengths\[1\] is 2.5; token counts must be integers"):
+        balance_partitions([1, 2.5], 2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_microbatches_respect_count_and_token_budget(impl):
+    _, split = impl
     lengths = [10, 30, 20, 40, 5]
-    batches = split_microbatches(range(5), lengths, max_sequences=2, max_tokens=60)
+    batches = split(range(5), lengths, 2, 60)
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
     for b in batches:
         assert len(b) <= 2
         assert max(lengths[i] for i in b) * len(b) <= 60
-    with pytest.raises(ValueError, match="sequence 3 has 40 tokens"):
-        split_microbatches(range(5), lengths, max_sequences=2, max_tokens=30)
+    assert split([], lengths, 2, 60) == []
+    assert split([3], lengths, 1) == [[3]]
+    with pytest.raises(ValueError, match="sequence 3 has 40 tokens, more than the micro-batch budget of 30"):
+        split(range(5), lengths, 2, 30)
+    with pytest.raises(IndexError, match="index 5 is out of range for 5 lengths"):
+        split([0, 5], lengths, 2)
+    with pytest.raises(IndexError, match="index -1 is out of range for 5 lengths"):
+        split([-1], lengths, 2)
+    with pytest.raises(ValueError, match=r"lengths\[0\] is -1; token counts must be >= 0"):
+        split([0], [-1], 2)
+    with pytest.raises(ValueError, match="max_sequences must be >= 1, got 0"):
+        split([0], lengths, 0)
+    with pytest.raises(ValueError, match="max_tokens must be >= 0, got -1"):
+        split([0], lengths, 2, -1)
+
+
+@needs_native
+def test_native_microbatches_identical_on_random_inputs():
+    rng = random.Random(99)
+    for seed in range(300):
+        n = rng.randint(0, 200)
+        lengths = random_lengths(rng, n)
+        indices = rng.sample(range(n), rng.randint(0, n))
+        max_sequences = rng.randint(1, 12)
+        longest = max(lengths, default=0)
+        max_tokens = rng.choice([0, longest, longest * rng.randint(1, 6), 2**62])
+        expected = packing.split_microbatches_py(indices, lengths, max_sequences, max_tokens)
+        got = packing._native.split_microbatches(indices, lengths, max_sequences, max_tokens)
+        assert got == expected, seed
+        assert [i for b in got for i in b] == indices
+
+
+def test_microbatches_take_iterators_and_huge_ints():
+    lengths = [2**70, 1, 2]
+    assert split_microbatches(iter([1, 2, 0]), lengths, 2) == [[1, 2], [0]]
+    assert split_microbatches((i for i in [2, 1]), [3, 4, 5], 1, 5) == [[2], [1]]
+
+
+def test_falls_back_to_python_without_the_extension():
+    code = (
+        "import sys; sys.modules['megatron_sdpg._packing_native'] = None\n"  # makes the import fail
+        "from megatron_sdpg.data import packing as p\n"
+        "assert not p.NATIVE_AVAILABLE\n"
+        "assert p.balance_partitions([5, 1, 4, 2], 2) == [[0, 1], [2, 3]]\n"
+        "assert p.split_microbatches([0, 1, 2], [5, 1, 4], 2) == [[0, 1], [2]]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_collate_aligns_student_and_teacher_response_rows():
