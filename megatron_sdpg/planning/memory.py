@@ -1,0 +1,192 @@
+"""Per-GPU memory of an SDPG training step, term by term, for every pipeline stage.
+
+The model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = this GPU's parameters):
+
+* weights ``e*P``; gradients ``4*P`` (megatron's DDP reduces into fp32 ``main_grad``);
+* optimizer: Adam moments ``8*P`` plus, for bf16, fp32 master weights ``4*P``;
+  divided by ``dp*cp`` with the distributed optimizer;
+* reference weights ``e*P`` when a frozen copy is kept (reference KL, OPSD teacher);
+* activations of one micro-batch ``[b, s]`` per layer, as saved for backward by a
+  Llama/Qwen layer without dropout: the two RMSNorm inputs and the two linear
+  inputs after them (``4h``), q/k/v (``(H+2K)d/tp``), the attention output
+  (``Hd/tp``), the gated-MLP ``fc1`` output and ``fc2`` input (``3f/tp``), plus the
+  ``s x s`` softmax per head without fused attention; with full recomputation only
+  each layer's input (``h``) is kept, and one layer is re-materialised at a time.
+  Stage ``i`` of a 1F1B pipeline holds ``min(m, pp - i)`` micro-batches in flight,
+  plus one layer's transient gradients during backward;
+* logits and KL buffers on the last stage: the ``[b, s, V/tp]`` logits and their
+  transposed copy, the ``[T, V/tp]`` response rows, the fused KL kernel's three
+  ``[chunk, V/tp]`` fp32 work buffers and its ``[T, V/tp]`` gradient buffer;
+* the teacher's ``[T, V/tp]`` logits: one micro-batch at a time when the teacher
+  forward runs inline (``pp == 1``), every micro-batch of the step otherwise (the
+  teacher pass precedes the update; train/passes.py).
+
+A GPU's peak is ``static + max(step working set, optimizer temporaries)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_sdpg.models.architecture import ModelConfig
+from megatron_sdpg.planning.assumptions import PlanAssumptions
+from megatron_sdpg.planning.params import stage_params
+from megatron_sdpg.planning.workload import Workload
+from megatron_sdpg.platform.layout import ParallelLayout
+
+GIB = 2**30
+FP32 = 4
+
+
+def _elem_bytes(cfg: ModelConfig) -> int:
+    return 2 if cfg.params_dtype == "bfloat16" else 4
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one GPU of pipeline stage ``stage``.
+
+    Attributes:
+        stage: Pipeline stage index.
+        params: Parameters on this GPU.
+        weights, gradients, optimizer, reference_weights: Static terms.
+        activations: Saved activations of the micro-batches in flight.
+        logits_and_kl: Logits, response rows and KL kernel buffers (last stage).
+        teacher_logits: Teacher logits kept for the student pass (last stage).
+        optimizer_temp: Temporaries of an unfused optimizer step.
+        in_flight: Micro-batches whose activations are held at once.
+    """
+
+    stage: int
+    params: int
+    weights: int
+    gradients: int
+    optimizer: int
+    reference_weights: int
+    activations: int
+    logits_and_kl: int
+    teacher_logits: int
+    optimizer_temp: int
+    in_flight: float
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.reference_weights
+
+    @property
+    def working(self) -> int:
+        return self.activations + self.logits_and_kl + self.teacher_logits
+
+    @property
+    def peak(self) -> int:
+        return self.static + max(self.working, self.optimizer_temp)
+
+
+def activation_bytes_per_layer(cfg: ModelConfig, tp: int, b: int, s: int, fused_kernels: bool) -> int:
+    """Bytes one layer saves for backward on one micro-batch ``[b, s]`` (no recompute).
+
+    Args:
+        cfg: The architecture (``params_dtype`` sets the activation dtype).
+        tp: Tensor-parallel size (no sequence parallelism: norms see the full hidden).
+        b: Sequences in the micro-batch.
+        s: Tokens per sequence on this GPU (after context parallelism).
+        fused_kernels: transformer-engine's fused layer (see :class:`PlanAssumptions`);
+            False for megatron's local spec with torch ops.
+    """
+    e = _elem_bytes(cfg)
+    h, d, f = cfg.hidden_size, cfg.kv_channels, cfg.intermediate_size
+    heads, kv = cfg.num_attention_heads // tp, cfg.kv_heads // tp
+    per_token = 4 * h + (heads + 2 * kv) * d + heads * d + 3 * f // tp
+    if cfg.arch == "qwen3":
+        per_token += (heads + kv) * d  # q/k RMSNorm inputs
+    if fused_kernels:
+        return b * s * per_token * e + b * s * heads * FP32  # + per-head log-sum-exp
+    per_token += 2 * h + f // tp + 2 * (heads - kv) * d  # normalised outputs, SiLU output, expanded K/V
+    scores = b * heads * s * s * (FP32 + (e if e < FP32 else 0))  # fp32 softmax (+ its bf16 copy)
+    return b * s * per_token * e + scores
+
+
+def backward_working_bytes(cfg: ModelConfig, tp: int, b: int, s: int, fused_kernels: bool) -> int:
+    """Transient gradients of one layer's backward: its largest intermediates' gradients.
+
+    The gradient of the ``fc1`` output and input (``2f/tp + h`` per token); with
+    unfused attention also the softmax gradient and its input's (twice the
+    ``[b, H/tp, s, s]`` fp32 scores).
+    """
+    e = _elem_bytes(cfg)
+    out = b * s * (2 * cfg.intermediate_size // tp + cfg.hidden_size) * e
+    if not fused_kernels:
+        out += 2 * b * (cfg.num_attention_heads // tp) * s * s * FP32
+    return out
+
+
+def _in_flight(stage: int, pp: int, microbatches: int, vpp: int | None) -> float:
+    """Micro-batches whose activations stage ``stage`` holds at its peak (1F1B)."""
+    n = min(microbatches, pp - stage)
+    if vpp and vpp > 1:
+        n *= 1 + (pp - 1) / (pp * vpp)  # interleaved schedule (Korthikanti et al. 2022)
+    return n
+
+
+def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, assume: PlanAssumptions,
+                    distributed_optimizer: bool) -> list[StageMemory]:
+    """Per-GPU memory of every pipeline stage.
+
+    Args:
+        cfg: The architecture (``recompute`` and ``params_dtype`` are honoured).
+        layout: Parallel degrees (``dp`` shards the distributed optimizer).
+        work: The step's shapes and passes.
+        assume: Kernel assumptions (fused attention, fused optimizer).
+        distributed_optimizer: Shard optimizer states across ``dp * cp`` ranks.
+
+    Returns:
+        One :class:`StageMemory` per pipeline stage.
+    """
+    e = _elem_bytes(cfg)
+    tp, pp, cp = layout.tp, layout.pp, layout.cp
+    b = work.sequences_per_microbatch
+    m = work.microbatches_per_rank(layout.dp)
+    s_student = -(-work.student_len // cp)
+    resp_rows = -(-work.response_tokens_per_microbatch // cp)
+    vocab = cfg.padded_vocab_size(tp) // tp
+    h = cfg.hidden_size
+    optimizer_per_param = (8 if e == FP32 else 12)
+    shards = layout.dp * cp if distributed_optimizer else 1
+    full_layer = activation_bytes_per_layer(cfg, tp, b, s_student, assume.fused_kernels)
+    stored_layer = b * s_student * h * e if cfg.recompute else full_layer
+    backward = backward_working_bytes(cfg, tp, b, s_student, assume.fused_kernels)
+    largest_param = max(2 * cfg.intermediate_size * h // tp, vocab * h)
+    out = []
+    for sp in stage_params(cfg, tp, pp):
+        last = sp.stage == pp - 1
+        in_flight = _in_flight(sp.stage, pp, m, layout.vpp)
+        activations = int(sp.layers * in_flight * stored_layer) + (full_layer if cfg.recompute else 0) + backward
+        logits_kl = teacher = 0
+        if last:
+            activations += 2 * b * s_student * h * e  # final norm input, output layer input
+            full_logits = b * s_student * vocab * e
+            rows = resp_rows * vocab * e
+            kl_work = 3 * min(work.kl_chunk_size, resp_rows) * vocab * FP32
+            logits_kl = 2 * full_logits + rows + kl_work + rows  # + gradient buffer of the rows
+            if work.teacher_forward:
+                teacher = rows if pp == 1 else m * rows
+        params = sp.total
+        out.append(StageMemory(
+            stage=sp.stage,
+            params=params,
+            weights=params * e,
+            gradients=params * FP32,
+            optimizer=-(-params * optimizer_per_param // shards),
+            reference_weights=params * e if work.reference_model else 0,
+            activations=activations,
+            logits_and_kl=logits_kl,
+            teacher_logits=teacher,
+            optimizer_temp=0 if assume.fused_optimizer else 2 * largest_param * FP32,
+            in_flight=in_flight,
+        ))
+    return out
+
+
+def worst_stage(stages: list[StageMemory]) -> StageMemory:
+    """The stage with the highest peak (the one that decides whether a layout fits)."""
+    return max(stages, key=lambda st: st.peak)

@@ -1,0 +1,180 @@
+"""The planner against hand-computed figures, published parameter counts and the example configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_sdpg.config import ConfigError, load_config
+from megatron_sdpg.models.architecture import ModelConfig
+from megatron_sdpg.planning.assumptions import PlanAssumptions
+from megatron_sdpg.planning.flops import step_flops
+from megatron_sdpg.planning.inputs import planning_model
+from megatron_sdpg.planning.memory import estimate_memory, worst_stage
+from megatron_sdpg.planning.params import stage_params, total_params
+from megatron_sdpg.planning.workload import Workload, workload_from_config
+from megatron_sdpg.platform.layout import ParallelConfig, ParallelLayout
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = os.path.join(REPO, "examples", "configs")
+
+SMALL = ModelConfig(arch="llama", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, params_dtype="bfloat16")
+SMALL_WORK = Workload(prompt_tokens=20, teacher_prompt_tokens=40, response_tokens=44, sequences_per_step=16,
+                      micro_batch_size=2)
+TP2_PP2_DP2 = ParallelLayout.resolve(ParallelConfig(tp=2, pp=2), 8)
+
+
+def test_published_parameter_counts():
+    llama8 = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8)
+    llama70 = ModelConfig(arch="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8)
+    qwen32 = ModelConfig(arch="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64,
+                         num_attention_heads=40, num_key_value_heads=8)
+    # Sums of the safetensors shapes of the released checkpoints.
+    assert total_params(llama8) == 8_030_261_248
+    assert total_params(llama70) == 70_553_706_496
+    assert total_params(qwen32) == 32_763_876_352
+
+
+def test_stage_params_by_hand():
+    # One layer on one of 2 TP ranks: QKV 64*(4+2*2)*16 = 8192, proj 64*64 = 4096, fc1 64*2*128 = 16384,
+    # fc2 128*64 = 8192: 36864 / 2 = 18432, plus two replicated RMSNorm weights 2*64.
+    per_layer = 36864 // 2 + 128
+    vocab_rows = 1000 // 2
+    stages = stage_params(SMALL, tp=2, pp=2)
+    assert [s.layers for s in stages] == [2, 2]
+    assert stages[0].total == 2 * per_layer + vocab_rows * 64  # embedding
+    assert stages[1].total == 2 * per_layer + vocab_rows * 64 + 64  # output layer + final norm
+
+
+def test_memory_by_hand():
+    """Every term of both stages of a TP2 x PP2 x DP2 bf16 SDPG step, computed by hand."""
+    stages = estimate_memory(SMALL, TP2_PP2_DP2, SMALL_WORK, PlanAssumptions(), distributed_optimizer=True)
+    p0, p1 = 2 * 18560 + 32000, 2 * 18560 + 32000 + 64
+    # student 20+44 = 64 tokens, teacher 40+44 = 84 -> 88 (padded to 8); 16 sequences / dp 2 = 8 per rank,
+    # 2 per micro-batch -> m = 4 micro-batches; T = 2*44 = 88 response rows; V/tp = 500.
+    # One layer's activations (bf16, tp 2: 2 heads, 1 KV head, d 16): per token 4*64 + (2+2)*16 + 2*16 + 3*128/2
+    # = 544 elements; 2*64 tokens -> 128*544*2 bytes, + the fp32 log-sum-exp 128*2*4.
+    layer = 128 * 544 * 2 + 128 * 2 * 4
+    # Plus one layer's transient gradients in backward: fc1 output and input, 128 * (2*128/2 + 64) * 2 bytes.
+    bwd = 128 * (128 + 64) * 2
+    s0, s1 = stages
+    assert (s0.weights, s0.gradients, s0.optimizer, s0.reference_weights) == (2 * p0, 4 * p0, 12 * p0 // 2, 2 * p0)
+    assert (s1.weights, s1.gradients, s1.optimizer, s1.reference_weights) == (2 * p1, 4 * p1, 12 * p1 // 2, 2 * p1)
+    assert s0.activations == 2 * 2 * layer + bwd  # 2 layers x 2 micro-batches in flight (pp - stage)
+    assert s1.activations == 2 * 1 * layer + 2 * 128 * 64 * 2 + bwd  # + final norm and output layer inputs
+    full_logits, rows = 128 * 500 * 2, 88 * 500 * 2
+    assert s1.logits_and_kl == 2 * full_logits + rows + 3 * 88 * 500 * 4 + rows
+    assert s1.teacher_logits == 4 * rows  # pp > 1: the teacher pass keeps every micro-batch's logits
+    assert s0.logits_and_kl == s0.teacher_logits == 0
+    assert s1.peak == 2593920 + bwd and s0.peak == 1528832 + bwd
+    assert worst_stage(stages) is s1
+
+
+def test_memory_switches():
+    base = estimate_memory(SMALL, TP2_PP2_DP2, SMALL_WORK, PlanAssumptions(), True)[1]
+    no_distopt = estimate_memory(SMALL, TP2_PP2_DP2, SMALL_WORK, PlanAssumptions(), False)[1]
+    assert no_distopt.optimizer == 2 * base.optimizer
+    recompute = estimate_memory(ModelConfig(**{**SMALL.__dict__, "recompute": True}), TP2_PP2_DP2, SMALL_WORK,
+                                PlanAssumptions(), True)[1]
+    layer, bwd = 128 * 544 * 2 + 128 * 2 * 4, 128 * (128 + 64) * 2
+    # Two layer inputs kept, one layer re-materialised, its backward transients, the head's inputs.
+    assert recompute.activations == 2 * 128 * 64 * 2 + layer + bwd + 2 * 128 * 64 * 2
+    grpo = Workload(**{**SMALL_WORK.__dict__, "teacher_forward": False, "reference_model": False})
+    plain = estimate_memory(SMALL, TP2_PP2_DP2, grpo, PlanAssumptions(), True)[1]
+    assert plain.teacher_logits == 0 and plain.reference_weights == 0
+    pp1 = ParallelLayout.resolve(ParallelConfig(tp=2, pp=1), 4)
+    inline = estimate_memory(SMALL, pp1, SMALL_WORK, PlanAssumptions(), True)[0]
+    assert inline.teacher_logits == 88 * 500 * 2  # pp == 1: inline teacher, one micro-batch at a time
+    fp32 = estimate_memory(ModelConfig(**{**SMALL.__dict__, "params_dtype": "float32"}), pp1, SMALL_WORK,
+                           PlanAssumptions(), False)[0]
+    assert fp32.optimizer == 8 * fp32.params and fp32.weights == 4 * fp32.params
+
+
+def test_flops_by_hand():
+    a = PlanAssumptions(peak_tflops=1000.0, mfu=0.5)
+    f = step_flops(SMALL, TP2_PP2_DP2, SMALL_WORK, a)
+    # Matmul weights per token: 4 layers x 36864 + LM head 1000*64 = 211456.
+    # Student (64 tokens): 2*64*211456 + causal attention 2*4 layers*4 heads*16*64^2 = 29163520.
+    # Teacher (88 tokens): 2*88*211456 + 2*4*4*16*88^2 = 41181184.
+    assert f.update == 16 * 3 * 29163520
+    assert f.teacher == 16 * 41181184
+    assert f.reference == 16 * 29163520
+    assert f.old_policy == 0
+    assert f.bubble == pytest.approx(1 / 4)  # (pp - 1) / m
+    assert f.seconds == pytest.approx(f.total / (8 * 1000e12 * 0.5) * 1.25)
+
+
+def test_workload_follows_the_algorithm_presets():
+    sdpg = workload_from_config(load_config(os.path.join(CONFIGS, "sdpg_70b.yaml")))
+    assert (sdpg.teacher_forward, sdpg.reference_model) == (True, True)
+    assert (sdpg.prompt_tokens, sdpg.teacher_prompt_tokens, sdpg.response_tokens) == (1024, 3072, 4096)
+    assert sdpg.sequences_per_step == 64 * 8
+    grpo = workload_from_config(load_config(os.path.join(CONFIGS, "sdpg_70b.yaml"), ["algorithm.preset=grpo"]))
+    assert (grpo.teacher_forward, grpo.reference_model) == (False, True)
+    dapo = workload_from_config(load_config(os.path.join(CONFIGS, "sdpg_70b.yaml"), ["algorithm.preset=dapo"]))
+    assert (dapo.teacher_forward, dapo.reference_model) == (False, False)
+    opsd = workload_from_config(load_config(os.path.join(CONFIGS, "sdpg_70b.yaml"), ["algorithm.preset=opsd"]))
+    assert (opsd.teacher_forward, opsd.reference_model) == (True, True)
+
+
+def test_planning_model_checks_the_hf_config(tmp_path):
+    cfg = load_config(os.path.join(CONFIGS, "sdpg_8b.yaml")).model
+    model, source = planning_model(cfg)
+    assert source == "the config's model section" and model.hidden_size == 4096
+    hf = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+          "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg.hf_dir = str(tmp_path)
+    model, source = planning_model(cfg)
+    assert source.endswith("config.json") and model.params_dtype == "bfloat16" and model.recompute
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "num_hidden_layers": 36}))
+    with pytest.raises(ConfigError, match=r"model.num_layers: the config says 32 but .* says 36"):
+        planning_model(cfg)
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "megatron_sdpg.plan", *args], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=REPO)
+
+
+def test_70b_default_layout_fits_on_80gb_gpus():
+    """The 70B script's default layout (8 nodes, TP 8, PP 2) on 80 GB GPUs, with the margin."""
+    r = run_plan("--config", os.path.join(CONFIGS, "sdpg_70b.yaml"), "--nodes", "8", "parallel.tp=8", "parallel.pp=2",
+                 "--require-fit")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["fits"] is True
+    assert summary["layout"] == "tp8 pp2 cp1 ep1 dp4 (world 64)"
+    assert 50 < summary["peak_gib_per_gpu"] < summary["usable_gib"] == pytest.approx(74.6)
+    assert summary["margin_gib"] == pytest.approx(summary["usable_gib"] - summary["peak_gib_per_gpu"], abs=1e-2)
+    assert "FITS with" in r.stdout and "stage 1" in r.stdout
+    # Without the distributed optimizer the same layout does not fit.
+    assert summary["variants_gib"]["distopt=off,recompute=on"] > 80
+
+
+def test_plan_reports_a_layout_that_does_not_fit():
+    r = run_plan("--config", os.path.join(CONFIGS, "sdpg_70b.yaml"), "--nodes", "1", "parallel.pp=1",
+                 "--require-fit")
+    assert r.returncode == 1
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["fits"] is False and summary["margin_gib"] < 0
+    assert "DOES NOT FIT" in r.stdout
+
+
+def test_plan_config_error_is_one_line():
+    r = run_plan("--config", os.path.join(CONFIGS, "sdpg_70b.yaml"), "--nodes", "3")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == \
+        "config error: parallel.tp: tp*pp*cp=16 (tp=8, pp=2, cp=1) does not divide world size 24"
+    r = run_plan("--config", os.path.join(CONFIGS, "sdpg_70b.yaml"), "parallel.tp=3")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "config error: model.num_attention_heads: tp=3 does not divide 64 heads"
