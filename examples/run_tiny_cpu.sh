@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/tiny_cpu}
 MODEL_DIR=${MODEL_DIR:-artifacts/tiny_model}
 NPROC=${NPROC:-2}
-STEPS=${STEPS:-40}
+STEPS=${STEPS:-120}
 
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
   python3 -m pip install -q -r requirements/cpu.txt -e . >&2

@@ -55,10 +55,16 @@ class SDPGConfig:
             self.algorithm.temperature = self.rollout.sampling.temperature or 1.0
         if not self.rollout.model_path and self.model.hf_dir:
             self.rollout.model_path = self.model.hf_dir
+        if self.algorithm.reward_scheme == "plus_minus_one" and self.reward.wrong_reward == 0.0:
+            self.reward.wrong_reward = -1.0  # the scheme's value unless the user chose another
 
     def _validate_across_sections(self) -> None:
         """Settings that two sections must agree on."""
         algo, sampling = self.algorithm, self.rollout.sampling
+        expected = {"zero_one": (1.0, 0.0), "plus_minus_one": (1.0, -1.0)}[algo.reward_scheme]
+        if (self.reward.correct_reward, self.reward.wrong_reward) != expected:
+            raise ConfigError("reward.wrong_reward", f"rewards ({self.reward.correct_reward}, {self.reward.wrong_reward}) "
+                              f"contradict algorithm.reward_scheme={algo.reward_scheme} {expected}")
         if sampling.temperature > 0 and abs(algo.temperature - sampling.temperature) > 1e-12:
             raise ConfigError("algorithm.temperature", f"{algo.temperature} differs from rollout.sampling.temperature "
                               f"{sampling.temperature}: training log-probs must use the sampling temperature")

@@ -45,7 +45,7 @@ def collect_rollouts(ctx: RolloutContext, problems: list[Problem], seed: int, al
     """
     import torch
 
-    from megatron_sdpg.algo.advantages import group_advantages, overlong_penalty, verifier_rewards
+    from megatron_sdpg.algo.advantages import group_advantages, overlong_penalty
 
     student = [ctx.builder.student_ids(p) for p in problems]
     teacher = [ctx.builder.teacher_ids(p) for p in problems]
@@ -56,7 +56,7 @@ def collect_rollouts(ctx: RolloutContext, problems: list[Problem], seed: int, al
     scored = ctx.verifier.score(_texts(ctx.tokenizer, flat), answers)
     metrics["time/verify_s"] = time.perf_counter() - t0
     metrics.update(scored.metrics())
-    flat_rewards = verifier_rewards(torch.tensor(scored.correct), algo.reward_scheme)
+    flat_rewards = torch.tensor(scored.rewards, dtype=torch.float32)  # reward.* values; failures included
     if algo.overlong_buffer:
         lengths = torch.tensor([len(o.output_ids) for o in flat])
         flat_rewards = flat_rewards + overlong_penalty(lengths, ctx.sampling.max_new_tokens, algo.overlong_buffer,
