@@ -31,7 +31,7 @@ install_requires = [
     "numpy>=1.26",
     "aiohttp>=3.9,<4",  # rollout client for SGLang's HTTP API and the CPU rollout server (one stack, both ends)
     "datasets>=3.0,<6",  # jsonl / parquet problem files (megatron_sdpg/data/files.py)
-    "math-verify[antlr4_13_2]>=0.7,<1",  # math answer equivalence for the "math" verifier
+    "math-verify[antlr4-13-2]>=0.7,<1",  # math answer equivalence for the "math" verifier
     "pebble>=5.1,<6",  # verifier worker pool whose calls are killed at a timeout
     "matplotlib>=3.7",  # `python -m megatron_sdpg.plot RUN_DIR`: PNG plots of a run's metrics (Agg backend)
 ]

@@ -5,7 +5,7 @@
 # Wheels missing on the machine (megatron-core for its Python) travel in .whl/ (see docs).
 # Results go to $OUT (default /tmp/device_check).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD

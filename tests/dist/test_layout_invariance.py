@@ -87,3 +87,33 @@ def test_model_parallel_rng_differs_across_tp_and_matches_across_dp():
     assert torch.equal(by_coord[(1, 0)][0], by_coord[(1, 1)][0])
     # ...and the default stream is shared by the whole model-parallel group.
     assert torch.equal(by_coord[(0, 0)][1], by_coord[(1, 0)][1])
+
+
+def _nan_step(rank, world_size):
+    from megatron_sdpg.models.architecture import ModelConfig
+    from megatron_sdpg.platform.distributed import init_model_parallel
+    from megatron_sdpg.platform.layout import ParallelConfig
+    from megatron_sdpg.train.step import OptimizerConfig, PolicyModel, cross_entropy_loss
+
+    groups = init_model_parallel(ParallelConfig(tp=2), seed=7)
+    model = PolicyModel(ModelConfig(vocab_size=64, num_layers=1), groups, OptimizerConfig(lr=1e-2, lr_warmup_steps=0))
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    mb = dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(2, 8),
+              position_ids=torch.arange(8).expand(2, 8))
+
+    def poisoned(batch, logits):
+        loss_sum, n, metrics = cross_entropy_loss(batch, logits)
+        return loss_sum * float("nan") if rank == 1 else loss_sum, n, metrics
+
+    before = [p.detach().clone() for _, p in model.named_parameters()]
+    skipped = model.train_step([mb], poisoned)
+    unchanged = all(torch.equal(a, p.detach()) for a, (_, p) in zip(before, model.named_parameters()))
+    healthy = model.train_step([mb], cross_entropy_loss)
+    moved = not all(torch.equal(a, p.detach()) for a, (_, p) in zip(before, model.named_parameters()))
+    return skipped.updated, unchanged, healthy.updated, moved
+
+
+def test_non_finite_gradient_on_one_rank_skips_the_update_everywhere():
+    for skipped_updated, unchanged, healthy_updated, moved in run_on_ranks(_nan_step, 2, timeout=120):
+        assert not skipped_updated and unchanged
+        assert healthy_updated and moved

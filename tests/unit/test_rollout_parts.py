@@ -29,7 +29,6 @@ from megatron_sdpg.weights.tensor_codec import decode_safetensors, encode_safete
     ({"sync_strategy": "carrier-pigeon"}, "rollout.sync_strategy"),
     ({"sync_strategy": "distributed", "distributed_backend": "nccl"}, "rollout.distributed_backend"),
     ({"sglang_args": {"--tp": 2}}, "rollout.sglang_args"),
-    ({"urls": [], "model_path": ""}, "rollout.model_path"),
     ({"sampling": SamplingConfig(top_p=0.0)}, "rollout.sampling.top_p"),
 ])
 def test_config_errors_name_the_field(change, field):
@@ -38,6 +37,13 @@ def test_config_errors_name_the_field(change, field):
         setattr(cfg, k, v)
     with pytest.raises(ConfigError, match=rf"^{field}: "):
         cfg.validate("rollout")
+
+
+def test_launching_without_a_model_names_the_field():
+    from megatron_sdpg.rollout.launcher import EngineLauncher
+
+    with pytest.raises(ValueError, match=r"^rollout\.model_path: "):
+        EngineLauncher(RolloutConfig(urls=[], model_path=""))
 
 
 def test_default_config_with_a_url_is_valid():
