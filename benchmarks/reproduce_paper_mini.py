@@ -1,0 +1,362 @@
+"""The paper's claim in miniature: GRPO, OPSD and SDPG (+ ablations) on the synthetic task.
+
+Each method is one real trainer run (``torchrun -m megatron_sdpg.train``, 2 ranks, the tiny
+model, ``examples/configs/tiny_cpu.yaml``) with explicit ``algorithm.*`` overrides: the YAML
+file sets SDPG's beta/alpha/gate/windows and outranks a preset named on the command line
+(preset < file < CLI), so every method names every field it depends on. All methods share
+the steps, prompts x samples, seed list and one learning rate (``--lr``): "hyperparameters
+tuned equally" here means one shared lr/batch chosen before the comparison, not a per-method
+sweep.
+
+After each run, mean@k at temperature 1 is computed with ``python -m megatron_sdpg.eval`` on
+the last weights synced to disk (``rollout.sync_strategy=disk`` writes
+``RUN_DIR/weight_sync/v<step>`` with config and tokenizer files after every update; the
+newest complete one holds the final weights).
+
+Writes ``OUT/results.json``, ``OUT/results.md`` (a Table-1-like table: last and best held-out
+greedy accuracy, accuracy with the privileged context, mean@k; mean +- sd over seeds) and
+``OUT/plots/*.png`` (Figure-3-like curves over steps, one line per method, mean over seeds).
+
+Usage::
+
+    python benchmarks/reproduce_paper_mini.py --quick           # 1 seed, GRPO/OPSD/SDPG
+    python benchmarks/reproduce_paper_mini.py --full            # 3 seeds, every method + ablations
+    python benchmarks/reproduce_paper_mini.py --aggregate-only  # rebuild tables/plots from OUT/runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL = "/work/main/artifacts/tiny_model"
+
+# Fields the YAML sets (beta_base, windows, gate, alpha) plus the ones a method changes:
+# every method states all of them so that nothing leaks from the file or a preset.
+SDPG_URKL = dict(preset="sdpg", beta_base=0.1, beta_warmup_steps=0, beta_decay_steps=0, distill_gate=False,
+                 alpha=1e-3, ref_kl_mode="urkl")
+METHODS: dict[str, dict] = {
+    # GRPO: no distillation, k3 reference KL in the loss with the same alpha.
+    "grpo": dict(preset="grpo", beta_base=0.0, beta_warmup_steps=0, beta_decay_steps=0, distill_gate=False,
+                 alpha=1e-3, ref_kl_mode="k3"),
+    # OPSD: no reward, JSD(0.5) to the frozen initial policy with the context, no reference KL.
+    "opsd": dict(preset="opsd", beta_base=1.0, beta_warmup_steps=0, beta_decay_steps=0, distill_gate=False,
+                 alpha=0.0),
+    "sdpg-urkl": dict(SDPG_URKL),
+    "sdpg-ufkl": dict(SDPG_URKL, ref_kl_mode="ufkl"),
+    # Ablations of sdpg-urkl, one change each.
+    "sdpg-beta0": dict(SDPG_URKL, beta_base=0.0),  # = GRPO with SDPG's alpha / URKL / SG[rho]
+    "sdpg-alpha0": dict(SDPG_URKL, alpha=0.0),
+    "sdpg-gated": dict(SDPG_URKL, distill_gate=True),
+    "sdpg-schedule": dict(SDPG_URKL, beta_warmup_steps="WARM", beta_decay_steps="DECAY"),
+}
+QUICK_METHODS = ("grpo", "opsd", "sdpg-urkl")
+LABELS = {"grpo": "GRPO", "opsd": "OPSD", "sdpg-urkl": "SDPG-URKL", "sdpg-ufkl": "SDPG-UFKL",
+          "sdpg-beta0": "SDPG beta=0", "sdpg-alpha0": "SDPG alpha=0", "sdpg-gated": "SDPG gated",
+          "sdpg-schedule": "SDPG schedule"}
+# Figure-3 panels: (file stem, title, metric key).
+CURVES = (("heldout_accuracy", "Held-out greedy accuracy", "eval/accuracy"),
+          ("heldout_accuracy_with_context", "Held-out accuracy with the context", "eval/accuracy_with_context"),
+          ("reward", "Reward", "reward"), ("entropy", "Entropy", "entropy"),
+          ("response_length", "Response length (tokens)", "response_length"),
+          ("distill_kl", "Distillation KL (student || teacher)", "distill_kl"))
+
+
+def method_overrides(name: str, steps: int) -> list[str]:
+    """Dotted ``algorithm.*`` overrides of one method.
+
+    The schedule ablation scales the paper's windows (T_warm 50, T_decay 350 of 400 steps)
+    to ``steps``.
+
+    Raises:
+        KeyError: an unknown method name (the message lists the known ones).
+    """
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    scaled = {"WARM": max(1, round(steps * 50 / 400)), "DECAY": max(1, round(steps * 350 / 400))}
+    out = []
+    for key, value in METHODS[name].items():
+        value = scaled.get(value, value) if isinstance(value, str) else value
+        out.append(f"algorithm.{key}={value}")
+    return out
+
+
+def run_overrides(method: str, seed: int, steps: int, lr: float, run_dir: str, model_dir: str, layout: str,
+                  prompts: int, samples: int, eval_every: int, eval_n: int) -> list[str]:
+    """Every command-line override of one trainer run (shared settings, then the method's)."""
+    tp = {"tp2": 2, "dp2": 1}[layout]
+    megatron_dir = model_dir.rstrip("/") + ".megatron"
+    shared = [f"model.hf_dir={model_dir}", f"train.run_dir={run_dir}", f"train.steps={steps}", f"train.seed={seed}",
+              f"train.prompts_per_step={prompts}", f"rollout.n_samples={samples}", f"optimizer.lr={lr}",
+              f"train.eval_every={eval_every}", f"train.eval_n={eval_n}", f"parallel.tp={tp}",
+              "rollout.sync_strategy=disk", "logging.progress_bar=false"]
+    if os.path.isfile(os.path.join(megatron_dir, "megatron_sdpg_model.json")):
+        shared.append(f"model.megatron_dir={megatron_dir}")
+    return shared + method_overrides(method, steps)
+
+
+def latest_hf_weights(run_dir: str) -> str | None:
+    """The newest complete ``weight_sync/v<N>`` (config.json + safetensors), or None."""
+    sync = os.path.join(run_dir, "weight_sync")
+    if not os.path.isdir(sync):
+        return None
+    versions = sorted((int(m.group(1)), d) for d in os.listdir(sync) if (m := re.fullmatch(r"v(\d+)", d)))
+    for _, d in reversed(versions):
+        path = os.path.join(sync, d)
+        files = os.listdir(path)
+        if "config.json" in files and any(f.endswith(".safetensors") for f in files):
+            return path
+    return None
+
+
+# ------------------------------------------------------------------ aggregation (pure)
+
+def _read_jsonl(path: str) -> list[dict]:
+    by_step: dict[tuple[int, bool], dict] = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            by_step[(rec["step"], bool(rec.get("final")))] = rec
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def summarize_run(run_dir: str, samples_k: int = 4) -> dict:
+    """One run's figures from ``metrics.jsonl``, ``summary.json`` and ``meank.json`` (optional).
+
+    Returns:
+        ``{"last", "best", "with_context", "before", "mean@k", "curves": {key: [[step, value], ...]}}``;
+        accuracy figures in [0, 1], None where absent. ``best`` is over the evaluations after
+        training started (the periodic ones and the final one), not the one before.
+    """
+    records = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    final = [r for r in records if r.get("final")]
+    if not final:
+        raise ValueError(f"{run_dir}/metrics.jsonl: no final record (the run did not finish)")
+    final = final[-1]
+    summary = {}
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    evals = [r["eval/accuracy"] for r in records if r.get("eval/accuracy") is not None]
+    curves: dict[str, list[list[float]]] = {}
+    for _, _, key in CURVES:
+        pts = [[r["step"] + (0 if r.get("final") else 1), r[key]] for r in records
+               if r.get(key) is not None and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
+        curves[key] = pts
+    for key, before_key in (("eval/accuracy", "accuracy_before"),
+                            ("eval/accuracy_with_context", "accuracy_with_context_before")):
+        if summary.get(before_key) is not None:
+            curves[key] = [[0, summary[before_key]]] + curves[key]
+    meank = None
+    path = os.path.join(run_dir, "meank.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            meank = json.load(f).get(f"mean@{samples_k}")
+    return {"last": final.get("eval/accuracy"), "best": max(evals) if evals else None,
+            "with_context": final.get("eval/accuracy_with_context"), "before": summary.get("accuracy_before"),
+            f"mean@{samples_k}": meank, "curves": curves}
+
+
+def mean_sd(values: list[float | None]) -> dict:
+    """``{"mean", "sd", "n", "values"}`` over the non-None values (sd None for n < 2)."""
+    vals = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(vals) if vals else None, "sd": statistics.stdev(vals) if len(vals) > 1 else None,
+            "n": len(vals), "values": vals}
+
+
+def aggregate(runs: dict[str, list[dict]], samples_k: int = 4) -> dict:
+    """Per method, mean/sd over seeds of each table figure (``runs``: method -> per-seed summaries)."""
+    figures = ("before", "last", "best", "with_context", f"mean@{samples_k}")
+    return {m: {fig: mean_sd([r.get(fig) for r in rs]) for fig in figures} for m, rs in runs.items()}
+
+
+def _cell(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    cell = f"{100 * stat['mean']:.1f}"
+    if stat["sd"] is not None:
+        cell += f" ± {100 * stat['sd']:.1f}"
+    return cell
+
+
+def markdown_table(table: dict, samples_k: int = 4) -> str:
+    """Table 1 in Markdown: accuracies in percent, mean ± sd over seeds (n seeds)."""
+    cols = (("before", "before"), ("last", "last"), ("best", "best"), ("with_context", "with context (last)"),
+            (f"mean@{samples_k}", f"mean@{samples_k} T=1"))
+    lines = ["| method | seeds | " + " | ".join(c for _, c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for method, stats in table.items():
+        n = max(s["n"] for s in stats.values())
+        lines.append(f"| {LABELS.get(method, method)} | {n} | " + " | ".join(_cell(stats[k]) for k, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
+    """Pointwise mean over seeds at the steps every seed has."""
+    if not curves:
+        return []
+    common = set.intersection(*({p[0] for p in c} for c in curves))
+    maps = [dict((p[0], p[1]) for p in c) for c in curves]
+    return [[s, statistics.fmean(m[s] for m in maps)] for s in sorted(common)]
+
+
+def write_plots(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
+    """One PNG per curve and ``figure3.png`` (all panels), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    fig_all, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax_all, (stem, title, key) in zip(axes.flat, CURVES):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, rs in runs.items():
+            pts = mean_curve([r["curves"].get(key, []) for r in rs])
+            if pts:
+                for a in (ax, ax_all):
+                    a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 8 else None,
+                           label=LABELS.get(method, method))
+        for a in (ax, ax_all):
+            a.set_title(title)
+            a.set_xlabel("step")
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7)
+        path = os.path.join(out_dir, f"{stem}.png")
+        fig.tight_layout()
+        fig.savefig(path + ".tmp.png", dpi=100)
+        os.replace(path + ".tmp.png", path)
+        plt.close(fig)
+        written.append(path)
+    path = os.path.join(out_dir, "figure3.png")
+    fig_all.tight_layout()
+    fig_all.savefig(path + ".tmp.png", dpi=100)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig_all)
+    return written + [path]
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------ running
+
+def _free_port() -> int:
+    sys.path.insert(0, ROOT)
+    from megatron_sdpg.testing.distributed import free_port
+
+    return free_port()
+
+
+def train_one(method: str, seed: int, args, run_dir: str) -> float:
+    """One trainer run; returns its wall time in seconds. Raises RuntimeError on failure."""
+    overrides = run_overrides(method, seed, args.steps, args.lr, run_dir, args.model_dir, args.layout,
+                              args.prompts, args.samples, args.eval_every, args.eval_n)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "megatron_sdpg.train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
+           *overrides, f"rollout.base_port={_free_port()}"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    os.makedirs(run_dir, exist_ok=True)
+    _write_atomic(os.path.join(run_dir, "command.json"), json.dumps(cmd, indent=1))
+    start = time.perf_counter()
+    with open(os.path.join(run_dir, "train.log"), "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=7200)
+    if proc.returncode:
+        raise RuntimeError(f"{method} seed {seed} failed (rc {proc.returncode}); see {run_dir}/train.log")
+    return time.perf_counter() - start
+
+
+def eval_meank(run_dir: str, args) -> None:
+    """mean@k at temperature 1 on the final synced weights -> ``run_dir/meank.json``."""
+    hf = latest_hf_weights(run_dir)
+    if hf is None:
+        raise RuntimeError(f"{run_dir}/weight_sync: no complete HF weights")
+    cmd = [sys.executable, "-m", "megatron_sdpg.eval", "--hf-dir", hf, "--task", "synthetic", "--n", str(args.eval_n),
+           "--samples", str(args.meank), "--temperature", "1", "--threads", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT,
+                          timeout=3600)
+    if proc.returncode:
+        raise RuntimeError(f"mean@k eval of {hf} failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["hf_dir"] = hf
+    _write_atomic(os.path.join(run_dir, "meank.json"), json.dumps(result, indent=1))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="1 seed, 40 steps, GRPO/OPSD/SDPG-URKL (default)")
+    mode.add_argument("--full", action="store_true", help="3 seeds, 120 steps, every method and ablation")
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "paper_mini"))
+    parser.add_argument("--model-dir", default=DEFAULT_MODEL)
+    parser.add_argument("--lr", type=float, default=3e-5, help="one learning rate shared by every method")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS))
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--eval-n", type=int, default=500)
+    parser.add_argument("--meank", type=int, default=4, help="k of mean@k at temperature 1 (0 = skip)")
+    parser.add_argument("--layout", choices=("tp2", "dp2"), default="dp2",
+                        help="2 ranks as TP2 or DP2 (DP2 measured faster on the tiny model: 39 s vs 49 s for 4 steps)")
+    parser.add_argument("--aggregate-only", action="store_true", help="rebuild results from OUT/runs")
+    args = parser.parse_args(argv)
+    full = args.full
+    args.steps = args.steps or (120 if full else 40)
+    args.seeds = args.seeds or ([1, 2, 3] if full else [1])
+    args.methods = args.methods or (list(METHODS) if full else list(QUICK_METHODS))
+    args.eval_every = args.eval_every if args.eval_every is not None else (40 if full else 20)
+    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        sys.exit(f"error: --model-dir {args.model_dir}: no config.json (build it with tools/make_tiny_model.py)")
+
+    runs: dict[str, list[dict]] = {}
+    timings = {}
+    for method in args.methods:
+        for seed in args.seeds:
+            run_dir = os.path.join(args.out, "runs", f"{method}_seed{seed}")
+            if not args.aggregate_only:
+                wall = train_one(method, seed, args, run_dir)
+                t0 = time.perf_counter()
+                if args.meank:
+                    eval_meank(run_dir, args)
+                timings[f"{method}_seed{seed}"] = {"train_s": round(wall, 1),
+                                                   "meank_s": round(time.perf_counter() - t0, 1)}
+                print(json.dumps({"run": f"{method}_seed{seed}", **timings[f"{method}_seed{seed}"]}), flush=True)
+            runs.setdefault(method, []).append(summarize_run(run_dir, args.meank))
+    table = aggregate(runs, args.meank)
+    settings = {k: getattr(args, k) for k in ("full", "steps", "seeds", "methods", "lr", "prompts", "samples",
+                                              "eval_every", "eval_n", "meank", "layout", "model_dir")}
+    settings["overrides"] = {m: method_overrides(m, args.steps) for m in args.methods}
+    result = {"settings": settings, "table": table, "timings": timings,
+              "runs": {m: [{k: v for k, v in r.items() if k != "curves"} for r in rs] for m, rs in runs.items()}}
+    os.makedirs(args.out, exist_ok=True)
+    _write_atomic(os.path.join(args.out, "results.json"), json.dumps(result, indent=1))
+    md = (f"# Paper in miniature ({'full' if full else 'quick'} mode)\n\n"
+          f"{args.steps} steps, {args.prompts} prompts x {args.samples} samples, lr {args.lr} shared by every "
+          f"method, seeds {args.seeds}, {args.layout}; held-out accuracy on {args.eval_n} problems, percent, "
+          f"mean ± sd over seeds.\n\n" + markdown_table(table, args.meank))
+    _write_atomic(os.path.join(args.out, "results.md"), md)
+    write_plots(runs, os.path.join(args.out, "plots"))
+    print(md, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

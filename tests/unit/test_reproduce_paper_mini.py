@@ -1,0 +1,144 @@
+"""The pure parts of benchmarks/reproduce_paper_mini.py: method overrides and aggregation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+
+import pytest
+
+from megatron_sdpg.algo.config import apply_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_spec = importlib.util.spec_from_file_location("reproduce_paper_mini",
+                                               os.path.join(ROOT, "benchmarks", "reproduce_paper_mini.py"))
+rpm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rpm)
+
+# The fields examples/configs/tiny_cpu.yaml sets: every method must override each of them.
+YAML_ALGO_FIELDS = {"preset", "beta_base", "beta_warmup_steps", "beta_decay_steps", "distill_gate", "alpha"}
+
+
+def _parse(overrides: list[str]) -> dict:
+    out = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        assert key.startswith("algorithm."), item
+        out[key.removeprefix("algorithm.")] = value
+    return out
+
+
+def _typed(fields: dict) -> dict:
+    conv = {"True": True, "False": False}
+    return {k: conv.get(v, v) if k in ("preset", "ref_kl_mode") or v in conv else
+            (int(v) if k.endswith("_steps") else float(v)) for k, v in fields.items()}
+
+
+@pytest.mark.parametrize("method", sorted(rpm.METHODS))
+def test_every_method_overrides_every_yaml_field_and_validates(method):
+    fields = _parse(rpm.method_overrides(method, steps=120))
+    assert YAML_ALGO_FIELDS <= set(fields), f"{method} leaves {YAML_ALGO_FIELDS - set(fields)} to the YAML"
+    typed = _typed(fields)
+    apply_preset(typed.pop("preset"), **typed)  # a valid AlgorithmConfig
+
+
+def test_method_semantics():
+    f = {m: _typed(_parse(rpm.method_overrides(m, steps=120))) for m in rpm.METHODS}
+    assert f["grpo"]["beta_base"] == 0 and f["grpo"]["alpha"] == f["sdpg-urkl"]["alpha"] == 1e-3
+    assert f["opsd"]["preset"] == "opsd" and f["opsd"]["alpha"] == 0 and f["opsd"]["beta_base"] > 0
+    assert f["sdpg-urkl"]["ref_kl_mode"] == "urkl" and f["sdpg-ufkl"]["ref_kl_mode"] == "ufkl"
+    assert f["sdpg-urkl"]["distill_gate"] is False and f["sdpg-gated"]["distill_gate"] is True
+    assert f["sdpg-beta0"]["beta_base"] == 0 and f["sdpg-alpha0"]["alpha"] == 0
+    # Each ablation differs from sdpg-urkl in exactly the fields it names.
+    base = f["sdpg-urkl"]
+    diffs = {m: {k for k in base if f[m].get(k) != base[k]} for m in ("sdpg-beta0", "sdpg-alpha0", "sdpg-gated",
+                                                                         "sdpg-schedule", "sdpg-ufkl")}
+    assert diffs == {"sdpg-beta0": {"beta_base"}, "sdpg-alpha0": {"alpha"}, "sdpg-gated": {"distill_gate"},
+                     "sdpg-schedule": {"beta_warmup_steps", "beta_decay_steps"}, "sdpg-ufkl": {"ref_kl_mode"}}
+    # The paper's windows (50 and 350 of 400) scaled to the run length.
+    assert (f["sdpg-schedule"]["beta_warmup_steps"], f["sdpg-schedule"]["beta_decay_steps"]) == (15, 105)
+    with pytest.raises(KeyError, match="unknown method"):
+        rpm.method_overrides("ppo", 10)
+
+
+def test_run_overrides_share_everything_but_the_method(tmp_path):
+    a = rpm.run_overrides("grpo", 2, 40, 3e-5, "/r/a", str(tmp_path), "dp2", 16, 8, 20, 500)
+    b = rpm.run_overrides("sdpg-urkl", 2, 40, 3e-5, "/r/b", str(tmp_path), "dp2", 16, 8, 20, 500)
+    shared = lambda o: [x for x in o if not x.startswith(("algorithm.", "train.run_dir="))]  # noqa: E731
+    assert shared(a) == shared(b)
+    assert {"optimizer.lr=3e-05", "train.seed=2", "train.steps=40", "parallel.tp=1",
+            "rollout.sync_strategy=disk"} <= set(a)
+
+
+def _write_run(run_dir, accs, ctx, before, meank=None, final_acc=None):
+    os.makedirs(run_dir)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in range(len(accs) * 2):
+            rec = {"step": step, "reward": 0.1 * step, "entropy": 0.5, "response_length": 24.0, "distill_kl": 0.4}
+            if step % 2 == 1 and step // 2 < len(accs) - 1:
+                rec["eval/accuracy"] = accs[step // 2]
+                rec["eval/accuracy_with_context"] = ctx
+            f.write(json.dumps(rec) + "\n")
+        f.write(json.dumps({"step": len(accs) * 2, "final": True, "eval/accuracy": accs[-1],
+                            "eval/accuracy_with_context": ctx}) + "\n")
+    with open(run_dir / "summary.json", "w") as f:
+        json.dump({"accuracy_before": before, "accuracy_with_context_before": 0.96}, f)
+    if meank is not None:
+        with open(run_dir / "meank.json", "w") as f:
+            json.dump({"mean@4": meank}, f)
+
+
+def test_summarize_and_aggregate(tmp_path):
+    _write_run(tmp_path / "s1", [0.30, 0.40, 0.35], 0.90, 0.26, meank=0.20)
+    _write_run(tmp_path / "s2", [0.28, 0.32, 0.38], 0.80, 0.26, meank=0.24)
+    r1, r2 = rpm.summarize_run(str(tmp_path / "s1")), rpm.summarize_run(str(tmp_path / "s2"))
+    assert (r1["last"], r1["best"], r1["with_context"], r1["before"], r1["mean@4"]) == (0.35, 0.40, 0.90, 0.26, 0.20)
+    assert r2["best"] == 0.38  # the final evaluation counts towards best
+    # Curves: the before-evaluation at step 0, evaluations after step index s at s + 1, final at its step.
+    assert r1["curves"]["eval/accuracy"] == [[0, 0.26], [2, 0.30], [4, 0.40], [6, 0.35]]
+    assert r1["curves"]["reward"][0] == [1, 0.0]
+    table = rpm.aggregate({"grpo": [r1, r2]})
+    last = table["grpo"]["last"]
+    assert last["n"] == 2 and last["mean"] == pytest.approx(0.365)
+    assert last["sd"] == pytest.approx(statistics.stdev([0.35, 0.38]))
+    md = rpm.markdown_table(table)
+    row = [line for line in md.splitlines() if line.startswith("| GRPO")][0]
+    assert "| 2 |" in row and "36.5 ± 2.1" in row and "39.0 ± 1.4" in row and "22.0 ± 2.8" in row
+    assert rpm.mean_curve([r1["curves"]["eval/accuracy"], r2["curves"]["eval/accuracy"]])[-1] == [6, 0.365]
+
+
+def test_single_seed_and_missing_meank(tmp_path):
+    _write_run(tmp_path / "s1", [0.30, 0.40], 0.90, 0.26)
+    table = rpm.aggregate({"opsd": [rpm.summarize_run(str(tmp_path / "s1"))]})
+    assert table["opsd"]["last"]["sd"] is None and table["opsd"]["mean@4"]["mean"] is None
+    row = rpm.markdown_table(table).splitlines()[-1]
+    assert row.startswith("| OPSD | 1 | 26.0 | 40.0 | 40.0 | 90.0 | n/a |")
+
+
+def test_unfinished_run_and_bad_line_are_named(tmp_path):
+    run = tmp_path / "r"
+    os.makedirs(run)
+    (run / "metrics.jsonl").write_text('{"step": 0, "reward": 0.1}\n')
+    with pytest.raises(ValueError, match="no final record"):
+        rpm.summarize_run(str(run))
+    (run / "metrics.jsonl").write_text('{"step": 0}\n{oops\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
+        rpm.summarize_run(str(run))
+
+
+def test_latest_hf_weights_skips_incomplete(tmp_path):
+    for v, files in (("v3", ["config.json", "model.safetensors"]), ("v12", ["config.json"]),
+                     ("v10", ["config.json", "model-00001-of-00001.safetensors"]), ("tmp_v13", ["config.json"])):
+        os.makedirs(tmp_path / "weight_sync" / v)
+        for name in files:
+            (tmp_path / "weight_sync" / v / name).write_text("x")
+    assert rpm.latest_hf_weights(str(tmp_path)) == str(tmp_path / "weight_sync" / "v10")
+    assert rpm.latest_hf_weights(str(tmp_path / "none")) is None
+
+
+def test_write_plots(tmp_path):
+    _write_run(tmp_path / "s1", [0.30, 0.40], 0.90, 0.26)
+    paths = rpm.write_plots({"grpo": [rpm.summarize_run(str(tmp_path / "s1"))]}, str(tmp_path / "plots"))
+    assert len(paths) == len(rpm.CURVES) + 1 and all(os.path.getsize(p) > 1000 for p in paths)
