@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -272,7 +273,8 @@ def train_one(method: str, seed: int, args, run_dir: str) -> float:
            "-m", "megatron_sdpg.train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
            *overrides, f"rollout.base_port={_free_port()}"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    os.makedirs(run_dir, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # never resume from a stale run's checkpoints
+    os.makedirs(run_dir)
     _write_atomic(os.path.join(run_dir, "command.json"), json.dumps(cmd, indent=1))
     start = time.perf_counter()
     with open(os.path.join(run_dir, "train.log"), "w") as log:
@@ -287,6 +289,10 @@ def eval_meank(run_dir: str, args) -> None:
     hf = latest_hf_weights(run_dir)
     if hf is None:
         raise RuntimeError(f"{run_dir}/weight_sync: no complete HF weights")
+    # DiskSync copies the *.json and tokenizer* files but not chat_template.jinja: complete the directory.
+    for name in os.listdir(args.model_dir):
+        if not name.endswith((".safetensors", ".bin")) and not os.path.exists(os.path.join(hf, name)):
+            shutil.copy2(os.path.join(args.model_dir, name), os.path.join(hf, name))
     cmd = [sys.executable, "-m", "megatron_sdpg.eval", "--hf-dir", hf, "--task", "synthetic", "--n", str(args.eval_n),
            "--samples", str(args.meank), "--temperature", "1", "--threads", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT,
@@ -316,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--meank", type=int, default=4, help="k of mean@k at temperature 1 (0 = skip)")
     parser.add_argument("--layout", choices=("tp2", "dp2"), default="dp2",
                         help="2 ranks as TP2 or DP2 (DP2 measured faster on the tiny model: 39 s vs 49 s for 4 steps)")
+    parser.add_argument("--no-reuse", dest="reuse", action="store_false",
+                        help="retrain runs that already have a summary.json in OUT/runs")
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild results from OUT/runs")
     args = parser.parse_args(argv)
     full = args.full
@@ -331,14 +339,17 @@ def main(argv: list[str] | None = None) -> dict:
     for method in args.methods:
         for seed in args.seeds:
             run_dir = os.path.join(args.out, "runs", f"{method}_seed{seed}")
-            if not args.aggregate_only:
-                wall = train_one(method, seed, args, run_dir)
+            done = os.path.isfile(os.path.join(run_dir, "summary.json"))
+            timing = {}
+            if not args.aggregate_only and not (done and args.reuse):
+                timing["train_s"] = round(train_one(method, seed, args, run_dir), 1)
+            if not args.aggregate_only and args.meank and not os.path.isfile(os.path.join(run_dir, "meank.json")):
                 t0 = time.perf_counter()
-                if args.meank:
-                    eval_meank(run_dir, args)
-                timings[f"{method}_seed{seed}"] = {"train_s": round(wall, 1),
-                                                   "meank_s": round(time.perf_counter() - t0, 1)}
-                print(json.dumps({"run": f"{method}_seed{seed}", **timings[f"{method}_seed{seed}"]}), flush=True)
+                eval_meank(run_dir, args)
+                timing["meank_s"] = round(time.perf_counter() - t0, 1)
+            if timing:
+                timings[f"{method}_seed{seed}"] = timing
+                print(json.dumps({"run": f"{method}_seed{seed}", **timing}), flush=True)
             runs.setdefault(method, []).append(summarize_run(run_dir, args.meank))
     table = aggregate(runs, args.meank)
     settings = {k: getattr(args, k) for k in ("full", "steps", "seeds", "methods", "lr", "prompts", "samples",
