@@ -68,7 +68,7 @@ CURVES = (("heldout_accuracy", "Held-out greedy accuracy", "eval/accuracy"),
           ("heldout_accuracy_with_context", "Held-out accuracy with the context", "eval/accuracy_with_context"),
           ("reward", "Reward", "reward"), ("entropy", "Entropy", "entropy"),
           ("response_length", "Response length (tokens)", "response_length"),
-          ("distill_kl", "Distillation KL (student || teacher)", "distill_kl"))
+          ("distill_kl", "Distillation divergence (OPSD: JSD)", "distill_kl"))
 
 
 def method_overrides(name: str, steps: int) -> list[str]:
@@ -230,7 +230,7 @@ def write_plots(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
             if pts:
                 for a in (ax, ax_all):
                     a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 8 else None,
-                           label=LABELS.get(method, method))
+                           color=f"C{list(METHODS).index(method) % 10}", label=LABELS.get(method, method))
         for a in (ax, ax_all):
             a.set_title(title)
             a.set_xlabel("step")
