@@ -289,7 +289,7 @@ def eval_meank(run_dir: str, args) -> None:
     hf = latest_hf_weights(run_dir)
     if hf is None:
         raise RuntimeError(f"{run_dir}/weight_sync: no complete HF weights")
-    # DiskSync copies the *.json and tokenizer* files but not chat_template.jinja: complete the directory.
+    # Synced weights carry the HF side files; the task metadata (sdpg_task.json) comes from the model dir.
     for name in os.listdir(args.model_dir):
         if not name.endswith((".safetensors", ".bin")) and not os.path.exists(os.path.join(hf, name)):
             shutil.copy2(os.path.join(args.model_dir, name), os.path.join(hf, name))

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from megatron_sdpg.rollout.blocking_client import RolloutClient
 from megatron_sdpg.weights.sync_base import ProbeCheck, WeightSync, tensor_bytes
+from megatron_sdpg.weights.hf_io import copy_side_files
 
 
 def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], final_dir: str, shard_bytes: int,
@@ -77,10 +78,8 @@ def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], final_dir: st
         index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=1)
-        if config_dir:
-            for name in os.listdir(config_dir):
-                if name.endswith(".json") and not name.startswith("model.safetensors") or name.startswith("tokenizer"):
-                    shutil.copy2(os.path.join(config_dir, name), os.path.join(tmp, name))
+        if config_dir:  # config, tokenizer, chat template: the directory must load on its own
+            copy_side_files(config_dir, tmp)
         for name in os.listdir(tmp):  # data on disk before the rename makes it visible
             fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
             try:
