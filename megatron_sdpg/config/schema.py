@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from megatron_sdpg.algo.config import AlgorithmConfig
 from megatron_sdpg.config.errors import ConfigError
-from megatron_sdpg.config.sections import LoggingConfig, TrainConfig
+from megatron_sdpg.config.sections import CheckpointConfig, LoggingConfig, TrainConfig
 from megatron_sdpg.data.config import DataConfig
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.platform.layout import ParallelConfig
@@ -28,6 +28,7 @@ class SDPGConfig:
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self, world_size: int | None = None) -> None:
         """Validates every section; with ``world_size``, the layout too.

@@ -47,6 +47,27 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Checkpoints for exact resume (config section ``checkpoint``).
+
+    Attributes:
+        save_every: Save after every this many steps and after the last step (0 = never).
+        keep_last: Complete checkpoints kept in ``run_dir/checkpoints`` (older ones are deleted).
+        resume: Continue from the latest complete checkpoint in ``run_dir/checkpoints`` if there is one.
+    """
+
+    save_every: int = 0
+    keep_last: int = 2
+    resume: bool = True
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        if self.save_every < 0:
+            raise ConfigError(f"{prefix}.save_every", f"must be >= 0 (0 = off), got {self.save_every}")
+        if self.keep_last < 1:
+            raise ConfigError(f"{prefix}.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
 class LoggingConfig:
     """Where metrics go (config section ``logging``)."""
 

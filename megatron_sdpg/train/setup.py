@@ -73,6 +73,7 @@ class TrainerParts:
     pad_id: int
     needs_ref_log_probs: bool
     start_step: int = 0
+    resumed_from: str | None = None
     rollout_ctx: RolloutContext | None = None
     sync: Any = None
     launcher: Any = None
@@ -179,9 +180,23 @@ def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
     parts = TrainerParts(cfg=cfg, groups=groups, model_cfg=model_cfg, policy=policy, reference=reference,
                          source=source,
                          heldout=heldout, pad_id=pad_id, needs_ref_log_probs=needs_ref)
+    if cfg.checkpoint.resume:
+        _resume(parts)
     if dist.get_rank() == 0:
         _start_rank0_services(parts, tokenizer, builder, task)
     return parts
+
+
+def _resume(parts: TrainerParts) -> None:
+    """Loads the latest complete checkpoint of the run directory, if any (every rank agrees on it)."""
+    from megatron_sdpg.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    found = latest_checkpoint(parts.cfg.train.run_dir) if dist.get_rank() == 0 else None
+    box = [found]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        parts.start_step = load_checkpoint(parts, box[0][1])
+        parts.resumed_from = box[0][1]
 
 
 def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None:

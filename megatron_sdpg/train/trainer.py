@@ -19,6 +19,7 @@ from megatron_sdpg.config.schema import SDPGConfig
 from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.train import passes
 from megatron_sdpg.train.batch import plan_microbatches
+from megatron_sdpg.train.checkpoint import save_checkpoint
 from megatron_sdpg.train.setup import TrainerParts, build_parts
 
 
@@ -47,6 +48,10 @@ class Trainer:
     def run(self) -> dict:
         """Trains; returns (and on rank 0 prints) the run summary."""
         cfg, parts = self.cfg, self.parts
+        if parts.resumed_from is not None:
+            # The engines start from the initial weights: give them the checkpoint's before anything is generated.
+            parts.sync_weights(version=parts.start_step)
+            self._log_line(f"resumed from {parts.resumed_from} at step {parts.start_step}")
         before = self.evaluate()
         self._log_line(f"held-out accuracy before: {json.dumps(before)}")
         for step in range(parts.start_step, cfg.train.steps):
@@ -55,6 +60,9 @@ class Trainer:
                 metrics.update(self.evaluate())
             if parts.log is not None:
                 parts.log.log(step, metrics)
+            every = cfg.checkpoint.save_every
+            if every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps):
+                save_checkpoint(parts, step + 1)
         after = self.evaluate()
         summary = {
             "accuracy_before": before.get("eval/accuracy"),

@@ -29,6 +29,8 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
         (["model.num_key_value_heads=3"], "model.num_key_value_heads", "do not divide"),
         (["model.arch=gpt9"], "model.arch", "unsupported architecture"),
         (["train.steps=0"], "train.steps", "must be >= 1"),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last", "must be >= 1"),
+        (["checkpoint.save_every=-1"], "checkpoint.save_every", "must be >= 0"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field, fragment):

@@ -1,0 +1,201 @@
+"""Training checkpoints for exact resume: ``run_dir/checkpoints/step_N/``.
+
+A checkpoint after ``N`` completed steps holds
+
+* ``dist/``: megatron ``dist_checkpointing`` files with the policy's model state
+  and its optimizer state (``fully_reshardable``: the distributed optimizer's
+  state in per-parameter canonical form, so it loads at another TP/PP/DP layout);
+* ``trainer_state.json`` (rank 0): the step, the LR scheduler's state, the
+  prompt source's position and the rollout weight version;
+* ``rng_rank{r}.pt``: each rank's python/torch CPU RNG states;
+* ``COMPLETE``: written last.
+
+Writing is atomic: everything goes into ``step_N.tmp/``, which rank 0 renames to
+``step_N/`` after every rank has finished (a barrier). A crash mid-write leaves
+a ``.tmp`` directory that is never loaded and the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Fully reshardable across TP/PP/DP; no prefix on a single-optimizer chain.
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, CHECKPOINT_DIR)
+
+
+def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every complete checkpoint under ``run_dir``, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, COMPLETE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
+    """The newest complete checkpoint, or ``None``."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _sharded_state(policy, is_loading: bool) -> dict:
+    """Model and optimizer sharded state dicts, the way megatron's own training builds them."""
+    chunks = policy.unwrapped()  # the keys of weights/checkpoint.py, so the model part loads there too
+    if len(chunks) == 1:
+        model = {"model": chunks[0].sharded_state_dict()}
+    else:
+        model = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    state = dict(model)
+    if is_loading:
+        _materialize_optimizer_state(policy.optimizer)
+    state["optimizer"] = policy.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=_OPT_METADATA)
+    return state
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Gives a fresh distributed optimizer its Adam state tensors, which the load fills in place.
+
+    Megatron's distributed optimizer describes its state from the existing
+    tensors, which exist only after a first step; like megatron does for its own
+    FSDP format, one step on zero gradients creates them. Any change that step
+    makes to the parameters (weight decay) is overwritten by the load.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and len(opt.optimizer.state) == 0:
+            init()
+
+
+def _load_optimizer(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, working around torch Adam's per-parameter ``step``.
+
+    Megatron 0.16's ``load_parameter_state_from_fully_reshardable`` copies every
+    per-parameter state entry of the inner optimizer from the checkpoint but
+    skips ``step``, which torch's Adam (no Apex/TE) keeps per parameter: it
+    fails with ``KeyError: 'step'``. So the parameter state is loaded with the
+    ``step`` entries set aside, after the rest (which restores ``step``), and each
+    parameter gets its own ``step`` tensor back.
+    """
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [state] if len(chained) == 1 else [state[k] for k in sorted(state)]
+    for opt, st in zip(chained, states):
+        param_state = st.pop("param_state", None)
+        sharding = st.pop("param_state_sharding_type", None)
+        opt.load_state_dict(st)
+        if param_state is None:
+            continue
+        if sharding != "fully_reshardable":
+            raise ValueError(f"optimizer state saved as {sharding!r}; this loader reads 'fully_reshardable'")
+        inner = opt.optimizer.state
+        steps = {p: s.pop("step") for p, s in inner.items() if "step" in s}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            # Megatron hands every parameter one shared ``step`` tensor; torch's Adam
+            # increments it in place once per parameter, which skews bias correction.
+            inner[p]["step"] = step.detach().clone()
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(parts, steps_done: int) -> str:
+    """Saves the run after ``steps_done`` steps (a collective over all ranks).
+
+    Args:
+        parts: The :class:`~megatron_sdpg.train.setup.TrainerParts` of the run.
+        steps_done: Completed steps; the resumed run starts at this step.
+
+    Returns:
+        The final checkpoint directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    cfg = parts.cfg
+    rank = dist.get_rank()
+    root = checkpoint_root(cfg.train.run_dir)
+    final = os.path.join(root, f"step_{steps_done}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "dist"))
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(parts.policy, is_loading=False), os.path.join(tmp, "dist"))
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        state = {
+            "step": steps_done,
+            "weight_version": steps_done,
+            "scheduler": parts.policy.scheduler.state_dict(),
+            "source": parts.source.state_dict(),
+            "world_size": dist.get_world_size(),
+            "layout": parts.groups.layout.describe(),
+        }
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump(state, f, indent=1)
+    dist.barrier()  # every rank's files are on disk
+    if rank == 0:
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            f.write(f"{steps_done}\n")
+        if os.path.isdir(final):  # a re-run of the same step: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(cfg.train.run_dir)[:-cfg.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(parts, path: str) -> int:
+    """Restores the policy (weights and optimizer), schedule, data position and RNG from ``path``.
+
+    Works at any TP/PP/DP layout for the weights and optimizer state; the RNG
+    states are restored only when the world size matches.
+
+    Returns:
+        The step to continue from.
+    """
+    from megatron.core import dist_checkpointing
+
+    with open(os.path.join(path, STATE_FILE)) as f:
+        state = json.load(f)
+    policy = parts.policy
+    loaded = dist_checkpointing.load(_sharded_state(policy, is_loading=True), os.path.join(path, "dist"))
+    chunks = policy.unwrapped()
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+    _load_optimizer(policy.optimizer, loaded["optimizer"])
+    # The schedule's shape follows this run's config (train.steps may have grown); its position is restored.
+    sched = state["scheduler"]
+    policy.scheduler.num_steps = int(sched["num_steps"])
+    policy.scheduler.step(increment=0)
+    parts.source.load_state_dict(state["source"])
+    rng_path = os.path.join(path, f"rng_rank{dist.get_rank()}.pt")
+    if state["world_size"] == dist.get_world_size() and os.path.isfile(rng_path):
+        _set_rng_state(torch.load(rng_path, weights_only=False))
+    return int(state["step"])
