@@ -9,7 +9,6 @@ values.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Sequence
 
 from omegaconf import OmegaConf
@@ -101,10 +100,6 @@ def to_yaml(cfg: SDPGConfig) -> str:
 
 def save_resolved(cfg: SDPGConfig, run_dir: str) -> str:
     """Writes ``run_dir/config.yaml`` atomically; returns its path."""
-    os.makedirs(run_dir, exist_ok=True)
-    target = os.path.join(run_dir, "config.yaml")
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, target)
-    return target
+    from megatron_sdpg.utils.files import write_text_atomic
+
+    return write_text_atomic(os.path.join(run_dir, "config.yaml"), to_yaml(cfg))

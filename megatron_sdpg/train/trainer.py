@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-import torch
+
 import torch.distributed as dist
 
 from megatron_sdpg.config.schema import SDPGConfig
@@ -21,6 +21,7 @@ from megatron_sdpg.train import passes
 from megatron_sdpg.train.batch import plan_microbatches
 from megatron_sdpg.train.checkpoint import save_checkpoint
 from megatron_sdpg.train.setup import TrainerParts, build_parts
+from megatron_sdpg.utils.files import write_text_atomic
 
 
 def _broadcast(obj, src: int = 0):
@@ -76,8 +77,7 @@ class Trainer:
         }
         if self.rank == 0:
             parts.log.log(cfg.train.steps, {**after, "final": True}, advance=False)
-            with open(os.path.join(cfg.train.run_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=1)
+            write_text_atomic(os.path.join(cfg.train.run_dir, "summary.json"), json.dumps(summary, indent=1))
         return summary
 
     def train_one_step(self, step: int) -> dict:
