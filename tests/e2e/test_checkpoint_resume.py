@@ -8,7 +8,7 @@
   derive from (train.seed, step), so identical weights, optimizer state and data
   position give identical rollouts and updates; the tolerance is 1e-6 relative
   (the runs are bit-identical on this machine, the slack is for other BLAS).
-* Run A's directory, resumed at TP2 for one more step: the weights and
+* Run A's directory, resumed at TP2 for one more step (then that checkpoint at PP2): the weights and
   optimizer state reshard, and the engine (which received the loaded weights)
   agrees with the trainer's log-probs.
 """
@@ -126,5 +126,14 @@ def test_kill_resume_and_reshard(hf_dir, tmp_path):
     proc = _train(hf_dir, run_c, "parallel.tp=2", "train.steps=5")
     assert "at step 4" in proc.stdout, proc.stdout[-2000:]
     last = {r["step"]: r for r in read_metrics(run_c) if not r.get("final")}[4]
+    assert last["rollout_logp_abs_diff"] < 1e-4, last["rollout_logp_abs_diff"]
+    assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"]) and last["skipped_updates"] == 0
+
+    # The TP2 checkpoint just written, resumed at PP2 for one more step.
+    run_d = str(tmp_path / "d")
+    shutil.copytree(run_c, run_d)
+    proc = _train(hf_dir, run_d, "parallel.tp=1", "parallel.pp=2", "train.steps=6")
+    assert "at step 5" in proc.stdout, proc.stdout[-2000:]
+    last = {r["step"]: r for r in read_metrics(run_d) if not r.get("final")}[5]
     assert last["rollout_logp_abs_diff"] < 1e-4, last["rollout_logp_abs_diff"]
     assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"]) and last["skipped_updates"] == 0
