@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import pickle
+import struct
 
 import pytest
 import torch
@@ -19,7 +20,13 @@ from megatron_sdpg.rollout.server.generator import _filtered_probs
 from megatron_sdpg.rollout.server.requests import BadRequest, parse_generate
 from megatron_sdpg.weights.sync_base import iter_buckets
 from megatron_sdpg.weights.sync_disk import write_hf_checkpoint
-from megatron_sdpg.weights.tensor_codec import decode_safetensors, encode_safetensors, encode_sglang
+from megatron_sdpg.weights.tensor_codec import (
+    decode_safetensors,
+    decode_safetensors_blob,
+    encode_safetensors,
+    encode_sglang,
+    safetensors_blob,
+)
 
 
 @pytest.mark.parametrize("change, field", [
@@ -113,6 +120,28 @@ def test_safetensors_codec_roundtrip_and_pickle_rejected():
         decode_safetensors(encode_sglang(named))
     with pytest.raises(ValueError, match="not valid base64"):
         decode_safetensors("***")
+
+
+def test_safetensors_blob_views_match_the_library_and_bad_headers_are_rejected():
+    from safetensors.torch import load as st_load
+
+    named = [("w", torch.randn(3, 5)), ("h", torch.randn(7, dtype=torch.float64)), ("b", torch.randn(2, 2).bfloat16()),
+             ("i", torch.arange(3)), ("m", torch.tensor([True, False])), ("e", torch.empty(0, 4)), ("s", torch.tensor(2.5))]
+    blob = bytearray(safetensors_blob(named))
+    ref = st_load(bytes(blob))
+    got = dict(decode_safetensors_blob(blob))
+    assert set(got) == set(ref)
+    for k, t in ref.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
+    (hlen,) = struct.unpack("<Q", bytes(blob[:8]))
+    header = json.loads(bytes(blob[8 : 8 + hlen]))
+    header["w"]["data_offsets"][1] += 4
+    bad_header = json.dumps(header).encode()
+    bad = struct.pack("<Q", len(bad_header)) + bad_header + bytes(blob[8 + hlen :])
+    with pytest.raises(ValueError, match="tensor 'w' has offsets"):
+        decode_safetensors_blob(bad)
+    with pytest.raises(ValueError, match="not a safetensors blob"):
+        decode_safetensors_blob(b"\x80\x04" + b"x" * 20)
 
 
 def test_sglang_encoding_is_forking_pickle_of_name_tensor_pairs():
