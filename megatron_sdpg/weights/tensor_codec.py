@@ -25,7 +25,7 @@ import json
 import math
 import struct
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import save as st_save
@@ -79,45 +79,75 @@ def decode_safetensors_blob(blob: bytes | bytearray | memoryview, what: str = "b
         ValueError: Not a safetensors blob, or an inconsistent header.
     """
     mv = memoryview(blob).cast("B")
-    if len(mv) < 10:
-        raise ValueError(f"{what}: payload too short for safetensors")
-    (header_len,) = struct.unpack("<Q", mv[:8])
-    if mv[8:9] != b"{" or header_len > len(mv) - 8:
-        raise ValueError(
-            f"{what}: not a safetensors blob; the CPU server does not accept "
-            "SGLang's pickled (MultiprocessingSerializer) tensors, send safetensors bytes"
-        )
-    try:
-        header = json.loads(bytes(mv[8 : 8 + header_len]))
-    except ValueError as e:
-        raise ValueError(f"{what}: bad safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{what}: bad safetensors header (not a JSON object)")
-    base = 8 + header_len
+    entries, base = parse_safetensors_header(mv[:8], lambda n: mv[8 : 8 + n], len(mv), what)
     out = []
     with warnings.catch_warnings():  # views of read-only bytes: the server only reads them
         warnings.simplefilter("ignore", UserWarning)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = _ST_DTYPES[info["dtype"]]
-                shape = [int(d) for d in info["shape"]]
-                start, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{what}: bad safetensors header entry for {name!r} ({e!r})") from None
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            numel = math.prod(shape)
-            if not 0 <= start <= end <= len(mv) - base or end - start != numel * itemsize:
-                raise ValueError(f"{what}: tensor {name!r} has offsets {start}..{end}, inconsistent with "
-                                 f"shape {shape} {info['dtype']} and a {len(mv) - base}-byte data section")
-            if numel == 0:
+        for name, dtype, shape, start, end in entries:
+            if start == end:
                 t = torch.empty(shape, dtype=dtype)
             else:
                 t = torch.frombuffer(mv, dtype=torch.uint8, offset=base + start, count=end - start)
                 t = t.view(dtype).view(shape)
             out.append((name, t))
     return out
+
+
+def parse_safetensors_header(first8: bytes | memoryview, read_header: Callable[[int], bytes | memoryview],
+                             total_len: int, what: str) -> tuple[list[tuple[str, torch.dtype, list[int], int, int]], int]:
+    """Parses and checks a safetensors header (dtype known, offsets inside the data, sizes matching shapes).
+
+    Args:
+        first8: The blob's first 8 bytes (the header length).
+        read_header: Returns the ``n``-byte JSON header that follows them.
+        total_len: The blob's (file's) length in bytes.
+        what: Names the input in error messages.
+
+    Returns:
+        ``([(name, dtype, shape, start, end), ...], data_start)``; offsets are relative to
+        ``data_start``, the byte where the data section begins.
+
+    Raises:
+        ValueError: Not a safetensors blob, or an inconsistent header.
+    """
+    if total_len < 10 or len(first8) < 8:
+        raise ValueError(f"{what}: payload too short for safetensors")
+    (header_len,) = struct.unpack("<Q", first8[:8])
+    if header_len > total_len - 8 or header_len < 2:
+        raise ValueError(
+            f"{what}: not a safetensors blob; the CPU server does not accept "
+            "SGLang's pickled (MultiprocessingSerializer) tensors, send safetensors bytes"
+        )
+    raw = bytes(read_header(header_len))
+    if raw[:1] != b"{":
+        raise ValueError(
+            f"{what}: not a safetensors blob; the CPU server does not accept "
+            "SGLang's pickled (MultiprocessingSerializer) tensors, send safetensors bytes"
+        )
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{what}: bad safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{what}: bad safetensors header (not a JSON object)")
+    base = 8 + header_len
+    data_len = total_len - base
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{what}: bad safetensors header entry for {name!r} ({e!r})") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= end <= data_len or end - start != math.prod(shape) * itemsize:
+            raise ValueError(f"{what}: tensor {name!r} has offsets {start}..{end}, inconsistent with "
+                             f"shape {shape} {info['dtype']} and a {data_len}-byte data section")
+        entries.append((name, dtype, shape, start, end))
+    return entries, base
 
 
 def decode_safetensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:

@@ -179,3 +179,24 @@ def test_launch_commands_pass_options_through():
                        "--tp-size", "2", "--base-gpu-id", "2", "--mem-fraction-static", "0.7", "--enable-x"]
     assert cpu_server_command("/m", "127.0.0.1", 5, {"seed": 3})[1:] == [
         "-m", "megatron_sdpg.rollout.server", "--hf-dir", "/m", "--host", "127.0.0.1", "--port", "5", "--seed", "3"]
+
+
+def test_model_weights_load_dir_reads_into_parameters_and_casts(tmp_path):
+    from types import SimpleNamespace
+
+    from megatron_sdpg.rollout.server.weights import ModelWeights
+    from megatron_sdpg.weights.sync_disk import write_hf_checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False).bfloat16())
+    model.config = SimpleNamespace(tie_word_embeddings=False)
+    w = ModelWeights(model)
+    new = {"0.weight": torch.randn(3, 4, dtype=torch.float64), "0.bias": torch.randn(3), "1.weight": torch.randn(2, 3).bfloat16()}
+    write_hf_checkpoint(iter(new.items()), str(tmp_path / "v1"), shard_bytes=40)
+    ptr = model[1].weight.data_ptr()
+    assert w.load_dir(str(tmp_path / "v1")) == 3 * 4 * 8 + 3 * 4 + 2 * 3 * 2
+    assert torch.equal(model[0].weight, new["0.weight"].float()) and torch.equal(model[0].bias, new["0.bias"])
+    assert torch.equal(model[1].weight, new["1.weight"]) and model[1].weight.data_ptr() == ptr
+    write_hf_checkpoint(iter([("0.weight", torch.zeros(3, 4)), ("0.bias", torch.zeros(3))]), str(tmp_path / "v2"), 1 << 20)
+    with pytest.raises(ValueError, match="lacks 1 weights"):
+        w.load_dir(str(tmp_path / "v2"))
+    assert torch.equal(model[0].bias, new["0.bias"])  # a rejected checkpoint writes nothing

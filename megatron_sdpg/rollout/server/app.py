@@ -23,7 +23,7 @@ from aiohttp import web
 
 from megatron_sdpg.rollout.server.generator import BatchGenerator, SampleResult
 from megatron_sdpg.rollout.server.requests import BadRequest, SampleRequest, parse_generate
-from megatron_sdpg.rollout.server.weights import ModelWeights, read_safetensors_dir
+from megatron_sdpg.rollout.server.weights import ModelWeights
 from megatron_sdpg.weights.tensor_codec import decode_safetensors, decode_safetensors_blob
 
 
@@ -286,7 +286,7 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
             fmt = body.get("load_format")
             if fmt not in (None, "auto", "safetensors"):
                 raise ValueError(f"load_format: {fmt!r} not supported (auto or safetensors)")
-            nbytes = state.weights.load(read_safetensors_dir(body["model_path"]).items(), require_all=True)
+            nbytes = state.weights.load_dir(body["model_path"])
             state.model_path = body["model_path"]
             return nbytes
 
