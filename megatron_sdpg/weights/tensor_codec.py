@@ -32,7 +32,7 @@ from safetensors.torch import save as st_save
 
 
 # safetensors dtype strings (the format's spec) -> torch dtypes.
-_ST_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -137,7 +137,7 @@ def parse_safetensors_header(first8: bytes | memoryview, read_header: Callable[[
         if name == "__metadata__":
             continue
         try:
-            dtype = _ST_DTYPES[info["dtype"]]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
             shape = [int(d) for d in info["shape"]]
             start, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
