@@ -28,6 +28,7 @@ import aiohttp
 
 from megatron_sdpg.rollout.config import SamplingConfig
 from megatron_sdpg.rollout.protocol import (
+    BinaryBody,
     EngineTimeoutError,
     EngineUnavailableError,
     MalformedResponseError,
@@ -127,7 +128,8 @@ class AsyncRolloutClient:
     async def call(self, url: str, method: str, path: str, body: Any = None, timeout_s: float | None = None, want_json: bool = True) -> Any:
         """One HTTP call to one engine, no retry; errors classified.
 
-        ``body`` is JSON-serialised, or sent as is when it is ``bytes`` (already JSON).
+        ``body`` is JSON-serialised, sent as is when it is ``bytes`` (already JSON), or
+        sent with its own content type when it is a ``BinaryBody``.
 
         Raises:
             EngineUnavailableError: Connection refused or dropped, or a 5xx answer.
@@ -139,6 +141,8 @@ class AsyncRolloutClient:
         where = f"{method} {url}{path}"
         if isinstance(body, bytes):  # an already-encoded JSON body
             kwargs: dict[str, Any] = {"data": body, "headers": {"Content-Type": "application/json"}}
+        elif isinstance(body, BinaryBody):
+            kwargs = {"data": body.data, "headers": {"Content-Type": body.content_type}}
         else:
             kwargs = {"json": body}
         try:
@@ -308,7 +312,7 @@ class AsyncRolloutClient:
                     raise EngineTimeoutError(f"{url}: not healthy after {timeout_s:.0f}s")
                 await asyncio.sleep(0.2)
 
-    async def post_all(self, path: str, body: dict[str, Any] | bytes, timeout_s: float | None = None) -> list[Any]:
+    async def post_all(self, path: str, body: dict[str, Any] | bytes | BinaryBody, timeout_s: float | None = None) -> list[Any]:
         """POSTs ``body`` to every engine at once (weight updates, versions); SGLang's
         ``{"success": false}`` answers come back as ``RequestRejectedError``."""
         return list(await asyncio.gather(*(self.call(u, "POST", path, body, timeout_s=timeout_s) for u in self.urls)))

@@ -34,6 +34,14 @@ from typing import Any, Sequence
 from megatron_sdpg.rollout.config import SamplingConfig
 
 
+@dataclass(frozen=True)
+class BinaryBody:
+    """A request body sent as is with its own content type (e.g. a safetensors blob)."""
+
+    data: bytes
+    content_type: str = "application/octet-stream"
+
+
 class RolloutError(RuntimeError):
     """Base class of every rollout client error."""
 

@@ -11,16 +11,45 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import time
 import uuid
 from typing import Iterable
 
 import torch
-from safetensors.torch import save_file
 
 from megatron_sdpg.rollout.blocking_client import RolloutClient
 from megatron_sdpg.weights.sync_base import ProbeCheck, WeightSync, tensor_bytes
 from megatron_sdpg.weights.hf_io import copy_side_files
+from megatron_sdpg.weights.tensor_codec import SAFETENSORS_DTYPES
+
+
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors_file(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Writes contiguous CPU tensors as one safetensors file: the header, then each tensor's
+    bytes written from its own memory (``save_file`` first assembles the whole file in a
+    buffer, one extra copy). Tensors go largest element size first, so every offset is
+    aligned; the header is space-padded to 8 bytes like the library's."""
+    order = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        n = tensor_bytes(t)
+        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb", buffering=0) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key in order:
+            t = tensors[key]
+            if t.numel():
+                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                while view:  # raw writes may be short
+                    view = view[f.write(view):]
 
 
 def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], final_dir: str, shard_bytes: int,
@@ -49,7 +78,7 @@ def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], final_dir: st
 
         def flush() -> None:
             name = f"shard-{len(files):05d}.safetensors"
-            save_file(shards[-1], os.path.join(tmp, name), metadata={"format": "pt"})
+            write_safetensors_file(shards[-1], os.path.join(tmp, name))
             files.append(name)
             for key in shards[-1]:
                 weight_map[key] = name

@@ -2,7 +2,10 @@
 
 Each bucket (``bucket_bytes`` at most) is encoded and POSTed to every engine;
 the next bucket is encoded while the previous one is in flight. Encodings
-(see ``tensor_codec``): ``safetensors`` for our CPU server, ``sglang`` (SGLang's
+(see ``tensor_codec``): ``safetensors`` for our CPU server -- the bucket's
+safetensors blob as a raw ``application/octet-stream`` body, options in the query
+string (no base64, no JSON; a documented deviation from SGLang's JSON body) --
+and ``sglang`` (SGLang's JSON body: ``serialized_named_tensors`` with a base64
 ForkingPickler payload, one copy per TP rank) for real SGLang engines on the
 trainer's node. After the last bucket, ``/update_weight_version`` (without aborting
 requests) sets the version and ``/flush_cache`` drops cached prefixes.
@@ -17,11 +20,12 @@ from typing import Iterable
 import torch
 
 from megatron_sdpg.rollout.blocking_client import RolloutClient
-from megatron_sdpg.rollout.protocol import RequestRejectedError
+from megatron_sdpg.rollout.protocol import BinaryBody, RequestRejectedError
 from megatron_sdpg.weights.sync_base import ProbeCheck, WeightSync, WeightSyncError, iter_buckets, tensor_bytes
-from megatron_sdpg.weights.tensor_codec import encode_safetensors, encode_sglang
+from megatron_sdpg.weights.tensor_codec import encode_sglang, safetensors_blob
 
-ENCODERS = {"safetensors": encode_safetensors, "sglang": encode_sglang}
+ENCODINGS = ("safetensors", "sglang")
+_TENSOR_ROUTE = "/update_weights_from_tensor"
 
 
 class TensorPushSync(WeightSync):
@@ -41,10 +45,10 @@ class TensorPushSync(WeightSync):
     def __init__(self, client: RolloutClient, bucket_bytes: int = 512 * 2**20, encoding: str = "safetensors",
                  tp_size: int = 1, probe: ProbeCheck | None = None, timeout_s: float = 600.0):
         super().__init__(client, probe)
-        if encoding not in ENCODERS:
-            raise ValueError(f"encoding: must be one of {sorted(ENCODERS)}, got {encoding!r}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding: must be one of {list(ENCODINGS)}, got {encoding!r}")
         self.bucket_bytes = bucket_bytes
-        self.encode = ENCODERS[encoding]
+        self.encoding = encoding
         self.tp_size = tp_size
         self.timeout_s = timeout_s
 
@@ -53,10 +57,10 @@ class TensorPushSync(WeightSync):
         buckets = 0
         in_flight = None
         for bucket in iter_buckets(named, self.bucket_bytes):
-            body = self.request_body(self.encode(bucket))  # overlaps with the previous bucket's upload
+            path, body = self.request(bucket)  # encoding overlaps with the previous bucket's upload
             if in_flight is not None:
                 self._wait(in_flight)
-            in_flight = self._send("/update_weights_from_tensor", body)
+            in_flight = self._send(path, body)
             nbytes += sum(tensor_bytes(t) for _, t in bucket)
             buckets += 1
         if in_flight is not None:
@@ -65,14 +69,21 @@ class TensorPushSync(WeightSync):
         self.client.run(self.client.aclient.flush_cache())
         return {"sync/bytes": float(nbytes), "sync/buckets": float(buckets)}
 
+    def request(self, bucket: list[tuple[str, torch.Tensor]]) -> tuple[str, bytes | BinaryBody]:
+        """The route and body that deliver one bucket."""
+        if self.encoding == "safetensors":
+            return (_TENSOR_ROUTE + "?flush_cache=false&abort_all_requests=false",
+                    BinaryBody(safetensors_blob(bucket)))
+        return _TENSOR_ROUTE, self.request_body(encode_sglang(bucket))
+
     def request_body(self, payload: bytes) -> bytes:
-        """The JSON body, assembled around the base64 payload (which needs no escaping)
+        """SGLang's JSON body, assembled around the base64 payload (which needs no escaping)
         instead of serialising a string of hundreds of MB with ``json.dumps``."""
         fields = json.dumps({"load_format": None, "flush_cache": False, "abort_all_requests": False})
         entries = b",".join([b'"' + payload + b'"'] * self.tp_size)
         return fields[:-1].encode() + b', "serialized_named_tensors": [' + entries + b"]}"
 
-    def _send(self, path: str, body: dict | bytes) -> concurrent.futures.Future:
+    def _send(self, path: str, body: dict | bytes | BinaryBody) -> concurrent.futures.Future:
         return self.client.submit(self.client.aclient.post_all(path, body, self.timeout_s))
 
     def _wait(self, fut) -> None:

@@ -9,8 +9,11 @@ carries CUDA IPC handles, so it only works between processes on the same node
 Our CPU server does not unpickle HTTP input (unpickling runs arbitrary code and
 ForkingPickler moves CPU storages through file descriptors that HTTP cannot
 carry). It takes the same field and list layout, each entry base64 of a
-safetensors blob holding the bucket's tensors (``encode_safetensors``). That is
-the one deviation from SGLang's format.
+safetensors blob holding the bucket's tensors (``encode_safetensors``), and -- the
+fast path ``TensorPushSync`` uses -- the bare safetensors blob as an
+``application/octet-stream`` body (``safetensors_blob``), which skips base64 and
+JSON. The server reads such a blob with ``decode_safetensors_blob``: tensors are
+zero-copy views of the received buffer.
 """
 
 from __future__ import annotations
@@ -19,16 +22,29 @@ import base64
 import binascii
 import io
 import json
+import math
 import struct
-from typing import Iterable
+import warnings
+from typing import Callable, Iterable
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 
-def encode_safetensors(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
-    """Base64 (ASCII bytes) of one safetensors blob holding the given tensors (CPU copies)."""
+# safetensors dtype strings (the format's spec) -> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def safetensors_blob(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
+    """One safetensors blob holding the given tensors (CPU copies; names inside).
+
+    Raises:
+        ValueError: A name appears twice.
+    """
     seen: set[int] = set()
     tensors: dict[str, torch.Tensor] = {}
     for name, t in named:
@@ -39,7 +55,99 @@ def encode_safetensors(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         tensors[name] = t
-    return base64.b64encode(st_save(tensors))
+    return st_save(tensors)
+
+
+def encode_safetensors(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
+    """Base64 (ASCII bytes) of ``safetensors_blob(named)`` (the JSON-field form)."""
+    return base64.b64encode(safetensors_blob(named))
+
+
+def decode_safetensors_blob(blob: bytes | bytearray | memoryview, what: str = "body") -> list[tuple[str, torch.Tensor]]:
+    """Tensors of a safetensors blob as zero-copy views of ``blob`` (keep it alive while they are used).
+
+    The library's ``load`` copies every tensor out of the blob; the server only reads
+    them once into its parameters, so views save one full copy. The header is
+    checked against the format (dtype known, offsets inside the blob, sizes matching
+    the shapes) before any view is made.
+
+    Args:
+        blob: The bytes (``bytearray`` gives writable views, ``bytes`` read-only ones).
+        what: Names the input in error messages.
+
+    Raises:
+        ValueError: Not a safetensors blob, or an inconsistent header.
+    """
+    mv = memoryview(blob).cast("B")
+    entries, base = parse_safetensors_header(mv[:8], lambda n: mv[8 : 8 + n], len(mv), what)
+    out = []
+    with warnings.catch_warnings():  # views of read-only bytes: the server only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        for name, dtype, shape, start, end in entries:
+            if start == end:
+                t = torch.empty(shape, dtype=dtype)
+            else:
+                t = torch.frombuffer(mv, dtype=torch.uint8, offset=base + start, count=end - start)
+                t = t.view(dtype).view(shape)
+            out.append((name, t))
+    return out
+
+
+def parse_safetensors_header(first8: bytes | memoryview, read_header: Callable[[int], bytes | memoryview],
+                             total_len: int, what: str) -> tuple[list[tuple[str, torch.dtype, list[int], int, int]], int]:
+    """Parses and checks a safetensors header (dtype known, offsets inside the data, sizes matching shapes).
+
+    Args:
+        first8: The blob's first 8 bytes (the header length).
+        read_header: Returns the ``n``-byte JSON header that follows them.
+        total_len: The blob's (file's) length in bytes.
+        what: Names the input in error messages.
+
+    Returns:
+        ``([(name, dtype, shape, start, end), ...], data_start)``; offsets are relative to
+        ``data_start``, the byte where the data section begins.
+
+    Raises:
+        ValueError: Not a safetensors blob, or an inconsistent header.
+    """
+    if total_len < 10 or len(first8) < 8:
+        raise ValueError(f"{what}: payload too short for safetensors")
+    (header_len,) = struct.unpack("<Q", first8[:8])
+    if header_len > total_len - 8 or header_len < 2:
+        raise ValueError(
+            f"{what}: not a safetensors blob; the CPU server does not accept "
+            "SGLang's pickled (MultiprocessingSerializer) tensors, send safetensors bytes"
+        )
+    raw = bytes(read_header(header_len))
+    if raw[:1] != b"{":
+        raise ValueError(
+            f"{what}: not a safetensors blob; the CPU server does not accept "
+            "SGLang's pickled (MultiprocessingSerializer) tensors, send safetensors bytes"
+        )
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{what}: bad safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{what}: bad safetensors header (not a JSON object)")
+    base = 8 + header_len
+    data_len = total_len - base
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{what}: bad safetensors header entry for {name!r} ({e!r})") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= end <= data_len or end - start != math.prod(shape) * itemsize:
+            raise ValueError(f"{what}: tensor {name!r} has offsets {start}..{end}, inconsistent with "
+                             f"shape {shape} {info['dtype']} and a {data_len}-byte data section")
+        entries.append((name, dtype, shape, start, end))
+    return entries, base
 
 
 def decode_safetensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
@@ -53,20 +161,7 @@ def decode_safetensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
         blob = binascii.a2b_base64(payload, strict_mode=True)
     except (ValueError, TypeError) as e:
         raise ValueError(f"serialized_named_tensors: not valid base64 ({e})") from None
-    if len(blob) < 10:
-        raise ValueError("serialized_named_tensors: payload too short for safetensors")
-    (header_len,) = struct.unpack("<Q", blob[:8])
-    if blob[8:9] != b"{" or header_len > len(blob) - 8:
-        raise ValueError(
-            "serialized_named_tensors: not a safetensors blob; the CPU server does not accept "
-            "SGLang's pickled (MultiprocessingSerializer) tensors, send safetensors bytes"
-        )
-    try:
-        json.loads(blob[8 : 8 + header_len])
-        tensors = st_load(blob)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad payload
-        raise ValueError(f"serialized_named_tensors: bad safetensors blob ({e})") from None
-    return list(tensors.items())
+    return decode_safetensors_blob(blob, "serialized_named_tensors")
 
 
 def encode_sglang(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import pickle
+import struct
 
 import pytest
 import torch
@@ -19,7 +20,13 @@ from megatron_sdpg.rollout.server.generator import _filtered_probs
 from megatron_sdpg.rollout.server.requests import BadRequest, parse_generate
 from megatron_sdpg.weights.sync_base import iter_buckets
 from megatron_sdpg.weights.sync_disk import write_hf_checkpoint
-from megatron_sdpg.weights.tensor_codec import decode_safetensors, encode_safetensors, encode_sglang
+from megatron_sdpg.weights.tensor_codec import (
+    decode_safetensors,
+    decode_safetensors_blob,
+    encode_safetensors,
+    encode_sglang,
+    safetensors_blob,
+)
 
 
 @pytest.mark.parametrize("change, field", [
@@ -115,6 +122,28 @@ def test_safetensors_codec_roundtrip_and_pickle_rejected():
         decode_safetensors("***")
 
 
+def test_safetensors_blob_views_match_the_library_and_bad_headers_are_rejected():
+    from safetensors.torch import load as st_load
+
+    named = [("w", torch.randn(3, 5)), ("h", torch.randn(7, dtype=torch.float64)), ("b", torch.randn(2, 2).bfloat16()),
+             ("i", torch.arange(3)), ("m", torch.tensor([True, False])), ("e", torch.empty(0, 4)), ("s", torch.tensor(2.5))]
+    blob = bytearray(safetensors_blob(named))
+    ref = st_load(bytes(blob))
+    got = dict(decode_safetensors_blob(blob))
+    assert set(got) == set(ref)
+    for k, t in ref.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
+    (hlen,) = struct.unpack("<Q", bytes(blob[:8]))
+    header = json.loads(bytes(blob[8 : 8 + hlen]))
+    header["w"]["data_offsets"][1] += 4
+    bad_header = json.dumps(header).encode()
+    bad = struct.pack("<Q", len(bad_header)) + bad_header + bytes(blob[8 + hlen :])
+    with pytest.raises(ValueError, match="tensor 'w' has offsets"):
+        decode_safetensors_blob(bad)
+    with pytest.raises(ValueError, match="not a safetensors blob"):
+        decode_safetensors_blob(b"\x80\x04" + b"x" * 20)
+
+
 def test_sglang_encoding_is_forking_pickle_of_name_tensor_pairs():
     named = [("a", torch.randn(2, 2)), ("b", torch.ones(3, dtype=torch.bfloat16))]
     out = pickle.loads(base64.b64decode(encode_sglang(named)))  # what SGLang's deserializer does
@@ -150,3 +179,24 @@ def test_launch_commands_pass_options_through():
                        "--tp-size", "2", "--base-gpu-id", "2", "--mem-fraction-static", "0.7", "--enable-x"]
     assert cpu_server_command("/m", "127.0.0.1", 5, {"seed": 3})[1:] == [
         "-m", "megatron_sdpg.rollout.server", "--hf-dir", "/m", "--host", "127.0.0.1", "--port", "5", "--seed", "3"]
+
+
+def test_model_weights_load_dir_reads_into_parameters_and_casts(tmp_path):
+    from types import SimpleNamespace
+
+    from megatron_sdpg.rollout.server.weights import ModelWeights
+    from megatron_sdpg.weights.sync_disk import write_hf_checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False).bfloat16())
+    model.config = SimpleNamespace(tie_word_embeddings=False)
+    w = ModelWeights(model)
+    new = {"0.weight": torch.randn(3, 4, dtype=torch.float64), "0.bias": torch.randn(3), "1.weight": torch.randn(2, 3).bfloat16()}
+    write_hf_checkpoint(iter(new.items()), str(tmp_path / "v1"), shard_bytes=40)
+    ptr = model[1].weight.data_ptr()
+    assert w.load_dir(str(tmp_path / "v1")) == 3 * 4 * 8 + 3 * 4 + 2 * 3 * 2
+    assert torch.equal(model[0].weight, new["0.weight"].float()) and torch.equal(model[0].bias, new["0.bias"])
+    assert torch.equal(model[1].weight, new["1.weight"]) and model[1].weight.data_ptr() == ptr
+    write_hf_checkpoint(iter([("0.weight", torch.zeros(3, 4)), ("0.bias", torch.zeros(3))]), str(tmp_path / "v2"), 1 << 20)
+    with pytest.raises(ValueError, match="lacks 1 weights"):
+        w.load_dir(str(tmp_path / "v2"))
+    assert torch.equal(model[0].bias, new["0.bias"])  # a rejected checkpoint writes nothing

@@ -23,8 +23,8 @@ from aiohttp import web
 
 from megatron_sdpg.rollout.server.generator import BatchGenerator, SampleResult
 from megatron_sdpg.rollout.server.requests import BadRequest, SampleRequest, parse_generate
-from megatron_sdpg.rollout.server.weights import ModelWeights, read_safetensors_dir
-from megatron_sdpg.weights.tensor_codec import decode_safetensors
+from megatron_sdpg.rollout.server.weights import ModelWeights
+from megatron_sdpg.weights.tensor_codec import decode_safetensors, decode_safetensors_blob
 
 
 @dataclass
@@ -177,6 +177,34 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+async def _binary_body(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    """An ``application/octet-stream`` body: ``{"blob": bytearray, **query options}``.
+
+    The body is read straight into one preallocated buffer (``request.read()`` would
+    collect the chunks and then copy them into ``bytes``). Query values ``true``/``false``
+    become booleans (``?flush_cache=false&weight_version=7``).
+    """
+    n = request.content_length
+    if n is None:
+        raise BadRequest("body: an application/octet-stream body needs a Content-Length")
+    if n > max_bytes:
+        raise BadRequest(f"body: {n} bytes, more than the server's limit of {max_bytes}")
+    buf = bytearray(n)
+    view = memoryview(buf)
+    pos = 0
+    while pos < n:
+        chunk = await request.content.readany()
+        if not chunk or pos + len(chunk) > n:
+            break
+        view[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+    if pos != n or not request.content.at_eof():
+        raise BadRequest(f"body: Content-Length is {n} but the body differs")
+    body: dict[str, Any] = {k: {"true": True, "false": False}.get(v, v) for k, v in request.query.items()}
+    body["blob"] = buf
+    return body
+
+
 def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
     """The aiohttp application with SGLang's routes."""
     routes = web.RouteTableDef()
@@ -239,7 +267,10 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
 
     async def _update(request: web.Request, load: Callable[[dict[str, Any]], int]) -> web.Response:
         try:
-            body = await _json_body(request)
+            if request.content_type == "application/octet-stream":
+                body = await _binary_body(request, max_body_bytes)
+            else:
+                body = await _json_body(request)
             if body.get("abort_all_requests"):
                 state.worker.abort(None, True)
             nbytes = await state.run(lambda: load(body))
@@ -255,7 +286,7 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
             fmt = body.get("load_format")
             if fmt not in (None, "auto", "safetensors"):
                 raise ValueError(f"load_format: {fmt!r} not supported (auto or safetensors)")
-            nbytes = state.weights.load(read_safetensors_dir(body["model_path"]).items(), require_all=True)
+            nbytes = state.weights.load_dir(body["model_path"])
             state.model_path = body["model_path"]
             return nbytes
 
@@ -264,11 +295,13 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
     @routes.post("/update_weights_from_tensor")
     async def update_from_tensor(request: web.Request) -> web.Response:
         def load(body: dict[str, Any]) -> int:
+            if body.get("load_format") not in (None, "safetensors"):
+                raise ValueError(f"load_format: {body.get('load_format')!r} not supported")
+            if "blob" in body:  # our fast path: the safetensors blob itself as the body
+                return state.weights.load(decode_safetensors_blob(body["blob"]), require_all=False)
             payloads = body["serialized_named_tensors"]
             if not isinstance(payloads, list) or len(payloads) != 1:
                 raise ValueError("serialized_named_tensors: one entry per TP rank; this server has one rank")
-            if body.get("load_format") not in (None, "safetensors"):
-                raise ValueError(f"load_format: {body.get('load_format')!r} not supported")
             return state.weights.load(decode_safetensors(payloads[0]), require_all=False)
 
         return await _update(request, load)

@@ -6,22 +6,23 @@ parameter is written, so a rejected update leaves the model as it was.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
+from megatron_sdpg.weights.tensor_codec import parse_safetensors_header
 from megatron_sdpg.weights.process_group import destroy_weight_update_group, init_weight_update_group, torch_dtype
 
 
-def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint directory (single file or sharded with an index).
+def safetensors_files(path: str) -> list[str]:
+    """The ``*.safetensors`` files of an HF checkpoint directory (single file or sharded with an index).
 
     Raises:
-        FileNotFoundError: No ``*.safetensors`` file in ``path``.
+        FileNotFoundError: ``path`` is not a directory or has no ``*.safetensors`` file.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model_path: {path} is not a directory")
@@ -33,10 +34,7 @@ def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"model_path: no .safetensors files in {path}")
-    out: dict[str, torch.Tensor] = {}
-    for name in files:
-        out.update(load_file(os.path.join(path, name)))
-    return out
+    return [os.path.join(path, name) for name in files]
 
 
 class ModelWeights:
@@ -69,26 +67,74 @@ class ModelWeights:
             ValueError: Unknown name, shape mismatch, duplicate, or (``require_all``) a missing name.
         """
         pairs = list(named)
-        seen: set[str] = set()
-        for name, t in pairs:
-            if name not in self.params:
-                raise ValueError(f"weight {name!r} is not a parameter of the served model")
-            if name in seen:
-                raise ValueError(f"weight {name!r} given twice")
-            seen.add(name)
-            want = tuple(self.params[name].shape)
-            if tuple(t.shape) != want:
-                raise ValueError(f"weight {name!r} has shape {tuple(t.shape)}, the model has {want}")
-        if require_all:
-            missing = sorted(set(self.params) - seen - self.optional)
-            if missing:
-                raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[0]!r}")
+        self._check([(name, t.shape) for name, t in pairs], require_all)
         nbytes = 0
         for name, t in pairs:
             p = self.params[name]
             p.data.copy_(t.to(p.dtype))
             nbytes += t.numel() * t.element_size()
         return nbytes
+
+    @torch.no_grad()
+    def load_dir(self, path: str) -> int:
+        """Loads a full HF safetensors checkpoint, reading the files straight into the parameters.
+
+        All headers are read and checked first (nothing is written on a bad checkpoint);
+        then each tensor is read with one ``readinto`` into its parameter's memory when
+        dtypes match (else read and cast), so the bytes are copied once, not three times
+        as with ``load_file`` + ``copy_``.
+
+        Returns:
+            Number of bytes read.
+
+        Raises:
+            FileNotFoundError: No checkpoint at ``path``.
+            ValueError: A bad file, unknown name, shape mismatch, duplicate or missing weight.
+        """
+        plan = []
+        for file in safetensors_files(path):
+            with open(file, "rb") as f:
+                entries, base = parse_safetensors_header(f.read(8), f.read, os.fstat(f.fileno()).st_size, file)
+            plan.extend((file, base, e) for e in entries)
+        self._check([(e[0], e[2]) for _, _, e in plan], require_all=True)
+        nbytes = 0
+        for file, group in itertools.groupby(plan, key=lambda x: x[0]):
+            with open(file, "rb", buffering=0) as f:
+                for _, base, (name, dtype, shape, start, end) in group:
+                    p = self.params[name].data
+                    if dtype == p.dtype and p.is_contiguous():
+                        dst = p
+                    else:
+                        dst = torch.empty(shape, dtype=dtype)
+                    f.seek(base + start)
+                    view = memoryview(dst.reshape(-1).view(torch.uint8).numpy()) if end > start else memoryview(b"")
+                    got = 0
+                    while got < end - start:  # readinto may return short counts
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise ValueError(f"{file}: truncated while reading {name!r}")
+                        got += n
+                    if dst is not p:
+                        p.copy_(dst.to(p.dtype))
+                    nbytes += end - start
+        return nbytes
+
+    def _check(self, names_shapes: list[tuple[str, torch.Size | list[int]]], require_all: bool) -> None:
+        """Names known, no duplicates, shapes equal, and (``require_all``) none missing."""
+        seen: set[str] = set()
+        for name, shape in names_shapes:
+            if name not in self.params:
+                raise ValueError(f"weight {name!r} is not a parameter of the served model")
+            if name in seen:
+                raise ValueError(f"weight {name!r} given twice")
+            seen.add(name)
+            want = tuple(self.params[name].shape)
+            if tuple(shape) != want:
+                raise ValueError(f"weight {name!r} has shape {tuple(shape)}, the model has {want}")
+        if require_all:
+            missing = sorted(set(self.params) - seen - self.optional)
+            if missing:
+                raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[0]!r}")
 
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str, backend: str) -> None:
         """Joins the trainer's weight-update group as rank ``rank_offset`` (this server has no TP)."""
