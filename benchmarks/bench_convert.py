@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -38,7 +37,25 @@ def _rss_gb() -> float:
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's RSS high-water mark (VmHWM).
+
+    Not ``getrusage().ru_maxrss``: Linux carries that across fork + exec, so a
+    spawned rank would report the parent's peak (the benchmark's own ~1 GB).
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    """Resets VmHWM to the current RSS (Linux >= 4.0; a no-op where refused)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def llama_config(params: float) -> dict:
@@ -100,6 +117,7 @@ def _convert_rank(rank, world_size, direction, src, dst, tp, pp, shard_bytes):
 
     groups = init_model_parallel(ParallelConfig(tp=tp, pp=pp, use_distributed_optimizer=False), seed=0)
     base = _rss_gb()
+    _reset_peak_rss()
     torch.distributed.barrier()
     t0 = time.perf_counter()
     if direction == "hf_to_megatron":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 
@@ -52,6 +53,33 @@ def _leave_uninitialised(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+@contextlib.contextmanager
+def _no_cpu_master_weights():
+    """Makes megatron's CPU initialisation only tag the TP attributes of each weight.
+
+    With ``use_cpu_initialization`` megatron builds every TP-split weight as a
+    full-size fp32 "master" tensor, draws it, casts it and copies this rank's
+    slice into the parameter: transiently ~3x the largest tensor (the embedding)
+    on top of the model. When the weights are loaded right after, none of that is
+    needed; the parameters stay ``torch.empty`` (no pages touched until loaded).
+    """
+    from megatron.core.tensor_parallel import layers
+
+    def tag_only(weight, output_size, input_size, per_partition_size, partition_dim, init_method, stride=1,
+                 return_master_weight=False, *, skip_set_tensor_parallel_attributes=False, **_):
+        if not skip_set_tensor_parallel_attributes:
+            layers.set_tensor_model_parallel_attributes(tensor=weight, is_parallel=True, dim=partition_dim,
+                                                        stride=stride)
+        return None
+
+    original = layers._initialize_affine_weight_cpu
+    layers._initialize_affine_weight_cpu = tag_only
+    try:
+        yield
+    finally:
+        layers._initialize_affine_weight_cpu = original
+
+
 def build_model_chunks(cfg: ModelConfig, groups: ParallelGroups, use_te: bool | None = None,
                        init_weights: bool = True) -> list:
     """Builds this rank's model chunk(s): one per virtual pipeline stage.
@@ -67,8 +95,6 @@ def build_model_chunks(cfg: ModelConfig, groups: ParallelGroups, use_te: bool | 
         A list of ``GPTModel`` (length ``vpp`` or 1) on the current device, in
         ``cfg.params_dtype``. Output logits are ``[b, s, padded_vocab/tp]``.
     """
-    from megatron.core.models.gpt import GPTModel
-
     layout = groups.layout
     tcfg = to_transformer_config(cfg, layout.tp, layout.pp, layout.cp, layout.vpp)
     if not init_weights:
@@ -78,32 +104,41 @@ def build_model_chunks(cfg: ModelConfig, groups: ParallelGroups, use_te: bool | 
     spec = layer_spec(cfg, use_te)
     n_chunks = layout.vpp or 1
     chunks = []
-    for vp_stage in range(n_chunks):
-        vp = vp_stage if layout.vpp else None
-        first = groups.pp_rank == 0 and vp_stage == 0
-        last = groups.pp_rank == layout.pp - 1 and vp_stage == n_chunks - 1
-        model = GPTModel(
-            config=tcfg,
-            transformer_layer_spec=spec,
-            vocab_size=cfg.padded_vocab_size(layout.tp),
-            max_sequence_length=cfg.max_position_embeddings,
-            pre_process=first,
-            post_process=last,
-            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(cfg.rope_theta),
-            pg_collection=groups.pg,
-            vp_stage=vp,
-        )
-        rotary = getattr(model, "rotary_pos_emb", None)
-        if rotary is not None:
-            rotary.inv_freq = llama3_inv_freq(cfg.kv_channels, cfg.rope_theta, cfg.rope_scaling).to(
-                rotary.inv_freq.device
-            )
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
-        chunks.append(model)
+    with contextlib.nullcontext() if init_weights else _no_cpu_master_weights():
+        for vp_stage in range(n_chunks):
+            chunks.append(_build_chunk(cfg, groups, tcfg, spec, vp_stage, n_chunks))
     return chunks
+
+
+def _build_chunk(cfg: ModelConfig, groups: ParallelGroups, tcfg, spec, vp_stage: int, n_chunks: int):
+    """One ``GPTModel`` chunk (virtual stage ``vp_stage`` of ``n_chunks``) on the current device."""
+    from megatron.core.models.gpt import GPTModel
+
+    layout = groups.layout
+    vp = vp_stage if layout.vpp else None
+    first = groups.pp_rank == 0 and vp_stage == 0
+    last = groups.pp_rank == layout.pp - 1 and vp_stage == n_chunks - 1
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=spec,
+        vocab_size=cfg.padded_vocab_size(layout.tp),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=first,
+        post_process=last,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta),
+        pg_collection=groups.pg,
+        vp_stage=vp,
+    )
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is not None:
+        rotary.inv_freq = llama3_inv_freq(cfg.kv_channels, cfg.rope_theta, cfg.rope_scaling).to(
+            rotary.inv_freq.device
+        )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
 
 
 def mask_padded_vocab(logits: torch.Tensor, true_vocab: int, tp_rank: int) -> torch.Tensor:

@@ -27,6 +27,33 @@ def _sharded_state_dict(chunks: list) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def sync_save_strategy():
+    """megatron's ``torch_dist`` save strategy, written in this process.
+
+    megatron's own strategy always goes through its async machinery, even for a
+    synchronous save: it starts a multiprocessing manager process, forks a writer
+    process per file and fsyncs every file (about 4.5 s of a 6 s conversion of a
+    300M model). This one hands the same PyTorch-Distributed state dict and
+    planner to ``torch.distributed.checkpoint.save`` with a plain in-process
+    ``FileSystemWriter`` (one file per rank, no fsync: a conversion publishes its
+    output by renaming a staging directory, not by durability of every file). The
+    files are the same ``torch_dist`` format, loadable at any TP/PP.
+    """
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    class _SyncTorchDistSaveStrategy(mcore_torch.TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            state, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            dcp.save(mcore_torch.mcore_to_pyt_state_dict(state, False),
+                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), sync_files=False, thread_count=1),
+                     planner=mcore_torch.MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                                          flatten_state_dict=False))
+
+    return _SyncTorchDistSaveStrategy("torch_dist", 1)
+
+
 def save_megatron_checkpoint(chunks: list, model_cfg: ModelConfig, ckpt_dir: str, hf_side_dir: str | None = None) -> None:
     """Saves this rank's chunks into ``ckpt_dir`` (a collective over all ranks).
 
@@ -38,7 +65,7 @@ def save_megatron_checkpoint(chunks: list, model_cfg: ModelConfig, ckpt_dir: str
     """
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(_sharded_state_dict(chunks), ckpt_dir)
+    dist_checkpointing.save(_sharded_state_dict(chunks), ckpt_dir, sharded_strategy=sync_save_strategy())
     if dist.get_rank() == 0:
         cfg = dataclasses.replace(model_cfg, hf_dir=None)
         with open(os.path.join(ckpt_dir, MODEL_CONFIG_FILE), "w") as f:

@@ -1,7 +1,8 @@
 """HF checkpoint files: a lazy safetensors reader and a sharded safetensors writer.
 
-The reader opens every file with ``safe_open`` and reads a tensor only when it
-is asked for, so a rank that needs a few tensors reads only those. The writer
+The reader reads a tensor only when it is asked for, so a rank that needs a few
+tensors reads only those; it opens the file for each tensor and closes it right
+after, so no file pages stay mapped (and resident) once the tensor is dropped. The writer
 streams tensors into shards of at most ``max_shard_bytes`` and writes
 ``model.safetensors.index.json`` the way ``transformers`` does.
 """
@@ -49,20 +50,16 @@ class SafetensorsReader(Mapping):
                 self.weight_map = {k: SINGLE_FILE for k in f.keys()}
         else:
             raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {hf_dir!r}")
-        self._handles: dict[str, object] = {}
-
-    def _handle(self, file: str):
-        if file not in self._handles:
-            path = os.path.join(self.hf_dir, file)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path!r} is named by {INDEX_FILE} but does not exist")
-            self._handles[file] = safe_open(path, framework="pt")
-        return self._handles[file]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(name)
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        path = os.path.join(self.hf_dir, self.weight_map[name])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path!r} is named by {INDEX_FILE} but does not exist")
+        # A handle kept open would keep every page read through it mapped.
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)
