@@ -136,6 +136,8 @@ def save_checkpoint(parts, steps_done: int) -> str:
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_sdpg.weights.checkpoint import write_checkpoint_metadata
+
     cfg = parts.cfg
     rank = dist.get_rank()
     root = checkpoint_root(cfg.train.run_dir)
@@ -148,6 +150,8 @@ def save_checkpoint(parts, steps_done: int) -> str:
     dist_checkpointing.save(_sharded_state(parts.policy, is_loading=False), os.path.join(tmp, "dist"))
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
+        # The model part of dist/ is a converter checkpoint: tools/convert_megatron_to_hf.py exports it.
+        write_checkpoint_metadata(os.path.join(tmp, "dist"), parts.model_cfg, cfg.model.hf_dir)
         state = {
             "step": steps_done,
             "weight_version": steps_done,

@@ -67,13 +67,21 @@ def save_megatron_checkpoint(chunks: list, model_cfg: ModelConfig, ckpt_dir: str
 
     dist_checkpointing.save(_sharded_state_dict(chunks), ckpt_dir, sharded_strategy=sync_save_strategy())
     if dist.get_rank() == 0:
-        cfg = dataclasses.replace(model_cfg, hf_dir=None)
-        with open(os.path.join(ckpt_dir, MODEL_CONFIG_FILE), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        if hf_side_dir:
-            os.makedirs(os.path.join(ckpt_dir, HF_SIDE_DIR), exist_ok=True)
-            copy_side_files(hf_side_dir, os.path.join(ckpt_dir, HF_SIDE_DIR))
+        write_checkpoint_metadata(ckpt_dir, model_cfg, hf_side_dir)
     dist.barrier()
+
+
+def write_checkpoint_metadata(ckpt_dir: str, model_cfg: ModelConfig, hf_side_dir: str | None) -> None:
+    """Writes ``megatron_sdpg_model.json`` and the HF side files (``hf/``) beside a dist checkpoint.
+
+    With them, ``tools/convert_megatron_to_hf.py`` can export the directory (one rank calls this).
+    """
+    cfg = dataclasses.replace(model_cfg, hf_dir=None, megatron_dir=None)
+    with open(os.path.join(ckpt_dir, MODEL_CONFIG_FILE), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    if hf_side_dir:
+        os.makedirs(os.path.join(ckpt_dir, HF_SIDE_DIR), exist_ok=True)
+        copy_side_files(hf_side_dir, os.path.join(ckpt_dir, HF_SIDE_DIR))
 
 
 def read_checkpoint_config(ckpt_dir: str) -> ModelConfig:

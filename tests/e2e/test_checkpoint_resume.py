@@ -1,6 +1,8 @@
 """Checkpoints and exact resume under torchrun (gloo) with the CPU rollout server.
 
-* Run A trains 4 steps uninterrupted (TP1 DP2, a checkpoint after every step).
+* Run A trains 4 steps uninterrupted (TP1 DP2, a checkpoint after every step);
+  its last checkpoint exports to HF (tools/convert_megatron_to_hf.py) bit-identical
+  to the weights the engine received after step 4.
 * Run B, same config, is killed with SIGKILL once its step-2 checkpoint is
   complete; a torn write is then injected (a ``step_N.tmp`` and a ``step_99``
   without ``COMPLETE``). The restarted run resumes from the latest complete
@@ -24,6 +26,8 @@ import time
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from megatron_sdpg.testing.distributed import free_port
 from megatron_sdpg.train.checkpoint import complete_checkpoints
@@ -62,6 +66,14 @@ def _train(hf_dir, run_dir, *overrides, timeout=240):
     return proc
 
 
+def _hf_tensors(hf_dir: str) -> dict:
+    out = {}
+    for name in os.listdir(hf_dir):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(hf_dir, name)))
+    return out
+
+
 def _kill_tree(pid: int) -> None:
     """SIGKILLs ``pid`` and every descendant (the engines run in their own sessions)."""
     try:
@@ -89,6 +101,18 @@ def test_kill_resume_and_reshard(hf_dir, tmp_path):
     ref = {r["step"]: r for r in read_metrics(run_a) if not r.get("final")}
     assert sorted(ref) == [0, 1, 2, 3]
     assert [s for s, _ in complete_checkpoints(run_a)] == [3, 4]  # keep_last=2
+
+    # Any checkpoint exports to HF through the converter: step 4's weights are what the engine got as v4.
+    exported = str(tmp_path / "a_step4_hf")
+    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_megatron_to_hf.py"), "--megatron-dir",
+                           os.path.join(run_a, "checkpoints", "step_4", "dist"), "--hf-dir", exported],
+                          capture_output=True, text=True, timeout=240, env=ENV, cwd=ROOT)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    synced = _hf_tensors(os.path.join(run_a, "weight_sync", "v4"))
+    ours = _hf_tensors(exported)
+    assert set(ours) == set(synced)
+    assert all(torch.equal(ours[k], synced[k]) for k in ours)
+    assert os.path.isfile(os.path.join(exported, "tokenizer.json"))
 
     # Run B: SIGKILL once the step-2 checkpoint is complete.
     run_b = str(tmp_path / "b")
