@@ -11,7 +11,7 @@ the same ``T`` response tokens in the same order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,7 +41,6 @@ class TrainSample:
     reward: float = 0.0
     advantage: float = 0.0
     finish_reason: str = "stop"
-    extras: dict = field(default_factory=dict)
 
     @property
     def student_length(self) -> int:

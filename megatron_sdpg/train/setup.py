@@ -144,6 +144,12 @@ def _check_fits(cfg: SDPGConfig, model_cfg: ModelConfig, groups: ParallelGroups,
     if samples < groups.layout.dp:
         raise ConfigError("train.prompts_per_step", f"{samples} samples per step cannot feed {groups.layout.dp} "
                           "data-parallel ranks")
+    per_rank = samples // groups.layout.dp
+    microbatches = -(-per_rank // cfg.train.micro_batch_size)
+    if cfg.train.mini_batches > microbatches:
+        raise ConfigError("train.mini_batches", f"{cfg.train.mini_batches} mini-batches need at least as many "
+                          f"micro-batches per DP rank, but {per_rank} samples per rank make {microbatches} "
+                          f"(train.micro_batch_size={cfg.train.micro_batch_size})")
 
 
 def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
@@ -169,6 +175,9 @@ def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
     if algo.ref_kl_in_reward:
         raise ConfigError("algorithm.ref_kl_in_reward", "KL-in-reward is implemented in algo/ but not wired into the "
                           "trainer yet; use the in-loss reference KL (alpha > 0)")
+    if algo.teacher_per_microbatch and groups.layout.pp > 1:
+        raise ConfigError("algorithm.teacher_per_microbatch", "recomputing the teacher inside each micro-batch "
+                          "needs parallel.pp=1 (with pipeline parallelism the teacher is a separate pass)")
     needs_ref = algo.alpha > 0 and algo.objective != "opsd"
     loader = weights_loader(model_cfg, groups)
     policy = PolicyModel(model_cfg, groups, cfg.optimizer, cfg.parallel.use_distributed_optimizer,

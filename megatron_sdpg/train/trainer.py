@@ -101,12 +101,16 @@ class Trainer:
                                 cfg.train.max_tokens_per_microbatch, parts.pad_id, with_teacher=need_teacher)
         t0 = time.perf_counter()
         temperature = algo.logprob_temperature()
+        updates = cfg.train.ppo_epochs * cfg.train.mini_batches
         if parts.reference is not None and parts.needs_ref_log_probs:
             passes.log_prob_pass(parts.reference, mbs, "ref_log_probs", temperature)
-        if cfg.train.ppo_epochs * cfg.train.mini_batches > 1:
+        if updates > 1:
             passes.log_prob_pass(parts.policy, mbs, "old_log_probs", temperature)
         if need_teacher:
-            if teacher_model is parts.policy and self.groups.layout.pp == 1:
+            # Inline = recomputed per micro-batch with the weights of that moment (the authors' code);
+            # the pre-pass = once per step, before any update (the paper). Equal when there is one update.
+            inline = algo.teacher_per_microbatch or updates == 1
+            if inline and teacher_model is parts.policy and self.groups.layout.pp == 1:
                 for mb in mbs:
                     mb["inline_teacher"] = True
             else:

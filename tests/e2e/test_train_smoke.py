@@ -43,8 +43,12 @@ def _train(hf_dir, run_dir, *overrides, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-@pytest.mark.parametrize("layout", [("parallel.tp=2", "parallel.pp=1"), ("parallel.tp=1", "parallel.pp=2")],
-                         ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [
+    ("parallel.tp=2", "parallel.pp=1"),
+    ("parallel.tp=1", "parallel.pp=2"),
+    # Several updates per rollout batch: old log-probs pass, teacher computed once before the updates.
+    ("parallel.tp=2", "parallel.pp=1", "train.micro_batch_size=8", "train.mini_batches=2", "train.ppo_epochs=2"),
+], ids=["tp2", "pp2", "tp2_epochs2_minibatches2"])
 def test_three_steps(hf_dir, tmp_path, layout):
     run_dir = str(tmp_path / "run")
     proc = _train(hf_dir, run_dir, *layout)
@@ -58,7 +62,11 @@ def test_three_steps(hf_dir, tmp_path, layout):
     assert [r["step"] for r in steps] == [0, 1, 2]
     for r in steps:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["skipped_updates"] == 0
-        assert r["rollout_logp_abs_diff"] < 1e-4, r["rollout_logp_abs_diff"]
+        assert r["clip_frac"] <= 1 and r["policy_loss"] is not None
+        # With one update the trainer's weights are the engine's; with several, the metric (taken at the
+        # last update) also shows how far the policy moved within the step.
+        limit = 1e-4 if "train.ppo_epochs=2" not in layout else 0.1
+        assert r["rollout_logp_abs_diff"] < limit, r["rollout_logp_abs_diff"]
         assert r["distill_kl"] >= 0 and r["beta"] > 0
 
     synced_dir = os.path.join(run_dir, "weight_sync")
