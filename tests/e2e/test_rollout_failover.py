@@ -18,7 +18,7 @@ from megatron_sdpg.rollout.launcher import EngineLauncher
 from megatron_sdpg.testing.distributed import free_port
 from megatron_sdpg.testing.tiny_hf import build_tiny_llama
 
-GROUPS, N = 12, 2
+GROUPS, N = 24, 2
 SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=300, ignore_eos=True, seed=11)
 PROMPTS = [[2, 10 + g, 20 + g] for g in range(GROUPS)]
 
@@ -46,7 +46,7 @@ def _assert_complete(groups, batch_id):
 
 def _kill_when_busy(client, engine_pid, batch_id):
     fut = client.submit(client.aclient.generate(PROMPTS, SAMPLING, n=N, batch_id=batch_id))
-    time.sleep(0.5)
+    time.sleep(0.1)  # the requests are in flight; the batch takes seconds even on an idle machine
     assert not fut.done(), "the batch finished before the kill; make it longer"
     os.kill(engine_pid, signal.SIGKILL)
     return fut.result(timeout=120)
