@@ -225,8 +225,8 @@ def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None
     rollout_cfg = cfg.rollout
     urls = list(rollout_cfg.urls)
     if not urls:
-        rollout_cfg = replace(rollout_cfg, model_path=rollout_cfg.model_path or cfg.model.hf_dir,
-                              log_dir=os.path.join(cfg.train.run_dir, "engines"),
+        # (rollout.model_path defaults to model.hf_dir: SDPGConfig.fill_derived)
+        rollout_cfg = replace(rollout_cfg, log_dir=os.path.join(cfg.train.run_dir, "engines"),
                               sync_dir=os.path.join(cfg.train.run_dir, "weight_sync"))
         parts.launcher = EngineLauncher(rollout_cfg)
         parts.closers.append(parts.launcher.stop_all)

@@ -39,13 +39,8 @@ RTOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "make_tiny_model.py"), "--out", str(out), "--size", "test",
-           "--steps", "2", "--eval-every", "2", "--eval-n", "8", "--report-n", "8", "--template", "compact"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return str(out)
+def hf_dir(tiny_task_model):
+    return tiny_task_model[0]
 
 
 def _cmd(hf_dir, run_dir, *overrides):

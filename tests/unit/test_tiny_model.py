@@ -18,15 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "make_tiny_model.py"), "--out", str(out), "--size", "test",
-           "--steps", "4", "--eval-every", "2", "--eval-n", "8", "--report-n", "8", "--template", "compact"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+def hf_dir(tiny_task_model):
+    path, summary = tiny_task_model
     assert summary["heldout_n"] == 8 and 0 <= summary["heldout_accuracy"] <= 1
-    return str(out)
+    return path
 
 
 def test_directory_is_a_loadable_hf_model(hf_dir):
