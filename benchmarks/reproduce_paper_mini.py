@@ -43,7 +43,7 @@ DEFAULT_MODEL = "/work/main/artifacts/tiny_model"
 # Fields the YAML sets (beta_base, windows, gate, alpha) plus the ones a method changes:
 # every method states all of them so that nothing leaks from the file or a preset.
 SDPG_URKL = dict(preset="sdpg", beta_base=0.1, beta_warmup_steps=0, beta_decay_steps=0, distill_gate=False,
-                 alpha=1e-3, ref_kl_mode="urkl")
+                 alpha=1e-3, ref_kl_mode="urkl", distill_mask_after_divergence=False)
 METHODS: dict[str, dict] = {
     # GRPO: no distillation, k3 reference KL in the loss with the same alpha.
     "grpo": dict(preset="grpo", beta_base=0.0, beta_warmup_steps=0, beta_decay_steps=0, distill_gate=False,
@@ -58,11 +58,13 @@ METHODS: dict[str, dict] = {
     "sdpg-alpha0": dict(SDPG_URKL, alpha=0.0),
     "sdpg-gated": dict(SDPG_URKL, distill_gate=True),
     "sdpg-schedule": dict(SDPG_URKL, beta_warmup_steps="WARM", beta_decay_steps="DECAY"),
+    # No distillation after the first response token that is not the teacher's greedy choice.
+    "sdpg-maskwrong": dict(SDPG_URKL, distill_mask_after_divergence=True),
 }
 QUICK_METHODS = ("grpo", "opsd", "sdpg-urkl")
 LABELS = {"grpo": "GRPO", "opsd": "OPSD", "sdpg-urkl": "SDPG-URKL", "sdpg-ufkl": "SDPG-UFKL",
           "sdpg-beta0": "SDPG beta=0", "sdpg-alpha0": "SDPG alpha=0", "sdpg-gated": "SDPG gated",
-          "sdpg-schedule": "SDPG schedule"}
+          "sdpg-schedule": "SDPG schedule", "sdpg-maskwrong": "SDPG KL masked after 1st wrong token"}
 # Figure-3 panels: (file stem, title, metric key).
 CURVES = (("heldout_accuracy", "Held-out greedy accuracy", "eval/accuracy"),
           ("heldout_accuracy_with_context", "Held-out accuracy with the context", "eval/accuracy_with_context"),

@@ -63,6 +63,10 @@ class AlgorithmConfig:
     total_steps: int | None = None
     distill_gate: bool = True  # m_i = 1[A_i > 0]
     distill_kl_clamp: float | None = 20.0  # per-token l_t <= clamp (reference implementation)
+    # Ablation: no distillation on the tokens AFTER the first response token that is not the
+    # teacher's greedy choice (the first "wrong" token under the privileged context); that
+    # token keeps its term. LEARNING_NOTES: the teacher turns diffuse after it.
+    distill_mask_after_divergence: bool = False
     distill_divergence: str = "reverse_kl"  # reverse_kl (SDPG), forward_kl or jsd (OPSD)
     jsd_beta: float = 0.5
     pointwise_clip: float | None = None  # OPSD: clamp each vocabulary entry's term

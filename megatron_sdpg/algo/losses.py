@@ -40,7 +40,7 @@ from megatron_sdpg.algo.loss_terms import (
     reference_kl_term,
     truncated_is_weight,
 )
-from megatron_sdpg.ops.vocab_parallel import entropy, full_vocab_kl, generalized_jsd, token_log_probs
+from megatron_sdpg.ops.vocab_parallel import entropy, full_vocab_kl, generalized_jsd, is_greedy_token, token_log_probs
 from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy
 
 MAX_SUFFIX = "_max"
@@ -83,6 +83,32 @@ def distill_divergence(student_logits, teacher_logits, cfg: AlgorithmConfig, tp_
         return full_vocab_kl(student_logits, teacher_logits, **kw)
     beta = {"reverse_kl": 1.0, "forward_kl": 0.0, "jsd": cfg.jsd_beta}[cfg.distill_divergence]
     return generalized_jsd(student_logits, teacher_logits, beta, pointwise_clip=cfg.pointwise_clip, **kw)
+
+
+def after_first_divergence(divergent: torch.Tensor, seq_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """Marks the tokens strictly after each sequence's first divergent token.
+
+    Args:
+        divergent: ``[T]`` bool, True where the sampled token left the teacher's path.
+        seq_index: ``[T]`` sequence id of each token; a sequence's tokens appear in
+            response order (not necessarily contiguous with each other's sequences).
+        num_sequences: Number of sequence ids.
+
+    Returns:
+        ``[T]`` bool.
+    """
+    if divergent.numel() == 0:
+        return divergent.clone()
+    seq = seq_index.long()
+    order = torch.argsort(seq, stable=True)  # group each sequence's tokens, keep their order
+    d = divergent[order].long()
+    before = torch.cumsum(d, 0) - d  # divergent tokens strictly before, counted from the start
+    start = torch.full((num_sequences,), torch.iinfo(torch.long).max, dtype=torch.long, device=d.device)
+    start = start.scatter_reduce(0, seq[order], before, reduce="amin")
+    after_sorted = (before - start[seq[order]]) > 0
+    out = torch.empty_like(divergent)
+    out[order] = after_sorted
+    return out
 
 
 def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -164,6 +190,11 @@ def sdpg_loss(
                 gate = mask & batch.gate.bool()[batch.seq_index.long()]
             else:
                 gate = mask & (batch.advantages > 0)
+        if cfg.distill_mask_after_divergence:
+            divergent = mask & ~is_greedy_token(teacher_logits.detach(), batch.target, tp_group)
+            after = mask & after_first_divergence(divergent, batch.seq_index, num_seqs)
+            gate = gate & ~after
+            metrics["distill_masked_frac"] = (_masked_sum(after.float(), mask), n_tok)
         per_token = per_token + beta_k * rho * torch.where(gate, div, torch.zeros_like(div))
         metrics["distill_kl"] = (_masked_sum(div, mask), n_tok)
         metrics["distill_gated_frac"] = (_masked_sum(gate.float(), mask), n_tok)

@@ -55,7 +55,9 @@ from megatron_sdpg.ops.vocab_shard import (
     zero_where_nan_,
 )
 
-__all__ = ["token_log_probs", "entropy", "full_vocab_kl", "generalized_jsd", "log_probs_kl_entropy"]
+__all__ = [
+    "token_log_probs", "entropy", "full_vocab_kl", "generalized_jsd", "log_probs_kl_entropy", "is_greedy_token",
+]
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -280,3 +282,35 @@ def full_vocab_kl(
         student_logits, teacher_logits.detach(), tp_group, float(temperature), chunk_size, inplace_backward
     )
 
+
+
+@torch.no_grad()
+def is_greedy_token(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Whether ``target`` is a most likely token of ``logits`` (ties count as greedy).
+
+    Temperature does not change the argmax, so it is not a parameter. Used to find
+    the first token where a sampled response leaves the teacher's greedy path.
+
+    Args:
+        logits: ``[..., v/tp]`` this rank's vocabulary shard, any float dtype.
+        target: ``[...]`` GLOBAL token ids in ``[0, V)``.
+        tp_group: Tensor-parallel group the vocabulary is split over; None = no TP.
+
+    Returns:
+        ``[...]`` bool, identical on every TP rank. Two all-reduces (MAX) of ``[T]``
+        fp32 values; no ``[T, V]`` temporary.
+    """
+    rows = as_rows(logits)
+    n, v = rows.shape
+    local, in_shard = local_targets(target, n, v, tp_group)
+    stats = torch.stack([
+        rows.amax(dim=-1).float() if v else rows.new_full((n,), float("-inf"), dtype=torch.float32),
+        torch.where(in_shard, rows.gather(1, local[:, None]).squeeze(1).float(),
+                    torch.full((n,), float("-inf"), dtype=torch.float32, device=rows.device)),
+    ])
+    all_reduce_(stats, dist.ReduceOp.MAX, tp_group)
+    return (stats[1] >= stats[0]).view(logits.shape[:-1])

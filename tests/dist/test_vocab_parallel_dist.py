@@ -35,8 +35,11 @@ def _loss_case():
         ref_log_probs=-torch.rand(9, generator=g) * 3,
         rollout_log_probs=-torch.rand(9, generator=g) * 3,
     )
+    greedy = t.argmax(-1)  # some tokens on the teacher's greedy path, for the divergence mask
+    batch.target[[0, 1, 5, 7]] = greedy[[0, 1, 5, 7]]
     cfgs = [apply_preset("sdpg", beta_base=0.3, alpha=0.05), apply_preset("opsd"),
-            apply_preset("sdpg-authors", beta_base=0.2, loss_agg="seq-mean-token-mean", vocab_chunk_size=4)]
+            apply_preset("sdpg-authors", beta_base=0.2, loss_agg="seq-mean-token-mean", vocab_chunk_size=4),
+            apply_preset("sdpg", beta_base=0.3, alpha=0.0, distill_gate=False, distill_mask_after_divergence=True)]
     return s, t, batch, cfgs
 
 
@@ -72,6 +75,8 @@ def test_vocab_parallel_ops_and_loss_match_single_process(world_size):
         got = [r[1][j] for r in per_rank]
         torch.testing.assert_close(got[0][0], loss_sum, rtol=1e-5, atol=1e-7)
         assert got[0][1] == n
+        if j == 3:  # seq 0 leaves the greedy path at token 2: token 3 is masked; seq 1 at token 6
+            assert metrics["distill_masked_frac"] > 0
         for name, value in metrics.items():
             assert got[0][2][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
         torch.testing.assert_close(torch.cat([g[3] for g in got], dim=-1), grad, rtol=1e-5, atol=1e-7)

@@ -93,6 +93,39 @@ def test_explicit_per_sequence_gate_replaces_the_advantage_gate():
     assert sdpg_loss(s, t, b, cfg, step=100)[0].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_after_first_divergence_marks_tokens_after_each_sequences_first_wrong_token():
+    from megatron_sdpg.algo.losses import after_first_divergence
+
+    divergent = torch.tensor([0, 1, 0, 1, 0, 0, 1, 0, 1, 0], dtype=torch.bool)
+    seq_index = torch.tensor([0, 0, 0, 0, 1, 2, 1, 2, 2, 1])  # sequences interleaved, each in order
+    # seq 0: tokens 0..3, first wrong at 1 -> 2, 3 after; seq 1: tokens 4, 6, 9, wrong at 6 -> 9 after;
+    # seq 2: tokens 5, 7, 8, wrong at 8 -> nothing after.
+    expected = torch.tensor([0, 0, 1, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
+    assert torch.equal(after_first_divergence(divergent, seq_index, 3), expected)
+    assert after_first_divergence(divergent[:0], seq_index[:0], 0).numel() == 0
+
+
+def test_distill_mask_after_divergence_drops_the_kl_after_the_first_non_greedy_token():
+    s, t, b = _batch()
+    greedy = t.argmax(-1)
+    b.target = torch.tensor([greedy[0], 3 if greedy[1] != 3 else 2, greedy[2], 0, 5, 4, 0])
+    b.target[3] = greedy[3]
+    b.target[4] = (greedy[4] + 1) % V
+    b.target[5] = greedy[5]
+    cfg = apply_preset("sdpg", beta_base=0.5, alpha=0.0, distill_gate=False, distill_kl_clamp=None,
+                       beta_warmup_steps=0, beta_decay_steps=0, distill_mask_after_divergence=True)
+    loss, n, metrics = sdpg_loss(s, t, b, cfg, step=1)
+    # seq 0 (tokens 0-2): wrong at 1 -> token 2 masked; seq 1 (3-4): wrong at 4, nothing after; seq 2: greedy.
+    kept = torch.tensor([1, 1, 0, 1, 1, 1, 0], dtype=torch.float64)
+    kl = _dense_sdpg(s.double(), t, b, 0.0, 0.0, 0.2, 0.2, math.inf, math.inf)[2]
+    logp = s.double().log_softmax(-1).gather(1, b.target[:, None]).squeeze(1)
+    rho = torch.exp(logp - b.rollout_log_probs.double())
+    policy_only = apply_preset("sdpg", beta_base=0.0, alpha=0.0)
+    expected = sdpg_loss(s, None, b, policy_only, step=1)[0].item() + 0.5 * (rho * kl * kept).sum().item()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert reduce_metrics([metrics])["distill_masked_frac"] == pytest.approx(1 / 6)
+
+
 def test_seq_mean_token_mean_and_constant_normalisers():
     s, t, b = _batch()
     xd = s.double()

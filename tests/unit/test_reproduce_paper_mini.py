@@ -54,9 +54,11 @@ def test_method_semantics():
     # Each ablation differs from sdpg-urkl in exactly the fields it names.
     base = f["sdpg-urkl"]
     diffs = {m: {k for k in base if f[m].get(k) != base[k]} for m in ("sdpg-beta0", "sdpg-alpha0", "sdpg-gated",
-                                                                         "sdpg-schedule", "sdpg-ufkl")}
+                                                                         "sdpg-schedule", "sdpg-ufkl",
+                                                                         "sdpg-maskwrong")}
     assert diffs == {"sdpg-beta0": {"beta_base"}, "sdpg-alpha0": {"alpha"}, "sdpg-gated": {"distill_gate"},
-                     "sdpg-schedule": {"beta_warmup_steps", "beta_decay_steps"}, "sdpg-ufkl": {"ref_kl_mode"}}
+                     "sdpg-schedule": {"beta_warmup_steps", "beta_decay_steps"}, "sdpg-ufkl": {"ref_kl_mode"},
+                     "sdpg-maskwrong": {"distill_mask_after_divergence"}}
     # The paper's windows (50 and 350 of 400) scaled to the run length.
     assert (f["sdpg-schedule"]["beta_warmup_steps"], f["sdpg-schedule"]["beta_decay_steps"]) == (15, 105)
     with pytest.raises(KeyError, match="unknown method"):
