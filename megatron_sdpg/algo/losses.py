@@ -122,6 +122,7 @@ def sdpg_loss(
     cfg: AlgorithmConfig,
     step: int,
     tp_group: dist.ProcessGroup | None = None,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """SDPG / GRPO / DAPO / OPSD loss of one micro-batch.
 
@@ -134,6 +135,10 @@ def sdpg_loss(
         cfg: Validated algorithm config.
         step: 1-based training step ``k`` for ``beta(k)``.
         tp_group: Tensor-parallel group the vocabulary is split over.
+        inplace_backward: On the fused reverse-KL path, write the gradient into
+            ``student_logits``' storage (saves one ``[T, V/tp]`` buffer). Only for
+            logits nothing reads after the backward, e.g. a private ``index_select``
+            copy; an autograd node that saved them fails loudly on its version check.
 
     Returns:
         ``(loss_sum, normaliser, metrics)``; ``loss_sum / normaliser`` is this
@@ -152,7 +157,8 @@ def sdpg_loss(
         raise ValueError(f"teacher_logits is None but beta(k={step}) = {beta_k} needs the teacher")
     if needs_teacher and cfg.distill_divergence == "reverse_kl" and cfg.pointwise_clip is None:
         # One pass over the vocabulary and one gradient buffer for all three statistics.
-        log_probs, div, ent = log_probs_kl_entropy(student_logits, teacher_logits, batch.target, **kw)
+        log_probs, div, ent = log_probs_kl_entropy(student_logits, teacher_logits, batch.target, **kw,
+                                                   inplace_backward=inplace_backward)
     else:
         log_probs = token_log_probs(student_logits, batch.target, **kw)
         with torch.no_grad():

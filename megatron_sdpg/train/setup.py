@@ -56,7 +56,10 @@ def sdpg_loss_fn(cfg: SDPGConfig, groups: ParallelGroups, step: int, mb: dict, l
         rollout_log_probs=mb["rollout_log_probs"],
         seq_index=mb["seq_index"],
     )
-    return sdpg_loss(student, mb.get("teacher_logits"), inputs, cfg.algorithm, step + 1, tp_group=groups.tp_group_or_none)
+    # ``student`` is a private index_select copy read by nothing after the loss: the
+    # gradient may overwrite it (one [T, V/tp] buffer fewer at peak).
+    return sdpg_loss(student, mb.get("teacher_logits"), inputs, cfg.algorithm, step + 1,
+                     tp_group=groups.tp_group_or_none, inplace_backward=True)
 
 
 @dataclass

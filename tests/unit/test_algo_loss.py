@@ -194,3 +194,17 @@ def test_presets_and_validation():
         AlgorithmConfig(ref_kl_mode="kl").validate("rl")
     with pytest.raises(ConfigError, match=r"^algorithm\.bogus: no such field"):
         apply_preset("sdpg", bogus=1)
+
+
+def test_inplace_backward_loss_gives_the_same_gradient_through_an_index_select_copy():
+    s, t, b = _batch()
+    cfg = apply_preset("sdpg", beta_base=0.5, alpha=0.1)
+    grads = []
+    for inplace in (False, True):
+        full = torch.cat([torch.zeros(2, V), s]).requires_grad_(True)  # rows 2.. hold the response logits
+        student = full.index_select(0, torch.arange(2, 2 + s.shape[0]))  # private copy, as in the trainer
+        loss_sum, n, _ = sdpg_loss(student, t, b, cfg, step=60, inplace_backward=inplace)
+        (loss_sum / n).backward()
+        grads.append(full.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
