@@ -234,7 +234,8 @@ def main(argv=None) -> None:
     p.add_argument("--tp", type=int, nargs="+", default=None, help="TP sizes (default: 1 2 on cpu, 1 on cuda)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--chunk-size", type=int, default=128)
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="tokens per chunk (default: the op's device default, vocab_shard.resolve_chunk_size)")
     p.add_argument("--mem-budget-gb", type=float, default=14.0, help="total memory the naive path may use")
     p.add_argument("--quick", action="store_true", help="T=64, V=4096: a smoke test in seconds")
     p.add_argument("--timeout", type=float, default=1800.0)

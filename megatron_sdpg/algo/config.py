@@ -84,7 +84,7 @@ class AlgorithmConfig:
     loss_agg_constant: float | None = None  # Dr.GRPO normaliser per sequence (e.g. max response length)
     # None = rollout.sampling.temperature (1 when greedy), filled in by load_config; 1.0 when built directly.
     temperature: float | None = None
-    vocab_chunk_size: int = 128
+    vocab_chunk_size: int | None = None  # tokens per chunk of the vocab ops; None = device default
 
     def schedule_steps(self) -> int:
         """T of the beta schedule."""
@@ -141,7 +141,8 @@ class AlgorithmConfig:
             )
         require(self.temperature is None or self.temperature > 0, f("temperature"),
                 f"must be > 0 or null, got {self.temperature}")
-        require(self.vocab_chunk_size >= 1, f("vocab_chunk_size"), f"must be >= 1, got {self.vocab_chunk_size}")
+        require(self.vocab_chunk_size is None or self.vocab_chunk_size >= 1, f("vocab_chunk_size"),
+                f"must be >= 1 or null, got {self.vocab_chunk_size}")
 
 
 PRESETS: dict[str, dict] = {

@@ -39,13 +39,12 @@ import torch.distributed as dist
 from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy
 from megatron_sdpg.ops.vocab_parallel_jsd import generalized_jsd
 from megatron_sdpg.ops.vocab_shard import (
-    DEFAULT_CHUNK_SIZE,
     all_reduce_,
     as_rows,
-    check_chunk_size,
     check_pair,
     check_temperature,
     chunks,
+    resolve_chunk_size,
     global_max,
     local_targets,
     row_max,
@@ -203,7 +202,7 @@ def token_log_probs(
     target: torch.Tensor,
     tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Log-probability of ``target`` under ``softmax(logits / temperature)``.
 
@@ -213,14 +212,15 @@ def token_log_probs(
             hold some valid id; their values are simply not used by the loss).
         tp_group: Tensor-parallel group the vocabulary is split over; None = no TP.
         temperature: Softmax temperature (> 0).
-        chunk_size: Tokens processed at a time.
+        chunk_size: Tokens processed at a time; None = the device default
+            (``vocab_shard.resolve_chunk_size``).
 
     Returns:
         ``[...]`` fp32, identical on every TP rank. Differentiable w.r.t. ``logits``:
         ``d/dz = (onehot(target) - p) / temperature``.
     """
     check_temperature(temperature)
-    check_chunk_size(chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, logits)
     return _TokenLogProbs.apply(logits, target, tp_group, float(temperature), chunk_size)
 
 
@@ -228,7 +228,7 @@ def entropy(
     logits: torch.Tensor,
     tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Entropy ``-sum_v p log p`` of ``softmax(logits / temperature)`` per token.
 
@@ -236,13 +236,14 @@ def entropy(
         logits: ``[..., v/tp]`` this rank's vocabulary shard, bf16 or fp32.
         tp_group: Tensor-parallel group; None = no TP.
         temperature: Softmax temperature (> 0).
-        chunk_size: Tokens processed at a time.
+        chunk_size: Tokens processed at a time; None = the device default
+            (``vocab_shard.resolve_chunk_size``).
 
     Returns:
         ``[...]`` fp32. Differentiable: ``dH/dz = -p (log p + H) / temperature``.
     """
     check_temperature(temperature)
-    check_chunk_size(chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, logits)
     return _Entropy.apply(logits, tp_group, float(temperature), chunk_size)
 
 
@@ -251,7 +252,7 @@ def full_vocab_kl(
     teacher_logits: torch.Tensor,
     tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Exact reverse KL ``sum_v p_s (log p_s - log p_t)`` over the whole vocabulary.
@@ -264,7 +265,8 @@ def full_vocab_kl(
         teacher_logits: Same shape; any dtype.
         tp_group: Tensor-parallel group; None = no TP.
         temperature: Softmax temperature (> 0), applied to both.
-        chunk_size: Tokens processed at a time.
+        chunk_size: Tokens processed at a time; None = the device default
+            (``vocab_shard.resolve_chunk_size``).
         inplace_backward: Write the gradient into ``student_logits``' own storage
             instead of a new buffer (saves one logits-sized buffer). Only valid
             when nothing else reads the student logits afterwards; another
@@ -277,7 +279,7 @@ def full_vocab_kl(
     """
     check_pair(student_logits, teacher_logits)
     check_temperature(temperature)
-    check_chunk_size(chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, student_logits)
     return _FullVocabKL.apply(
         student_logits, teacher_logits.detach(), tp_group, float(temperature), chunk_size, inplace_backward
     )

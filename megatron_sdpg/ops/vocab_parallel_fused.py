@@ -20,13 +20,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdpg.ops.vocab_shard import (
-    DEFAULT_CHUNK_SIZE,
     all_reduce_,
     as_rows,
-    check_chunk_size,
     check_pair,
     check_temperature,
     chunks,
+    resolve_chunk_size,
     local_targets,
     row_max,
     scaled_minus,
@@ -110,7 +109,7 @@ def log_probs_kl_entropy(
     target: torch.Tensor,
     tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log p_s(target), KL(p_s || p_t), H(p_s))`` per token in one fused pass.
@@ -121,7 +120,8 @@ def log_probs_kl_entropy(
         target: ``[...]`` GLOBAL token ids.
         tp_group: Tensor-parallel group; None = no TP.
         temperature: Softmax temperature (> 0), applied to both.
-        chunk_size: Tokens processed at a time.
+        chunk_size: Tokens processed at a time; None = the device default
+            (``vocab_shard.resolve_chunk_size``).
         inplace_backward: Write the gradient into the student logits' storage
             (see ``full_vocab_kl``).
 
@@ -131,7 +131,7 @@ def log_probs_kl_entropy(
     """
     check_pair(student_logits, teacher_logits)
     check_temperature(temperature)
-    check_chunk_size(chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, student_logits)
     return _LogProbsKLEntropy.apply(
         student_logits, teacher_logits.detach(), target, tp_group, float(temperature), chunk_size, inplace_backward
     )

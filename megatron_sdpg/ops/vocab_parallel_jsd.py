@@ -32,13 +32,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdpg.ops.vocab_shard import (
-    DEFAULT_CHUNK_SIZE,
     all_reduce_,
     as_rows,
-    check_chunk_size,
     check_pair,
     check_temperature,
     chunks,
+    resolve_chunk_size,
     global_max,
     scaled_fp32,
     upstream_per_row,
@@ -146,7 +145,7 @@ def generalized_jsd(
     beta: float = 0.5,
     tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     pointwise_clip: float | None = None,
 ) -> torch.Tensor:
     """Generalised JSD per token between vocab-parallel student and teacher logits.
@@ -158,7 +157,8 @@ def generalized_jsd(
             in between the TRL/GKD generalised JSD (see module docstring).
         tp_group: Tensor-parallel group; None = no TP.
         temperature: Softmax temperature (> 0), applied to both.
-        chunk_size: Tokens processed at a time.
+        chunk_size: Tokens processed at a time; None = the device default
+            (``vocab_shard.resolve_chunk_size``).
         pointwise_clip: If set, each vocabulary entry's term is clamped at this
             value before the sum (clamped entries pass no gradient).
 
@@ -167,7 +167,7 @@ def generalized_jsd(
     """
     check_pair(student_logits, teacher_logits)
     check_temperature(temperature)
-    check_chunk_size(chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, student_logits)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta!r}")
     if pointwise_clip is not None and not pointwise_clip > 0:

@@ -15,8 +15,13 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_SIZE = 128
-"""Tokens per chunk. At a 151,936-entry shard one fp32 chunk buffer is 78 MB."""
+GPU_CHUNK_TOKENS = 128
+"""Default tokens per chunk on GPUs: few, large kernels (one fp32 buffer is 78 MB at 151,936)."""
+
+CPU_CHUNK_BYTES = 3 << 20
+"""Default fp32 bytes of one chunk buffer on CPUs: the few buffers a chunk needs stay in the
+last-level cache, so the several passes over a chunk do not go to DRAM (at a 151,936-entry
+shard: 5 tokens; measured 2x faster than 128 tokens on a 32 MiB-L3 CPU)."""
 
 
 def shard_rank_and_size(tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -48,9 +53,20 @@ def check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
         )
 
 
-def check_chunk_size(chunk_size: int) -> None:
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+def resolve_chunk_size(chunk_size: int | None, logits: torch.Tensor) -> int:
+    """Checks ``chunk_size``, or picks the default for the logits' device when it is None.
+
+    Returns:
+        Tokens per chunk: ``chunk_size``; else ``GPU_CHUNK_TOKENS`` on an accelerator,
+        or as many tokens as fit ``CPU_CHUNK_BYTES`` of fp32 on a CPU (at least 1).
+    """
+    if chunk_size is None:
+        if logits.device.type != "cpu":
+            return GPU_CHUNK_TOKENS
+        return max(1, CPU_CHUNK_BYTES // (4 * max(1, logits.shape[-1] if logits.dim() else 1)))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
 
 
 def check_temperature(temperature: float) -> None:

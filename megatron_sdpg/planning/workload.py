@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from megatron_sdpg.config.errors import require
 
+GPU_CHUNK_TOKENS = 128  # = ops.vocab_shard.GPU_CHUNK_TOKENS (the planner stays torch-free)
+
 PAD_MULTIPLE = 8  # micro-batches are padded to a multiple of 8 tokens (train/batch.py)
 
 
@@ -111,5 +113,5 @@ def workload_from_config(cfg) -> Workload:
         reference_model=(algo.alpha > 0 and algo.objective != "opsd") or algo.teacher_source == "initial",
         old_logprob_pass=train.ppo_epochs * train.mini_batches > 1,
         update_passes=train.ppo_epochs,
-        kl_chunk_size=algo.vocab_chunk_size,
+        kl_chunk_size=algo.vocab_chunk_size or GPU_CHUNK_TOKENS,  # the planner sizes GPU memory
     )

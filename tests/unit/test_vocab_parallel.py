@@ -66,6 +66,23 @@ def test_bad_inputs_raise_clear_errors():
         entropy(x, temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         entropy(x, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        entropy(x, chunk_size=2.0)
+
+
+def test_default_chunk_size_fits_the_cpu_cache_and_matches_explicit_chunks():
+    from megatron_sdpg.ops.vocab_shard import CPU_CHUNK_BYTES, resolve_chunk_size
+
+    assert resolve_chunk_size(None, torch.empty(0, 151936)) == CPU_CHUNK_BYTES // (4 * 151936) == 5
+    assert resolve_chunk_size(None, torch.empty(0, 16)) == CPU_CHUNK_BYTES // 64
+    assert resolve_chunk_size(None, torch.empty(0, 10**8)) == 1
+    assert resolve_chunk_size(7, torch.empty(0, 16)) == 7
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(11, 300000, generator=g), torch.randn(11, 300000, generator=g)  # default: 2 tokens per chunk
+    x, y = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    full_vocab_kl(x, t).sum().backward()
+    full_vocab_kl(y, t, chunk_size=11).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-9)
 
 
 def test_fused_gradient_on_infinite_kl_row_is_the_log_prob_part_when_kl_is_clamped():
