@@ -52,6 +52,7 @@ from megatron_sdpg.ops.vocab_shard import (
     scaled_fp32,
     scaled_minus,
     upstream_per_row,
+    use_triton,
     zero_where_nan_,
 )
 
@@ -253,6 +254,7 @@ def full_vocab_kl(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     inplace_backward: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Exact reverse KL ``sum_v p_s (log p_s - log p_t)`` over the whole vocabulary.
 
@@ -264,11 +266,15 @@ def full_vocab_kl(
         teacher_logits: Same shape; any dtype.
         tp_group: Tensor-parallel group; None = no TP.
         temperature: Softmax temperature (> 0), applied to both.
-        chunk_size: Tokens processed at a time.
+        chunk_size: Tokens processed at a time (PyTorch path only).
         inplace_backward: Write the gradient into ``student_logits``' own storage
             instead of a new buffer (saves one logits-sized buffer). Only valid
             when nothing else reads the student logits afterwards; another
             autograd node that saved them then fails loudly on its version check.
+        backend: ``"auto"`` (default: the one-pass Triton kernels of
+            ``vocab_parallel_triton`` for CUDA tensors when triton is installed,
+            else the chunked PyTorch path), ``"torch"`` or ``"triton"``; None reads
+            ``$MEGATRON_SDPG_VOCAB_BACKEND``.
 
     Returns:
         ``[...]`` fp32 KL per token (``+inf`` where the teacher is ``-inf`` on an
@@ -278,6 +284,10 @@ def full_vocab_kl(
     check_pair(student_logits, teacher_logits)
     check_temperature(temperature)
     check_chunk_size(chunk_size)
+    if use_triton(student_logits, backend):
+        from megatron_sdpg.ops.vocab_parallel_triton import triton_full_vocab_kl
+
+        return triton_full_vocab_kl(student_logits, teacher_logits, tp_group, temperature, inplace_backward)
     return _FullVocabKL.apply(
         student_logits, teacher_logits.detach(), tp_group, float(temperature), chunk_size, inplace_backward
     )

@@ -31,6 +31,7 @@ from megatron_sdpg.ops.vocab_shard import (
     row_max,
     scaled_minus,
     upstream_per_row,
+    use_triton,
 )
 
 
@@ -112,6 +113,7 @@ def log_probs_kl_entropy(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     inplace_backward: bool = False,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log p_s(target), KL(p_s || p_t), H(p_s))`` per token in one fused pass.
 
@@ -121,9 +123,10 @@ def log_probs_kl_entropy(
         target: ``[...]`` GLOBAL token ids.
         tp_group: Tensor-parallel group; None = no TP.
         temperature: Softmax temperature (> 0), applied to both.
-        chunk_size: Tokens processed at a time.
+        chunk_size: Tokens processed at a time (PyTorch path only).
         inplace_backward: Write the gradient into the student logits' storage
             (see ``full_vocab_kl``).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``full_vocab_kl``).
 
     Returns:
         Three ``[...]`` fp32 tensors; the first two are differentiable w.r.t. the
@@ -132,6 +135,11 @@ def log_probs_kl_entropy(
     check_pair(student_logits, teacher_logits)
     check_temperature(temperature)
     check_chunk_size(chunk_size)
+    if use_triton(student_logits, backend):
+        from megatron_sdpg.ops.vocab_parallel_triton import triton_log_probs_kl_entropy
+
+        return triton_log_probs_kl_entropy(student_logits, teacher_logits, target, tp_group, temperature,
+                                           inplace_backward)
     return _LogProbsKLEntropy.apply(
         student_logits, teacher_logits.detach(), target, tp_group, float(temperature), chunk_size, inplace_backward
     )
