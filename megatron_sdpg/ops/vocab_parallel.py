@@ -20,6 +20,12 @@ Collectives per chunk, each on per-token ``[k, chunk]`` fp32 statistics only:
 - ``log_probs_kl_entropy`` (``vocab_parallel_fused``): the SDPG loss's three
   statistics in one pass: MAX, then one SUM.
 
+On CUDA tensors ``full_vocab_kl`` and ``log_probs_kl_entropy`` run one-pass
+Triton kernels instead when triton is installed (``vocab_parallel_triton``: one
+read of each row forward, one read and one write backward, and one all-gather of
+``[k, n]`` per-row statistics); ``backend=`` or ``$MEGATRON_SDPG_VOCAB_BACKEND``
+(``auto``, ``torch``, ``triton``) chooses. Everything else is chunked PyTorch.
+
 Backward passes issue no collective: forward saves the inputs (references, no
 copy) and per-token fp32 statistics (log-sum-exp, the value), recomputes the
 softmax per chunk and writes the gradient into one preallocated output.

@@ -11,7 +11,9 @@ logit) and writes one gradient::
     dL/dz = [ g_kl * p_s (log p_s - log p_t - KL) + g_lp * (onehot(target) - p_s) ] / T
 
 The entropy output is a detached metric (no gradient). Conventions (shards,
-dtypes, masked logits, ``inplace_backward``) are those of ``vocab_parallel``.
+dtypes, masked logits, ``inplace_backward``, ``backend``) are those of
+``vocab_parallel``; on CUDA the Triton kernels of ``vocab_parallel_triton`` run
+instead of the chunked path below.
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ fused op) in the logits' dtype, optionally into the student logits' storage.
 Masked (``-inf``) entries follow ``vocab_parallel``: zero contribution, never
 NaN; teacher ``-inf`` where the student has mass gives ``KL = +inf``.
 
-Kernels are decorated at import, so Triton's CPU interpreter applies only when
-``TRITON_INTERPRET=1`` is set before this module is first imported (the unit
-tests do that in fresh processes).
+Kernels (and Triton's own library) are decorated at import, so Triton's CPU
+interpreter applies only when ``TRITON_INTERPRET=1`` is set before ``triton`` is
+first imported (the unit tests do that in fresh processes). GPU speed is
+measured by ``benchmarks/bench_vocab_parallel_kl.py`` (``project_triton``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
+from torch.autograd.graph import increment_version
 
 from megatron_sdpg.ops.vocab_shard import as_rows, local_targets, shard_rank_and_size, upstream_per_row
 
@@ -247,8 +249,14 @@ class _TritonLogProbsKLEntropy(torch.autograd.Function):
 
 
 def _grad_buffer(student: torch.Tensor, s_rows: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """The gradient's storage: the student logits themselves (in place) or a new buffer."""
+    """The gradient's storage: the student logits themselves (in place) or a new buffer.
+
+    In place, the student's version counter is bumped as a PyTorch in-place op
+    would (the kernel's write is invisible to autograd), so another node that
+    saved the student logits fails loudly instead of reading the gradient.
+    """
     if inplace and student.is_contiguous():
+        increment_version(student)
         return s_rows  # each block is read before the same program overwrites it
     return torch.empty(s_rows.shape, dtype=student.dtype, device=student.device)
 
