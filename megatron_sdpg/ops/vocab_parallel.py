@@ -20,6 +20,12 @@ Collectives per chunk, each on per-token ``[k, chunk]`` fp32 statistics only:
 - ``log_probs_kl_entropy`` (``vocab_parallel_fused``): the SDPG loss's three
   statistics in one pass: MAX, then one SUM.
 
+On CUDA tensors ``full_vocab_kl`` and ``log_probs_kl_entropy`` run one-pass
+Triton kernels instead when triton is installed (``vocab_parallel_triton``: one
+read of each row forward, one read and one write backward, and one all-gather of
+``[k, n]`` per-row statistics); ``backend=`` or ``$MEGATRON_SDPG_VOCAB_BACKEND``
+(``auto``, ``torch``, ``triton``) chooses. Everything else is chunked PyTorch.
+
 Backward passes issue no collective: forward saves the inputs (references, no
 copy) and per-token fp32 statistics (log-sum-exp, the value), recomputes the
 softmax per chunk and writes the gradient into one preallocated output.
@@ -44,13 +50,14 @@ from megatron_sdpg.ops.vocab_shard import (
     check_pair,
     check_temperature,
     chunks,
-    resolve_chunk_size,
     global_max,
     local_targets,
+    resolve_chunk_size,
     row_max,
     scaled_fp32,
     scaled_minus,
     upstream_per_row,
+    use_triton,
     zero_where_nan_,
 )
 
@@ -254,6 +261,7 @@ def full_vocab_kl(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     inplace_backward: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Exact reverse KL ``sum_v p_s (log p_s - log p_t)`` over the whole vocabulary.
 
@@ -265,12 +273,16 @@ def full_vocab_kl(
         teacher_logits: Same shape; any dtype.
         tp_group: Tensor-parallel group; None = no TP.
         temperature: Softmax temperature (> 0), applied to both.
-        chunk_size: Tokens processed at a time; None = the device default
-            (``vocab_shard.resolve_chunk_size``).
+        chunk_size: Tokens processed at a time (PyTorch path only); None = the device
+            default (``vocab_shard.resolve_chunk_size``).
         inplace_backward: Write the gradient into ``student_logits``' own storage
             instead of a new buffer (saves one logits-sized buffer). Only valid
             when nothing else reads the student logits afterwards; another
             autograd node that saved them then fails loudly on its version check.
+        backend: ``"auto"`` (default: the one-pass Triton kernels of
+            ``vocab_parallel_triton`` for CUDA tensors when triton is installed,
+            else the chunked PyTorch path), ``"torch"`` or ``"triton"``; None reads
+            ``$MEGATRON_SDPG_VOCAB_BACKEND``.
 
     Returns:
         ``[...]`` fp32 KL per token (``+inf`` where the teacher is ``-inf`` on an
@@ -280,6 +292,10 @@ def full_vocab_kl(
     check_pair(student_logits, teacher_logits)
     check_temperature(temperature)
     chunk_size = resolve_chunk_size(chunk_size, student_logits)
+    if use_triton(student_logits, backend):
+        from megatron_sdpg.ops.vocab_parallel_triton import triton_full_vocab_kl
+
+        return triton_full_vocab_kl(student_logits, teacher_logits, tp_group, temperature, inplace_backward)
     return _FullVocabKL.apply(
         student_logits, teacher_logits.detach(), tp_group, float(temperature), chunk_size, inplace_backward
     )

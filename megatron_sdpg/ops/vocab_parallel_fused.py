@@ -11,7 +11,9 @@ logit) and writes one gradient::
     dL/dz = [ g_kl * p_s (log p_s - log p_t - KL) + g_lp * (onehot(target) - p_s) ] / T
 
 The entropy output is a detached metric (no gradient). Conventions (shards,
-dtypes, masked logits, ``inplace_backward``) are those of ``vocab_parallel``.
+dtypes, masked logits, ``inplace_backward``, ``backend``) are those of
+``vocab_parallel``; on CUDA the Triton kernels of ``vocab_parallel_triton`` run
+instead of the chunked path below.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from megatron_sdpg.ops.vocab_shard import (
     check_pair,
     check_temperature,
     chunks,
-    resolve_chunk_size,
     local_targets,
+    resolve_chunk_size,
     row_max,
     scaled_minus,
     upstream_per_row,
+    use_triton,
 )
 
 
@@ -111,6 +114,7 @@ def log_probs_kl_entropy(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     inplace_backward: bool = False,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log p_s(target), KL(p_s || p_t), H(p_s))`` per token in one fused pass.
 
@@ -120,10 +124,11 @@ def log_probs_kl_entropy(
         target: ``[...]`` GLOBAL token ids.
         tp_group: Tensor-parallel group; None = no TP.
         temperature: Softmax temperature (> 0), applied to both.
-        chunk_size: Tokens processed at a time; None = the device default
-            (``vocab_shard.resolve_chunk_size``).
+        chunk_size: Tokens processed at a time (PyTorch path only); None = the device
+            default (``vocab_shard.resolve_chunk_size``).
         inplace_backward: Write the gradient into the student logits' storage
             (see ``full_vocab_kl``).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``full_vocab_kl``).
 
     Returns:
         Three ``[...]`` fp32 tensors; the first two are differentiable w.r.t. the
@@ -132,6 +137,11 @@ def log_probs_kl_entropy(
     check_pair(student_logits, teacher_logits)
     check_temperature(temperature)
     chunk_size = resolve_chunk_size(chunk_size, student_logits)
+    if use_triton(student_logits, backend):
+        from megatron_sdpg.ops.vocab_parallel_triton import triton_log_probs_kl_entropy
+
+        return triton_log_probs_kl_entropy(student_logits, teacher_logits, target, tp_group, temperature,
+                                           inplace_backward)
     return _LogProbsKLEntropy.apply(
         student_logits, teacher_logits.detach(), target, tp_group, float(temperature), chunk_size, inplace_backward
     )

@@ -10,6 +10,9 @@ collective is issued at all.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from typing import Iterator
 
 import torch
@@ -22,6 +25,10 @@ CPU_CHUNK_BYTES = 3 << 20
 """Default fp32 bytes of one chunk buffer on CPUs: the few buffers a chunk needs stay in the
 last-level cache, so the several passes over a chunk do not go to DRAM (at a 151,936-entry
 shard: 5 tokens; measured 2x faster than 128 tokens on a 32 MiB-L3 CPU)."""
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "MEGATRON_SDPG_VOCAB_BACKEND"
+"""Environment variable giving the default ``backend`` of the ops that have a Triton path."""
 
 
 def shard_rank_and_size(tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -146,3 +153,32 @@ def scaled_minus(chunk: torch.Tensor, temperature: float, shift: torch.Tensor, o
     if temperature == 1.0:
         return torch.sub(chunk, shift[:, None], out=out)
     return torch.div(chunk, temperature, out=out).sub_(shift[:, None])
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``triton`` can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(logits: torch.Tensor, backend: str | None) -> bool:
+    """Whether an op with a Triton path runs it for ``logits``.
+
+    Args:
+        logits: The student logits.
+        backend: ``"auto"`` (Triton for CUDA tensors when triton is installed,
+            else PyTorch), ``"torch"`` or ``"triton"`` (forced; CPU tensors then
+            need ``TRITON_INTERPRET=1``). None reads ``$MEGATRON_SDPG_VOCAB_BACKEND``,
+            default ``"auto"``.
+    """
+    choice = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    if choice not in BACKENDS:
+        where = "backend" if backend is not None else f"${BACKEND_ENV}"
+        raise ValueError(f"{where} must be one of {BACKENDS}, got {choice!r}")
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' was asked for but triton is not installed (pip install triton)")
+        return True
+    return logits.is_cuda and triton_available()
