@@ -85,6 +85,7 @@ class AlgorithmConfig:
     # None = rollout.sampling.temperature (1 when greedy), filled in by load_config; 1.0 when built directly.
     temperature: float | None = None
     vocab_chunk_size: int | None = None  # tokens per chunk of the vocab ops; None = device default
+    vocab_backend: str = "auto"  # reverse-KL ops: auto (Triton on CUDA when installed), torch or triton
 
     def schedule_steps(self) -> int:
         """T of the beta schedule."""
@@ -141,6 +142,8 @@ class AlgorithmConfig:
             )
         require(self.temperature is None or self.temperature > 0, f("temperature"),
                 f"must be > 0 or null, got {self.temperature}")
+        require(self.vocab_backend in ("auto", "torch", "triton"), f("vocab_backend"),
+                f"must be auto, torch or triton, got {self.vocab_backend!r}")
         require(self.vocab_chunk_size is None or self.vocab_chunk_size >= 1, f("vocab_chunk_size"),
                 f"must be >= 1 or null, got {self.vocab_chunk_size}")
 
