@@ -97,17 +97,36 @@ def write_synthetic_hf(out_dir: str, config: dict, dtype: torch.dtype, shard_byt
 
 
 def raw_io(src: str, dst: str, shard_bytes: int) -> dict:
-    """Reads every tensor of ``src`` and writes them to ``dst`` (the I/O floor of a conversion)."""
-    from megatron_sdpg.weights.hf_io import SafetensorsReader, ShardedSafetensorsWriter
+    """Reads every tensor of ``src`` and writes them to ``dst`` (the I/O floor of a conversion).
+
+    Uses the ``safetensors`` library itself (``safe_open(...).get_tensor`` and
+    ``save_file`` per shard of ``shard_bytes``), in one process, so the baseline
+    does not move when the project's own reader and writer change.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     os.makedirs(dst)
     t0 = time.perf_counter()
-    reader = SafetensorsReader(src)
-    writer = ShardedSafetensorsWriter(dst, shard_bytes)
-    for name in reader:
-        writer.add(name, reader[name])
-    writer.close()
-    return {"seconds": time.perf_counter() - t0, "bytes": writer.total_bytes}
+    with open(os.path.join(src, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    files: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        files.setdefault(file, []).append(name)
+    total, shard, shard_size, n = 0, {}, 0, 0
+    for file, names in files.items():
+        with safe_open(os.path.join(src, file), framework="pt") as f:
+            for name in names:
+                t = f.get_tensor(name)
+                nbytes = t.numel() * t.element_size()
+                if shard and shard_size + nbytes > shard_bytes:
+                    save_file(shard, os.path.join(dst, f"shard-{n}.safetensors"), metadata={"format": "pt"})
+                    shard, shard_size, n = {}, 0, n + 1
+                shard[name] = t
+                shard_size += nbytes
+                total += nbytes
+    save_file(shard, os.path.join(dst, f"shard-{n}.safetensors"), metadata={"format": "pt"})
+    return {"seconds": time.perf_counter() - t0, "bytes": total}
 
 
 def _convert_rank(rank, world_size, direction, src, dst, tp, pp, shard_bytes):

@@ -112,7 +112,9 @@ def load_megatron_checkpoint(chunks: list, ckpt_dir: str) -> None:
     """
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), ckpt_dir)
+    from megatron_sdpg.weights.checkpoint_read import direct_load_strategy
+
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), ckpt_dir, sharded_strategy=direct_load_strategy())
     for i, chunk in enumerate(chunks):
         _load_unless_in_place(chunk, state["model" if len(chunks) == 1 else f"model{i}"])
 
