@@ -4,7 +4,9 @@ Writes a random Llama-architecture HF checkpoint (~1B parameters by default) int
 temporary directory, converts it HF -> Megatron (dist_checkpointing) -> HF on N
 gloo ranks, and in the same run measures the raw safetensors read + write speed of
 the same bytes (the baseline). Prints one JSON line per measurement and a summary
-line with the ratios against the targets:
+line with the ratios against the targets (each measurement runs ``--repeats``
+times, raw I/O interleaved with the conversions; best times are compared and the
+worst RSS is reported):
 
 * conversion speed >= 0.5x the raw I/O speed (per direction);
 * peak RSS per rank <= 2 x (model bytes / ranks) + the largest tensor
@@ -97,17 +99,36 @@ def write_synthetic_hf(out_dir: str, config: dict, dtype: torch.dtype, shard_byt
 
 
 def raw_io(src: str, dst: str, shard_bytes: int) -> dict:
-    """Reads every tensor of ``src`` and writes them to ``dst`` (the I/O floor of a conversion)."""
-    from megatron_sdpg.weights.hf_io import SafetensorsReader, ShardedSafetensorsWriter
+    """Reads every tensor of ``src`` and writes them to ``dst`` (the I/O floor of a conversion).
+
+    Uses the ``safetensors`` library itself (``safe_open(...).get_tensor`` and
+    ``save_file`` per shard of ``shard_bytes``), in one process, so the baseline
+    does not move when the project's own reader and writer change.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     os.makedirs(dst)
     t0 = time.perf_counter()
-    reader = SafetensorsReader(src)
-    writer = ShardedSafetensorsWriter(dst, shard_bytes)
-    for name in reader:
-        writer.add(name, reader[name])
-    writer.close()
-    return {"seconds": time.perf_counter() - t0, "bytes": writer.total_bytes}
+    with open(os.path.join(src, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    files: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        files.setdefault(file, []).append(name)
+    total, shard, shard_size, n = 0, {}, 0, 0
+    for file, names in files.items():
+        with safe_open(os.path.join(src, file), framework="pt") as f:
+            for name in names:
+                t = f.get_tensor(name)
+                nbytes = t.numel() * t.element_size()
+                if shard and shard_size + nbytes > shard_bytes:
+                    save_file(shard, os.path.join(dst, f"shard-{n}.safetensors"), metadata={"format": "pt"})
+                    shard, shard_size, n = {}, 0, n + 1
+                shard[name] = t
+                shard_size += nbytes
+                total += nbytes
+    save_file(shard, os.path.join(dst, f"shard-{n}.safetensors"), metadata={"format": "pt"})
+    return {"seconds": time.perf_counter() - t0, "bytes": total}
 
 
 def _convert_rank(rank, world_size, direction, src, dst, tp, pp, shard_bytes):
@@ -135,6 +156,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--shard-gb", type=float, default=0.5, help="HF safetensors shard size")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement (best time is compared)")
     parser.add_argument("--workdir", default=None, help="where to put the temporary files (default: $TMPDIR)")
     args = parser.parse_args()
     params = 3e7 if args.quick else args.params
@@ -153,28 +175,50 @@ def main() -> None:
         print(json.dumps({"model": "llama-synthetic", "params": n_params, "layers": config["num_hidden_layers"],
                           "dtype": "bfloat16", "gb": round(gb, 3), "largest_tensor_gb": round(largest / 2**30, 3),
                           "ranks": args.ranks, "tp": args.tp, "pp": pp}))
-        raw = raw_io(hf, os.path.join(work, "raw"), shard_bytes)
-        raw_gbps = gb / raw["seconds"]
-        print(json.dumps({"measure": "raw_safetensors_read_write", "seconds": round(raw["seconds"], 2),
-                          "gb_per_s": round(raw_gbps, 3)}))
-        shutil.rmtree(os.path.join(work, "raw"))
+        # A shared machine makes single timings noisy: every measurement is repeated,
+        # raw runs interleaved with the conversions, and the best (minimum) time of
+        # each is compared, the same statistic for the baseline and the converters.
+        raw_times = []
+
+        def measure_raw() -> None:
+            raw = raw_io(hf, os.path.join(work, "raw"), shard_bytes)
+            shutil.rmtree(os.path.join(work, "raw"))
+            raw_times.append(raw["seconds"])
+            print(json.dumps({"measure": "raw_safetensors_read_write", "seconds": round(raw["seconds"], 2),
+                              "gb_per_s": round(gb / raw["seconds"], 3)}))
+
+        measure_raw()
         rss_budget = 2 * gb / args.ranks + largest / 2**30
-        summary = {"raw_gb_per_s": round(raw_gbps, 3), "rss_budget_gb": round(rss_budget, 3)}
         steps = (("hf_to_megatron", hf, os.path.join(work, "mg")),
                  ("megatron_to_hf", os.path.join(work, "mg"), os.path.join(work, "hf_back")))
-        for direction, src, dst in steps:
-            res = run_on_ranks(_convert_rank, args.ranks, direction, src, dst, args.tp, pp, shard_bytes,
-                               timeout=3000, daemon=False)
-            seconds = max(r["seconds"] for r in res)
-            growth = [r["rss_peak_gb"] - r["rss_start_gb"] for r in res]
-            record = {"measure": direction, "seconds": round(seconds, 2), "gb_per_s": round(gb / seconds, 3),
-                      "speed_vs_raw_io": round(gb / seconds / raw_gbps, 3),
-                      "peak_rss_gb_per_rank": [round(r["rss_peak_gb"], 3) for r in res],
-                      "rss_growth_gb_per_rank": [round(g, 3) for g in growth],
-                      "rss_growth_vs_budget": round(max(growth) / rss_budget, 3)}
-            print(json.dumps(record))
-            summary[f"{direction}_speed_vs_raw_io"] = record["speed_vs_raw_io"]
-            summary[f"{direction}_rss_vs_budget"] = record["rss_growth_vs_budget"]
+        best: dict[str, dict] = {}
+        for rep in range(args.repeats):
+            for direction, src, dst in steps:
+                if rep and direction == "hf_to_megatron":
+                    shutil.rmtree(dst)
+                if os.path.exists(dst) and direction == "megatron_to_hf":
+                    shutil.rmtree(dst)
+                res = run_on_ranks(_convert_rank, args.ranks, direction, src, dst, args.tp, pp, shard_bytes,
+                                   timeout=3000, daemon=False)
+                seconds = max(r["seconds"] for r in res)
+                growth = [r["rss_peak_gb"] - r["rss_start_gb"] for r in res]
+                record = {"measure": direction, "seconds": round(seconds, 2), "gb_per_s": round(gb / seconds, 3),
+                          "peak_rss_gb_per_rank": [round(r["rss_peak_gb"], 3) for r in res],
+                          "rss_growth_gb_per_rank": [round(g, 3) for g in growth],
+                          "rss_growth_vs_budget": round(max(growth) / rss_budget, 3)}
+                print(json.dumps(record))
+                prev = best.get(direction)
+                best[direction] = {"seconds": min(seconds, prev["seconds"]) if prev else seconds,
+                                   "rss": max(record["rss_growth_vs_budget"], prev["rss"]) if prev else
+                                   record["rss_growth_vs_budget"]}
+            measure_raw()
+        raw_gbps = gb / min(raw_times)
+        summary = {"raw_gb_per_s_best": round(raw_gbps, 3), "rss_budget_gb": round(rss_budget, 3),
+                   "repeats": args.repeats}
+        for direction, b in best.items():
+            summary[f"{direction}_gb_per_s_best"] = round(gb / b["seconds"], 3)
+            summary[f"{direction}_speed_vs_raw_io"] = round(gb / b["seconds"] / raw_gbps, 3)
+            summary[f"{direction}_rss_vs_budget"] = b["rss"]
         summary["targets_met"] = all(v >= 0.5 for k, v in summary.items() if k.endswith("speed_vs_raw_io")) and \
             all(v <= 1.0 for k, v in summary.items() if k.endswith("rss_vs_budget"))
         print(json.dumps({"summary": summary}))

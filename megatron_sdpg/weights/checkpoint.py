@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 
+import torch
 import torch.distributed as dist
 
 from megatron_sdpg.models.architecture import ModelConfig, RopeScalingConfig
@@ -111,6 +112,30 @@ def load_megatron_checkpoint(chunks: list, ckpt_dir: str) -> None:
     """
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), ckpt_dir)
+    from megatron_sdpg.weights.checkpoint_read import direct_load_strategy
+
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), ckpt_dir, sharded_strategy=direct_load_strategy())
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+        _load_unless_in_place(chunk, state["model" if len(chunks) == 1 else f"model{i}"])
+
+
+def _load_unless_in_place(chunk, loaded: dict) -> None:
+    """``chunk.load_state_dict(loaded, strict=True)`` minus the tensors already read in place.
+
+    ``dist_checkpointing`` reads straight into the parameters it was given, so most
+    loaded tensors share their parameter's memory; copying them onto themselves
+    again would cost a pass over the whole model. Keys are still checked strictly.
+    """
+    own = chunk.state_dict(keep_vars=True)
+
+    def in_place(k: str, v) -> bool:
+        mine = own.get(k)
+        return (isinstance(v, torch.Tensor) and isinstance(mine, torch.Tensor) and v.shape == mine.shape
+                and v.dtype == mine.dtype and v.stride() == mine.stride() and v.data_ptr() == mine.data_ptr())
+
+    rest = {k: v for k, v in loaded.items() if not in_place(k, v)}
+    result = chunk.load_state_dict(rest, strict=False)
+    missing = sorted(set(result.missing_keys) - set(loaded))
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:3]}, "
+                           f"unexpected {sorted(result.unexpected_keys)[:3]}")

@@ -21,8 +21,8 @@ from megatron_sdpg.models.builder import build_model_chunks
 from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.weights.checkpoint import (HF_SIDE_DIR, load_megatron_checkpoint, read_checkpoint_config,
                                               save_megatron_checkpoint)
-from megatron_sdpg.weights.export import export_hf_weights
-from megatron_sdpg.weights.hf_io import SafetensorsReader, ShardedSafetensorsWriter, copy_side_files
+from megatron_sdpg.weights.export_files import write_hf_safetensors
+from megatron_sdpg.weights.hf_io import SafetensorsReader, copy_side_files
 from megatron_sdpg.weights.load import load_hf_weights_into
 from megatron_sdpg.weights.verify import PromptReport, compare_with_hf, format_reports
 
@@ -142,17 +142,8 @@ def megatron_to_hf(megatron_dir: str, hf_dir: str, groups: ParallelGroups, dtype
     chunks = build_model_chunks(cfg, groups, init_weights=False)
     load_megatron_checkpoint(chunks, megatron_dir)
     staging = _staging_dir(hf_dir)
-    rank0 = dist.get_rank() == 0
-    writer = ShardedSafetensorsWriter(staging, max_shard_bytes) if rank0 else None
-    from tqdm import tqdm
-
-    bar = tqdm(desc="export HF", unit="tensor", disable=not (progress and rank0), leave=False)
-    for name, tensor in export_hf_weights(chunks, cfg, groups):
-        writer.add(name, tensor.to(DTYPES[out_dtype]))
-        bar.update(1)
-    bar.close()
-    if rank0:
-        writer.close()
+    write_hf_safetensors(chunks, cfg, groups, staging, DTYPES[out_dtype], max_shard_bytes, progress=progress)
+    if dist.get_rank() == 0:
         _write_hf_side_files(os.path.join(megatron_dir, HF_SIDE_DIR), staging, out_dtype)
     _publish(staging, hf_dir)
     return _verify(chunks, cfg, groups, hf_dir, verify)

@@ -1,10 +1,12 @@
 """HF checkpoint files: a lazy safetensors reader and a sharded safetensors writer.
 
 The reader reads a tensor only when it is asked for, so a rank that needs a few
-tensors reads only those; it opens the file for each tensor and closes it right
-after, so no file pages stay mapped (and resident) once the tensor is dropped. The writer
-streams tensors into shards of at most ``max_shard_bytes`` and writes
-``model.safetensors.index.json`` the way ``transformers`` does.
+tensors reads only those; a tensor is a copy-on-write view of its pages in the
+file (no copy), mapped on demand and unmapped once the tensor is dropped, so no
+file pages stay mapped (and resident) after use. The writer collects tensors into
+shards of at most ``max_shard_bytes`` and writes ``model.safetensors.index.json``
+the way ``transformers`` does (the streaming, pre-planned writer the converters
+use is :mod:`megatron_sdpg.weights.safetensors_format`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import shutil
 from collections.abc import Iterator, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from megatron_sdpg.weights.safetensors_format import TensorEntry, read_header, tensor_view
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,25 +44,32 @@ class SafetensorsReader(Mapping):
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
+        self._headers: dict[str, tuple[int, dict[str, TensorEntry]]] = {}
         index = os.path.join(hf_dir, INDEX_FILE)
         if os.path.isfile(index):
             with open(index) as f:
                 self.weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
         elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
-            with safe_open(os.path.join(hf_dir, SINGLE_FILE), framework="pt") as f:
-                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+            self.weight_map = {k: SINGLE_FILE for k in self._header(SINGLE_FILE)[1]}
         else:
             raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {hf_dir!r}")
+
+    def _header(self, file_name: str) -> tuple[int, dict[str, TensorEntry]]:
+        if file_name not in self._headers:
+            path = os.path.join(self.hf_dir, file_name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path!r} is named by {INDEX_FILE} but does not exist")
+            self._headers[file_name] = read_header(path)
+        return self._headers[file_name]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(name)
-        path = os.path.join(self.hf_dir, self.weight_map[name])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path!r} is named by {INDEX_FILE} but does not exist")
-        # A handle kept open would keep every page read through it mapped.
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(name)
+        file_name = self.weight_map[name]
+        start, entries = self._header(file_name)
+        if name not in entries:
+            raise KeyError(f"tensor {name!r} is mapped to {file_name} by {INDEX_FILE} but is not in that file")
+        return tensor_view(os.path.join(self.hf_dir, file_name), start, entries[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)

@@ -8,10 +8,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdpg.models.architecture import ModelConfig
-from megatron_sdpg.models.init import full_shape, global_param_name, layer_offset
+from megatron_sdpg.models.init import global_param_name, layer_offset
 from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.weights import mapping_for
-from megatron_sdpg.weights.mapping_base import shard
 
 
 @torch.no_grad()
@@ -21,9 +20,10 @@ def load_hf_weights_into(chunks: list, model_cfg: ModelConfig, groups: ParallelG
 
     Each rank reads only the HF tensors its parameters are built from (pass a
     :class:`~megatron_sdpg.weights.hf_io.SafetensorsReader` to read lazily from
-    disk), fuses them (QKV per query group, ``[gate; up]``), pads the vocabulary
-    to the model's padded size, keeps this rank's TP shard and copies it in,
-    casting to the parameter dtype. No collectives: every rank works alone.
+    disk), and copies this rank's TP shard of each fused parameter (QKV per
+    query group, ``[gate; up]``, vocabulary padded to the model's padded size)
+    straight into it, casting to the parameter dtype: one copy per byte, no
+    full-size intermediates. No collectives: every rank works alone.
 
     Call it before the optimizer takes fp32 master copies of the parameters (or
     reload them afterwards).
@@ -50,10 +50,7 @@ def load_hf_weights_into(chunks: list, model_cfg: ModelConfig, groups: ParallelG
         todo += [(global_param_name(n, offset), p) for n, p in chunk.named_parameters()]
     bar = _progress(len(todo), "load HF", progress)
     for gname, param in todo:
-        rule = mapping.rule(gname)
-        full = mapping.to_megatron(gname, [hf_state[n] for n in rule.hf_names], tuple(full_shape(param, tp)))
-        param.copy_(shard(full, param, tp, tp_rank).to(dtype=param.dtype))
-        del full
+        mapping.copy_local_(gname, param, [hf_state[n] for n in mapping.rule(gname).hf_names], tp, tp_rank)
         bar.update(1)
     bar.close()
     return len(todo)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sdpg.models.architecture import ModelConfig
-from megatron_sdpg.models.init import shard_of
+from megatron_sdpg.models.init import full_shape, shard_of
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -181,11 +181,7 @@ class FamilyMapping:
             WeightMappingError: an HF tensor has the wrong shape (naming it).
         """
         rule = self.rule(mcore_name)
-        expected = self.hf_shapes
-        for name, t in zip(rule.hf_names, hf_tensors):
-            if tuple(t.shape) != expected[name]:
-                raise WeightMappingError(
-                    f"shape mismatch for HF tensor {name!r}: got {tuple(t.shape)}, expected {expected[name]}")
+        self._check_hf_shapes(rule, hf_tensors)
         if rule.kind == "copy":
             full = hf_tensors[0]
         elif rule.kind == "gate_up":
@@ -201,6 +197,82 @@ class FamilyMapping:
                 f"shape mismatch for Megatron parameter {mcore_name!r}: built {tuple(full.shape)} from "
                 f"{', '.join(rule.hf_names)}, model has {tuple(full_shape)}")
         return full
+
+    def copy_local_(self, mcore_name: str, param: torch.Tensor, hf_tensors: list[torch.Tensor], tp: int,
+                    tp_rank: int) -> None:
+        """Copies this TP rank's part of a Megatron parameter straight from its HF tensors.
+
+        Equal to ``param.copy_(shard(to_megatron(...), param, tp, tp_rank))`` but reads
+        only this rank's rows of each HF tensor and writes them into ``param`` in
+        place: no fused or full-size intermediate is built (one copy per byte,
+        casting to ``param.dtype`` on the way).
+
+        Args:
+            mcore_name: Megatron global parameter name.
+            param: This rank's (TP-sharded) parameter, carrying megatron's TP attributes.
+            hf_tensors: The tensors named by ``rule(mcore_name).hf_names`` (views are fine).
+            tp: Tensor-parallel size.
+            tp_rank: This rank's TP index.
+
+        Raises:
+            WeightMappingError: an HF tensor or the parameter has the wrong shape (naming it).
+        """
+        rule = self.rule(mcore_name)
+        self._check_hf_shapes(rule, hf_tensors)
+        is_tp, dim, stride = tp_attrs(param)
+        sharded = is_tp and tp > 1
+        fshape = tuple(full_shape(param, tp))
+        built = self._full_shape_of(rule, hf_tensors, fshape)
+        if built != fshape:
+            raise WeightMappingError(
+                f"shape mismatch for Megatron parameter {mcore_name!r}: built {built} from "
+                f"{', '.join(rule.hf_names)}, model has {fshape}")
+        if sharded and not ((rule.kind == "copy" and stride == 1) or (rule.kind == "gate_up" and dim == 0 and stride == 2)
+                            or (rule.kind in ("qkv", "vocab") and dim == 0 and stride == 1)):
+            param.copy_(shard(self.to_megatron(mcore_name, hf_tensors, fshape), param, tp, tp_rank))
+            return
+
+        def mine(t: torch.Tensor, d: int = 0) -> torch.Tensor:
+            return torch.chunk(t, tp, dim=d)[tp_rank] if sharded else t
+
+        if rule.kind == "copy":
+            param.copy_(mine(hf_tensors[0], dim))
+        elif rule.kind == "gate_up":
+            half = param.shape[0] // 2
+            param[:half].copy_(mine(hf_tensors[0]))
+            param[half:].copy_(mine(hf_tensors[1]))
+        elif rule.kind == "qkv":
+            ng, hd = self.cfg.kv_heads, self.cfg.kv_channels
+            ng_local = ng // tp if sharded else ng
+            per_group = self.cfg.num_attention_heads // ng * hd
+            rest = tuple(param.shape[1:])
+            grouped = param.view(ng_local, per_group + 2 * hd, *rest)
+            q, k, v = (mine(t) for t in hf_tensors)
+            grouped[:, :per_group].copy_(q.reshape(ng_local, per_group, *rest))
+            grouped[:, per_group: per_group + hd].copy_(k.reshape(ng_local, hd, *rest))
+            grouped[:, per_group + hd:].copy_(v.reshape(ng_local, hd, *rest))
+        else:  # vocab: this rank's rows of the padded table; padded rows are zero
+            rows = param.shape[0]
+            start = tp_rank * rows if sharded else 0
+            src = hf_tensors[0][start: start + rows]
+            param[: src.shape[0]].copy_(src)
+            param[src.shape[0]:].zero_()
+
+    def _check_hf_shapes(self, rule: ParamRule, hf_tensors: list[torch.Tensor]) -> None:
+        for name, t in zip(rule.hf_names, hf_tensors):
+            if tuple(t.shape) != self.hf_shapes[name]:
+                raise WeightMappingError(
+                    f"shape mismatch for HF tensor {name!r}: got {tuple(t.shape)}, expected {self.hf_shapes[name]}")
+
+    @staticmethod
+    def _full_shape_of(rule: ParamRule, hf_tensors: list[torch.Tensor], fshape: tuple[int, ...]) -> tuple[int, ...]:
+        """The full Megatron shape ``to_megatron`` would build (vocab: padded to ``fshape`` rows if it fits)."""
+        first = tuple(hf_tensors[0].shape)
+        if rule.kind == "copy":
+            return first
+        if rule.kind in ("qkv", "gate_up"):
+            return (sum(t.shape[0] for t in hf_tensors),) + first[1:]
+        return (fshape[0] if fshape and fshape[0] >= first[0] else first[0],) + first[1:]
 
     def to_hf(self, mcore_name: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Splits a full (unsharded) Megatron tensor into its HF tensors."""

@@ -19,6 +19,7 @@ from megatron_sdpg.testing.tiny_hf import CASES, tiny_hf_model
 
 LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
 LOGIT_TOL = 1e-5
+SMALL_SHARD = 40_000  # bytes per HF shard in the TP2xPP2 export
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -83,6 +84,12 @@ def _all_layouts(rank, world_size, hf_dirs, tokens, workdir):
         if rank == 0:
             out["ckpt_logits_equal"][case] = bool(np.array_equal(logits.numpy(), out["logits"][(case, 1, 2)]))
             out["reports"][case] = [vars(r) for r in reports]
+    # Export at TP2xPP2: all four ranks write their own shards (TP-split parameters gathered
+    # onto alternating writers); small shards so each writer fills several.
+    groups = init_model_parallel(ParallelConfig(tp=2, pp=2, use_distributed_optimizer=False), seed=0)
+    for case in hf_dirs:
+        megatron_to_hf(os.path.join(workdir, f"{case}.mg"), os.path.join(workdir, f"{case}.hf_tp2pp2"), groups,
+                       max_shard_bytes=SMALL_SHARD, progress=False)
     return out if rank == 0 else None
 
 
@@ -155,6 +162,39 @@ def test_round_trip_files_bit_identical_and_config_equivalent(tiny, converted):
             np.testing.assert_array_equal(model(input_ids=tokens).logits.numpy(), ref[case])
         for report in result["reports"][case]:
             assert report["max_abs_diff"] <= LOGIT_TOL and report["kl_max"] <= 1e-9 and report["greedy_agree"], report
+
+
+def test_export_at_tp2_pp2_writes_every_tensor_once_bit_identical_with_a_correct_index(tiny, converted):
+    from safetensors import safe_open
+
+    from megatron_sdpg.weights.hf_io import INDEX_FILE
+
+    dirs, _, _ = tiny
+    _, work = converted
+    for case in CASES:
+        out = os.path.join(work, f"{case}.hf_tp2pp2")
+        with open(os.path.join(out, INDEX_FILE)) as f:
+            index = json.load(f)
+        files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+        assert len(files) > 4 and files == sorted(set(index["weight_map"].values())), case
+        assert all(name.endswith(f"-of-{len(files):05d}.safetensors") for name in files)
+        original = {}
+        with safe_open(os.path.join(dirs[case], "model.safetensors"), framework="pt") as f:
+            original = {k: f.get_tensor(k) for k in f.keys()}
+        seen, total = {}, 0
+        for name in files:  # read back with the safetensors library, not our reader
+            with safe_open(os.path.join(out, name), framework="pt") as f:
+                keys = list(f.keys())
+                nbytes = 0
+                for k in keys:
+                    t = f.get_tensor(k)
+                    nbytes += t.numel() * t.element_size()
+                    assert index["weight_map"][k] == name and k not in seen, f"{case}: {k}"
+                    assert t.dtype == original[k].dtype and torch.equal(t, original[k]), f"{case}: {k} differs"
+                    seen[k] = name
+            assert len(keys) == 1 or nbytes <= SMALL_SHARD, f"{case}: {name} holds {nbytes} bytes"
+            total += nbytes
+        assert sorted(seen) == sorted(original) and index["metadata"]["total_size"] == total, case
 
 
 def test_shape_mismatch_names_the_tensor(converted):

@@ -134,3 +134,52 @@ def test_cli_prints_one_line_errors_before_starting_processes(tmp_path, capsys, 
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == message.format(out=out, hf=hf)
+
+
+def _fake_param(full: torch.Tensor, tp: int, rank: int, is_tp: bool, dim: int, stride: int) -> torch.Tensor:
+    local = shard_of(full, dim, stride, tp, rank) if is_tp else full
+    p = torch.full_like(local, float("nan"))
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = is_tp, dim, stride
+    return p
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_copy_local_equals_sharding_the_fused_full_tensor(tp, arch):
+    """Direct per-rank copies == shard(to_megatron(...)) for every rule kind, TP split and dtype cast."""
+    cfg = _cfg(arch=arch, num_attention_heads=8, num_key_value_heads=4, intermediate_size=8, vocab_size=13)
+    m = mapping_for(cfg)
+    gen = torch.Generator().manual_seed(0)
+    hf = {n: torch.randn(s, generator=gen) for n, s in m.hf_shapes.items()}
+    padded = 16
+    cases = [  # (megatron name, is_tp, partition dim, stride, full shape)
+        ("embedding.word_embeddings.weight", True, 0, 1, (padded, 8)),
+        ("output_layer.weight", True, 0, 1, (padded, 8)),
+        ("decoder.final_layernorm.weight", False, 0, 1, (8,)),
+        ("decoder.layers.1.self_attention.linear_qkv.weight", True, 0, 1, (48, 8)),
+        ("decoder.layers.1.self_attention.linear_proj.weight", True, 1, 1, (8, 24)),
+        ("decoder.layers.0.mlp.linear_fc1.weight", True, 0, 2, (16, 8)),
+        ("decoder.layers.0.mlp.linear_fc2.weight", True, 1, 1, (8, 8)),
+        ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", False, 0, 1, (8,)),
+    ]
+    if arch == "qwen2":
+        cases.append(("decoder.layers.0.self_attention.linear_qkv.bias", True, 0, 1, (48,)))
+    for name, is_tp, dim, stride, shape in cases:
+        srcs = [hf[n] for n in m.rule(name).hf_names]
+        full = m.to_megatron(name, srcs, shape)
+        for rank in range(tp):
+            for dtype in (torch.float32, torch.bfloat16):
+                p = _fake_param(full, tp, rank, is_tp, dim, stride).to(dtype)
+                p.tensor_model_parallel, p.partition_dim, p.partition_stride = is_tp, dim, stride
+                m.copy_local_(name, p, srcs, tp, rank)
+                ref = (shard_of(full, dim, stride, tp, rank) if is_tp and tp > 1 else full).to(dtype)
+                assert torch.equal(p, ref), f"{name} tp={tp} rank={rank} {dtype}"
+
+
+def test_copy_local_names_a_misshapen_tensor_or_parameter():
+    m = mapping_for(_cfg())
+    p = torch.empty(11, 8)
+    with pytest.raises(WeightMappingError, match="'model.embed_tokens.weight': got \\(11, 7\\)"):
+        m.copy_local_("embedding.word_embeddings.weight", p, [torch.zeros(11, 7)], 1, 0)
+    with pytest.raises(WeightMappingError, match="Megatron parameter 'decoder.final_layernorm.weight'"):
+        m.copy_local_("decoder.final_layernorm.weight", torch.empty(9), [torch.zeros(8)], 1, 0)

@@ -1,0 +1,197 @@
+"""The safetensors file format, for streaming: a planned writer and zero-copy tensor views.
+
+A safetensors file is an 8-byte little-endian header length ``n``, ``n`` bytes of
+JSON (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
+{...}}``, padded with spaces to a multiple of 8), then the tensors' bytes, back to
+back, at those offsets (relative to the end of the header).
+
+:class:`StreamingSafetensorsWriter` knows every tensor's name, shape and dtype
+up front (a conversion plans its output from the mapping), writes the header
+first and then each tensor's bytes straight from the tensor's memory as it is
+produced: nothing is held back and nothing is copied into a staging buffer.
+:func:`read_header` and :func:`tensor_view` read a file the other way round:
+a tensor is a copy-on-write view of just its pages, mapped on demand and unmapped
+when the tensor is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: its name, shape, dtype and byte range (data section)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    begin: int = 0
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def encode_header(entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> tuple[bytes, list[TensorEntry]]:
+    """The file prefix (length + padded JSON) for ``entries`` stored in this order.
+
+    Returns:
+        ``(prefix bytes, entries with their byte ranges filled in)``.
+
+    Raises:
+        ValueError: a name is repeated or a dtype has no safetensors name.
+    """
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    placed, offset = [], 0
+    for e in entries:
+        if e.name in header:
+            raise ValueError(f"tensor {e.name!r} planned twice")
+        if e.dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {e.name!r}: dtype {e.dtype} has no safetensors name")
+        placed.append(TensorEntry(e.name, tuple(e.shape), e.dtype, offset, offset + e.nbytes))
+        header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, placed
+
+
+class StreamingSafetensorsWriter:
+    """Writes one safetensors file whose tensors are known before their data.
+
+    The header goes out at once; :meth:`write` then appends each tensor's bytes in
+    the planned order, directly from the tensor's memory. The file is written as
+    ``<path>.tmp`` and renamed to ``path`` by :meth:`close` once every tensor is in.
+
+    Args:
+        path: The file to write.
+        entries: Every tensor (name, shape, dtype) in the order they will be written.
+        metadata: The header's ``__metadata__`` (default ``{"format": "pt"}``, as ``transformers`` writes).
+
+    Raises:
+        ValueError: (from :meth:`write` / :meth:`close`) a tensor out of order, of another
+            shape or dtype than planned, or missing; the message names it and the file.
+    """
+
+    def __init__(self, path: str, entries: list[TensorEntry], metadata: dict[str, str] | None = None):
+        self.path = path
+        prefix, self.entries = encode_header(entries, metadata)
+        self._next = 0
+        self._file = open(path + ".tmp", "wb")
+        self._file.write(prefix)
+        self.nbytes = sum(e.nbytes for e in self.entries)
+
+    @property
+    def done(self) -> bool:
+        """Whether every planned tensor has been written."""
+        return self._next == len(self.entries)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Appends ``tensor``'s bytes; it must be the next planned tensor, of the planned shape and dtype."""
+        if self._next >= len(self.entries):
+            raise ValueError(f"{self.path}: tensor {name!r} was not planned for this file (all tensors written)")
+        e = self.entries[self._next]
+        if name != e.name:
+            raise ValueError(f"{self.path}: got tensor {name!r} where {e.name!r} was planned next")
+        if tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
+            raise ValueError(f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                             f"planned {e.shape} {e.dtype}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if e.nbytes:
+            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        """Renames the finished file into place.
+
+        Raises:
+            ValueError: planned tensors were not written (naming the first one); the
+                partial file is removed.
+        """
+        self._file.close()
+        if self._next < len(self.entries):
+            os.remove(self.path + ".tmp")
+            missing = self.entries[self._next].name
+            raise ValueError(f"{self.path}: tensor {missing!r} was planned but not written "
+                             f"({len(self.entries) - self._next} missing)")
+        os.replace(self.path + ".tmp", self.path)
+
+    def abort(self) -> None:
+        """Closes and removes the partial file (after an error elsewhere)."""
+        if not self._file.closed:
+            self._file.close()
+        if os.path.exists(self.path + ".tmp"):
+            os.remove(self.path + ".tmp")
+
+
+def read_header(path: str) -> tuple[int, dict[str, TensorEntry]]:
+    """``(data section offset, {name: entry})`` of a safetensors file.
+
+    Raises:
+        ValueError: the file is truncated or its header is malformed (naming the file
+            and, where it applies, the tensor).
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ValueError(f"{path}: safetensors header length {n} does not fit the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as err:
+            raise ValueError(f"{path}: safetensors header is not valid JSON ({err})") from None
+    start = 8 + n
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        entry = TensorEntry(name, shape, dtype, begin, end)
+        if end - begin != entry.nbytes or begin < 0 or start + end > size:
+            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has byte range "
+                             f"[{begin}, {end}) that does not match its shape or the file size")
+        entries[name] = entry
+    return start, entries
+
+
+def tensor_view(path: str, data_start: int, entry: TensorEntry) -> torch.Tensor:
+    """A writable copy-on-write view of one tensor's bytes in ``path`` (no copy made).
+
+    Only the pages of this tensor are mapped; they are unmapped when the returned
+    tensor (and every view of it) is gone. Writing to it never changes the file.
+    """
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    begin = data_start + entry.begin
+    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), begin - aligned + entry.nbytes, access=mmap.ACCESS_COPY, offset=aligned)
+    flat = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=begin - aligned)
+    return flat.view(entry.dtype).view(entry.shape)
