@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=5e8, help="approximate parameter count")
     ap.add_argument("--bucket-mb", type=float, default=256.0, help="tensor-push bucket size")
     ap.add_argument("--quick", action="store_true", help="~20M parameters")
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best is reported")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is reported")
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
     args = ap.parse_args()
     if args.quick:

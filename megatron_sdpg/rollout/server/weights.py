@@ -16,6 +16,7 @@ import json
 import os
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -209,7 +210,7 @@ class StreamedLoad:
         self.pos = data_start
         self.nbytes = 0
         self.casts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.targets: list[tuple[int, int, memoryview]] = []  # absolute [start, end) and where its bytes go
+        self.targets: list[tuple[int, int, np.ndarray]] = []  # absolute [start, end) and where its bytes go
         end_prev, prev = data_start, None
         for name, dtype, shape, start, end in sorted(entries, key=lambda e: e[3]):
             if data_start + start < end_prev:
@@ -221,24 +222,24 @@ class StreamedLoad:
             dst = p if dtype == p.dtype and p.is_contiguous() else torch.empty(shape, dtype=dtype)
             if dst is not p:
                 self.casts.append((p, dst))
-            self.targets.append((data_start + start, data_start + end, memoryview(dst.reshape(-1).view(torch.uint8).numpy())))
+            self.targets.append((data_start + start, data_start + end, dst.reshape(-1).view(torch.uint8).numpy()))
             self.nbytes += end - start
         self._next = 0  # first target not yet complete
 
     @torch.no_grad()
     def feed(self, chunk: bytes | memoryview) -> None:
         """The next bytes of the body (after the header), in order."""
-        chunk = memoryview(chunk).cast("B")
-        lo, hi = self.pos, self.pos + len(chunk)
+        src = np.frombuffer(chunk, dtype=np.uint8)  # numpy copies release the GIL: receiving goes on meanwhile
+        lo, hi = self.pos, self.pos + len(src)
         if hi > self.total_len:
             raise ValueError(f"body: more than the {self.total_len} bytes announced")
         while self._next < len(self.targets):
-            start, end, view = self.targets[self._next]
+            start, end, dst = self.targets[self._next]
             if start >= hi:
                 break
             a, b = max(start, lo), min(end, hi)
             if a < b:
-                view[a - start : b - start] = chunk[a - lo : b - lo]
+                dst[a - start : b - start] = src[a - lo : b - lo]
             if end > hi:
                 break
             self._next += 1
