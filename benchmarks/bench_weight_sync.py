@@ -62,23 +62,19 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def raw_memcpy(state: dict[str, torch.Tensor]) -> float:
-    dst = {n: torch.empty_like(t) for n, t in state.items()}
-    for n, t in state.items():  # touch the pages once
-        dst[n].copy_(t)
+def raw_memcpy(state: dict[str, torch.Tensor], dst: list[torch.Tensor]) -> float:
     start = time.perf_counter()
-    for n, t in state.items():
-        dst[n].copy_(t)
+    for d, t in zip(dst, state.values()):
+        d.copy_(t)
     return time.perf_counter() - start
 
 
-def raw_disk_write_read(state: dict[str, torch.Tensor], directory: str) -> float:
-    """Write + fsync of the bytes, then reading them back into preallocated tensors (what a
-    disk sync must do at least: the engine reads what the trainer wrote). The destination
-    is touched first, as an engine's parameters are: first-touch page faults of fresh
-    memory are not part of the transport (on this VM they cost more than the read)."""
+def raw_disk_write_read(state: dict[str, torch.Tensor], dst: list[torch.Tensor], directory: str) -> float:
+    """Write + fsync of the bytes, then reading them back into ``dst`` (what a disk sync
+    must do at least: the engine reads what the trainer wrote). ``dst`` is allocated and
+    touched once, like an engine's parameters: page faults of fresh memory are not part
+    of the transport (on this VM they cost more than the read)."""
     path = os.path.join(directory, "raw.bin")
-    dst = [torch.zeros_like(t) for t in state.values()]
     start = time.perf_counter()
     with open(path, "wb") as f:
         for t in state.values():
@@ -230,12 +226,13 @@ def main() -> None:
             # Warm-up, untimed: the server's first write into its parameters faults their pages in
             # (once per server; the raw baselines' destinations are touched before timing too).
             strategies["tensor"][0].sync(iter(new.items()), version="warmup")
+            dst = [torch.zeros_like(t) for t in state.values()]  # the raw baselines' destination, kept
             raw: dict[str, list[float]] = {"memcpy": [], "disk_write_read": [], "http_loopback": []}
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in strategies}
             for i in range(args.repeats):
-                raw["memcpy"].append(raw_memcpy(state))
+                raw["memcpy"].append(raw_memcpy(state, dst))
                 pairs = [
-                    (lambda: raw["disk_write_read"].append(raw_disk_write_read(state, tmp)),
+                    (lambda: raw["disk_write_read"].append(raw_disk_write_read(state, dst, tmp)),
                      lambda: runs["disk"].append(strategies["disk"][0].sync(iter(new.items()), version=f"disk{i}"))),
                     (lambda: raw["http_loopback"].append(http.measure()),
                      lambda: runs["tensor"].append(strategies["tensor"][0].sync(iter(new.items()), version=f"tensor{i}"))),
