@@ -29,6 +29,7 @@ import aiohttp
 from megatron_sdpg.rollout.config import SamplingConfig
 from megatron_sdpg.rollout.protocol import (
     BinaryBody,
+    StreamedBody,
     EngineTimeoutError,
     EngineUnavailableError,
     MalformedResponseError,
@@ -52,6 +53,29 @@ class _Engine:
         self.load = 0
         self.down_until = 0.0
         self.failure_lock = asyncio.Lock()
+
+
+class _StreamedPayload(aiohttp.payload.Payload):
+    """aiohttp's view of a ``StreamedBody``: a Content-Length body written piece by piece,
+    each write draining the socket buffer before the next (no copy of the whole body)."""
+
+    def __init__(self, body: StreamedBody):
+        super().__init__(body, content_type=body.content_type)
+        self._size = body.size
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a streamed binary body has no text form")
+
+    async def write(self, writer) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer, content_length: int | None) -> None:
+        sent = 0
+        for piece in self._value.pieces():
+            await writer.write(piece)
+            sent += memoryview(piece).nbytes
+        if sent != self._size:
+            raise ValueError(f"streamed body: {sent} bytes written, {self._size} declared")
 
 
 class AsyncRolloutClient:
@@ -129,7 +153,7 @@ class AsyncRolloutClient:
         """One HTTP call to one engine, no retry; errors classified.
 
         ``body`` is JSON-serialised, sent as is when it is ``bytes`` (already JSON), or
-        sent with its own content type when it is a ``BinaryBody``.
+        sent with its own content type when it is a ``BinaryBody`` (``StreamedBody``: piece by piece).
 
         Raises:
             EngineUnavailableError: Connection refused or dropped, or a 5xx answer.
@@ -143,6 +167,8 @@ class AsyncRolloutClient:
             kwargs: dict[str, Any] = {"data": body, "headers": {"Content-Type": "application/json"}}
         elif isinstance(body, BinaryBody):
             kwargs = {"data": body.data, "headers": {"Content-Type": body.content_type}}
+        elif isinstance(body, StreamedBody):
+            kwargs = {"data": _StreamedPayload(body)}
         else:
             kwargs = {"json": body}
         try:
@@ -312,7 +338,7 @@ class AsyncRolloutClient:
                     raise EngineTimeoutError(f"{url}: not healthy after {timeout_s:.0f}s")
                 await asyncio.sleep(0.2)
 
-    async def post_all(self, path: str, body: dict[str, Any] | bytes | BinaryBody, timeout_s: float | None = None) -> list[Any]:
+    async def post_all(self, path: str, body: dict[str, Any] | bytes | BinaryBody | StreamedBody, timeout_s: float | None = None) -> list[Any]:
         """POSTs ``body`` to every engine at once (weight updates, versions); SGLang's
         ``{"success": false}`` answers come back as ``RequestRejectedError``."""
         return list(await asyncio.gather(*(self.call(u, "POST", path, body, timeout_s=timeout_s) for u in self.urls)))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from megatron_sdpg.rollout.config import SamplingConfig
 
@@ -39,6 +39,22 @@ class BinaryBody:
     """A request body sent as is with its own content type (e.g. a safetensors blob)."""
 
     data: bytes
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class StreamedBody:
+    """A request body of known length sent piece by piece, never joined into one buffer.
+
+    Attributes:
+        size: Total bytes (the Content-Length).
+        pieces: Returns the body's parts in order; called once per send, so a retry or
+            each of several engines gets the whole body.
+        content_type: The Content-Type header.
+    """
+
+    size: int
+    pieces: Callable[[], Iterable[bytes | memoryview]]
     content_type: str = "application/octet-stream"
 
 

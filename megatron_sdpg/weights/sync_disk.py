@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import time
 import uuid
 from typing import Iterable
@@ -21,35 +20,7 @@ import torch
 from megatron_sdpg.rollout.blocking_client import RolloutClient
 from megatron_sdpg.weights.sync_base import ProbeCheck, WeightSync, tensor_bytes
 from megatron_sdpg.weights.hf_io import copy_side_files
-from megatron_sdpg.weights.tensor_codec import SAFETENSORS_DTYPES
-
-
-_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-def write_safetensors_file(tensors: dict[str, torch.Tensor], path: str) -> None:
-    """Writes contiguous CPU tensors as one safetensors file: the header, then each tensor's
-    bytes written from its own memory (``save_file`` first assembles the whole file in a
-    buffer, one extra copy). Tensors go largest element size first, so every offset is
-    aligned; the header is space-padded to 8 bytes like the library's."""
-    order = sorted(tensors, key=lambda k: -tensors[k].element_size())
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key in order:
-        t = tensors[key]
-        n = tensor_bytes(t)
-        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb", buffering=0) as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for key in order:
-            t = tensors[key]
-            if t.numel():
-                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                while view:  # raw writes may be short
-                    view = view[f.write(view):]
+from megatron_sdpg.weights.safetensors_stream import SafetensorsStream
 
 
 def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], final_dir: str, shard_bytes: int,
@@ -74,11 +45,10 @@ def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], final_dir: st
         files: list[str] = []
         size = total = 0
         weight_map: dict[str, str] = {}
-        seen_storage: set[int] = set()
 
         def flush() -> None:
             name = f"shard-{len(files):05d}.safetensors"
-            write_safetensors_file(shards[-1], os.path.join(tmp, name))
+            SafetensorsStream(shards[-1].items()).write_file(os.path.join(tmp, name))
             files.append(name)
             for key in shards[-1]:
                 weight_map[key] = name
@@ -87,10 +57,7 @@ def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], final_dir: st
         for key, t in named:
             if key in weight_map or key in shards[-1]:
                 raise ValueError(f"weight {key!r} given twice")
-            t = t.detach().to("cpu").contiguous()
-            if t.untyped_storage().data_ptr() in seen_storage:
-                t = t.clone()  # safetensors refuses tensors that share storage (tied weights)
-            seen_storage.add(t.untyped_storage().data_ptr())
+            t = t.detach().to("cpu").contiguous()  # tied weights need no copy: each entry is written from memory
             n = tensor_bytes(t)
             if shards[-1] and size + n > shard_bytes:
                 flush()

@@ -3,8 +3,11 @@
 Each bucket (``bucket_bytes`` at most) is encoded and POSTed to every engine;
 the next bucket is encoded while the previous one is in flight. Encodings
 (see ``tensor_codec``): ``safetensors`` for our CPU server -- the bucket's
-safetensors blob as a raw ``application/octet-stream`` body, options in the query
-string (no base64, no JSON; a documented deviation from SGLang's JSON body) --
+safetensors serialisation as a raw ``application/octet-stream`` body, options in
+the query string (no base64, no JSON; a documented deviation from SGLang's JSON
+body), streamed from the tensors' own memory (``SafetensorsStream``: the header,
+then the tensor bytes; no serialised copy, so the tensors must stay unchanged
+until the sync returns) --
 and ``sglang`` (SGLang's JSON body: ``serialized_named_tensors`` with a base64
 ForkingPickler payload, one copy per TP rank) for real SGLang engines on the
 trainer's node. After the last bucket, ``/update_weight_version`` (without aborting
@@ -20,9 +23,10 @@ from typing import Iterable
 import torch
 
 from megatron_sdpg.rollout.blocking_client import RolloutClient
-from megatron_sdpg.rollout.protocol import BinaryBody, RequestRejectedError
+from megatron_sdpg.rollout.protocol import RequestRejectedError, StreamedBody
 from megatron_sdpg.weights.sync_base import ProbeCheck, WeightSync, WeightSyncError, iter_buckets, tensor_bytes
-from megatron_sdpg.weights.tensor_codec import encode_sglang, safetensors_blob
+from megatron_sdpg.weights.safetensors_stream import SafetensorsStream
+from megatron_sdpg.weights.tensor_codec import encode_sglang
 
 ENCODINGS = ("safetensors", "sglang")
 _TENSOR_ROUTE = "/update_weights_from_tensor"
@@ -69,11 +73,12 @@ class TensorPushSync(WeightSync):
         self.client.run(self.client.aclient.flush_cache())
         return {"sync/bytes": float(nbytes), "sync/buckets": float(buckets)}
 
-    def request(self, bucket: list[tuple[str, torch.Tensor]]) -> tuple[str, bytes | BinaryBody]:
+    def request(self, bucket: list[tuple[str, torch.Tensor]]) -> tuple[str, bytes | StreamedBody]:
         """The route and body that deliver one bucket."""
         if self.encoding == "safetensors":
+            stream = SafetensorsStream(bucket)
             return (_TENSOR_ROUTE + "?flush_cache=false&abort_all_requests=false",
-                    BinaryBody(safetensors_blob(bucket)))
+                    StreamedBody(stream.nbytes, stream.pieces))
         return _TENSOR_ROUTE, self.request_body(encode_sglang(bucket))
 
     def request_body(self, payload: bytes) -> bytes:
@@ -83,7 +88,7 @@ class TensorPushSync(WeightSync):
         entries = b",".join([b'"' + payload + b'"'] * self.tp_size)
         return fields[:-1].encode() + b', "serialized_named_tensors": [' + entries + b"]}"
 
-    def _send(self, path: str, body: dict | bytes | BinaryBody) -> concurrent.futures.Future:
+    def _send(self, path: str, body: dict | bytes | StreamedBody) -> concurrent.futures.Future:
         return self.client.submit(self.client.aclient.post_all(path, body, self.timeout_s))
 
     def _wait(self, fut) -> None:

@@ -10,10 +10,11 @@ Our CPU server does not unpickle HTTP input (unpickling runs arbitrary code and
 ForkingPickler moves CPU storages through file descriptors that HTTP cannot
 carry). It takes the same field and list layout, each entry base64 of a
 safetensors blob holding the bucket's tensors (``encode_safetensors``), and -- the
-fast path ``TensorPushSync`` uses -- the bare safetensors blob as an
-``application/octet-stream`` body (``safetensors_blob``), which skips base64 and
-JSON. The server reads such a blob with ``decode_safetensors_blob``: tensors are
-zero-copy views of the received buffer.
+fast path ``TensorPushSync`` uses -- the bare safetensors bytes as an
+``application/octet-stream`` body, streamed from the tensors' memory
+(``safetensors_stream.SafetensorsStream``), which skips base64 and JSON. The
+server reads such a blob with ``decode_safetensors_blob``: tensors are zero-copy
+views of the received buffer.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ import warnings
 from typing import Callable, Iterable
 
 import torch
-from safetensors.torch import save as st_save
-
 
 # safetensors dtype strings (the format's spec) -> torch dtypes.
 SAFETENSORS_DTYPES = {
@@ -40,22 +39,14 @@ SAFETENSORS_DTYPES = {
 
 
 def safetensors_blob(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
-    """One safetensors blob holding the given tensors (CPU copies; names inside).
+    """One safetensors blob holding the given tensors (joined from ``SafetensorsStream``'s pieces).
 
     Raises:
         ValueError: A name appears twice.
     """
-    seen: set[int] = set()
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in named:
-        if name in tensors:
-            raise ValueError(f"tensor {name!r} appears twice in one bucket")
-        t = t.detach().to("cpu").contiguous()
-        if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        tensors[name] = t
-    return st_save(tensors)
+    from megatron_sdpg.weights.safetensors_stream import SafetensorsStream
+
+    return b"".join(SafetensorsStream(named).pieces())
 
 
 def encode_safetensors(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
@@ -115,8 +106,9 @@ def parse_safetensors_header(first8: bytes | memoryview, read_header: Callable[[
     (header_len,) = struct.unpack("<Q", first8[:8])
     if header_len > total_len - 8 or header_len < 2:
         raise ValueError(
-            f"{what}: not a safetensors blob; the CPU server does not accept "
-            "SGLang's pickled (MultiprocessingSerializer) tensors, send safetensors bytes"
+            f"{what}: not a safetensors blob (header length {header_len} does not fit a {total_len}-byte "
+            "payload); the CPU server does not accept SGLang's pickled (MultiprocessingSerializer) "
+            "tensors, send safetensors bytes"
         )
     raw = bytes(read_header(header_len))
     if raw[:1] != b"{":
@@ -136,18 +128,33 @@ def parse_safetensors_header(first8: bytes | memoryview, read_header: Callable[[
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{what}: bad safetensors header entry for {name!r} ({e!r})") from None
+        dtype, shape, start, end = _header_entry(name, info, what)
         itemsize = torch.empty((), dtype=dtype).element_size()
         if not 0 <= start <= end <= data_len or end - start != math.prod(shape) * itemsize:
             raise ValueError(f"{what}: tensor {name!r} has offsets {start}..{end}, inconsistent with "
                              f"shape {shape} {info['dtype']} and a {data_len}-byte data section")
         entries.append((name, dtype, shape, start, end))
     return entries, base
+
+
+def _header_entry(name: str, info: object, what: str) -> tuple[torch.dtype, list[int], int, int]:
+    """``(dtype, shape, start, end)`` of one header entry, each field checked by name."""
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{what}: bad safetensors header entry for {name!r}: {problem}")
+
+    if not isinstance(info, dict):
+        raise bad(f"expected an object, got {type(info).__name__}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise bad(f"no {key!r}")
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise bad(f"unknown dtype {info['dtype']!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets):
+        raise bad(f"data_offsets {offsets!r} is not a pair of integers")
+    return SAFETENSORS_DTYPES[info["dtype"]], shape, offsets[0], offsets[1]
 
 
 def decode_safetensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:

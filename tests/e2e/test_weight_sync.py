@@ -8,14 +8,18 @@ caught by the post-sync probe check.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
 from megatron_sdpg.rollout.blocking_client import RolloutClient
 from megatron_sdpg.rollout.config import SamplingConfig
+from megatron_sdpg.rollout.protocol import RequestRejectedError, StreamedBody
 from megatron_sdpg.testing.distributed import free_port, run_single
 from megatron_sdpg.testing.rollout import random_like_state, reference_logprobs, start_cpu_server
 from megatron_sdpg.testing.tiny_hf import build_tiny_llama, load_hf_model
+from megatron_sdpg.weights.safetensors_stream import SafetensorsStream
 from megatron_sdpg.weights.sync import (
     DiskSync,
     NcclBroadcastSync,
@@ -129,3 +133,43 @@ def test_distributed_sync_over_gloo(setup):
     assert metrics["sync/buckets"] >= 3 and metrics["sync/probe_max_abs_diff"] <= TOL
     assert metrics2["sync/bytes"] == metrics["sync/bytes"]
     _assert_engine_matches(client, model, "7")
+
+
+def test_malformed_streamed_bucket_is_rejected_and_the_model_kept(setup):
+    client, hf_dir, _ = setup
+    url = client.urls[0]
+    before = client.prompt_logprobs(url, PROBE)
+    version = client.run(client.aclient.model_info(url))["weight_version"]
+    norm = torch.ones(load_hf_model(hf_dir).config.hidden_size)
+    stream = SafetensorsStream([("model.norm.weight", norm * 3.0)])
+    header = stream.header.replace(b'"F32"', b'"F33"')  # same length: only the dtype is wrong
+    pieces = [header] + list(stream.pieces())[1:]
+    body = StreamedBody(stream.nbytes, lambda: iter(pieces))
+    with pytest.raises(RequestRejectedError, match=r"unknown dtype 'F33'"):
+        client.post_all("/update_weights_from_tensor?weight_version=bad", body)
+    assert client.prompt_logprobs(url, PROBE) == before
+    assert client.run(client.aclient.model_info(url))["weight_version"] == version
+
+
+def test_body_cut_short_fails_and_keeps_the_version(setup):
+    client, hf_dir, _ = setup
+    url = client.urls[0]
+    version = client.run(client.aclient.model_info(url))["weight_version"]
+    stream = SafetensorsStream([("model.norm.weight", torch.ones(load_hf_model(hf_dir).config.hidden_size))])
+    blob = b"".join(stream.pieces())
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /update_weights_from_tensor?weight_version=cut HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/octet-stream\r\n"
+                     + f"Content-Length: {len(blob)}\r\nConnection: close\r\n\r\n".encode() + blob[:-10])
+        sock.shutdown(socket.SHUT_WR)  # the body stops 10 bytes short
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    # aiohttp treats the half-closed connection as gone (no answer) or answers with the error.
+    assert answer == b"" or b"broken off after" in answer or b"body ended after" in answer, answer[:300]
+    assert client.run(client.aclient.model_info(url))["weight_version"] == version
+    state = random_like_state(load_hf_model(hf_dir), seed=8)  # the worker is free again: a full sync works
+    metrics = TensorPushSync(client, bucket_bytes=50_000).sync(iter(state.items()), version=8,
+                                                                probe=_probe(_model_with(hf_dir, state)))
+    assert metrics["sync/probe_max_abs_diff"] <= TOL

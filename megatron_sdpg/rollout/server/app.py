@@ -24,7 +24,8 @@ from aiohttp import web
 from megatron_sdpg.rollout.server.generator import BatchGenerator, SampleResult
 from megatron_sdpg.rollout.server.requests import BadRequest, SampleRequest, parse_generate
 from megatron_sdpg.rollout.server.weights import ModelWeights
-from megatron_sdpg.weights.tensor_codec import decode_safetensors, decode_safetensors_blob
+from megatron_sdpg.rollout.server.streamed_update import drain, query_options, receive_streamed_update
+from megatron_sdpg.weights.tensor_codec import decode_safetensors
 
 
 @dataclass
@@ -177,34 +178,6 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _binary_body(request: web.Request, max_bytes: int) -> dict[str, Any]:
-    """An ``application/octet-stream`` body: ``{"blob": bytearray, **query options}``.
-
-    The body is read straight into one preallocated buffer (``request.read()`` would
-    collect the chunks and then copy them into ``bytes``). Query values ``true``/``false``
-    become booleans (``?flush_cache=false&weight_version=7``).
-    """
-    n = request.content_length
-    if n is None:
-        raise BadRequest("body: an application/octet-stream body needs a Content-Length")
-    if n > max_bytes:
-        raise BadRequest(f"body: {n} bytes, more than the server's limit of {max_bytes}")
-    buf = bytearray(n)
-    view = memoryview(buf)
-    pos = 0
-    while pos < n:
-        chunk = await request.content.readany()
-        if not chunk or pos + len(chunk) > n:
-            break
-        view[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
-    if pos != n or not request.content.at_eof():
-        raise BadRequest(f"body: Content-Length is {n} but the body differs")
-    body: dict[str, Any] = {k: {"true": True, "false": False}.get(v, v) for k, v in request.query.items()}
-    body["blob"] = buf
-    return body
-
-
 def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
     """The aiohttp application with SGLang's routes."""
     routes = web.RouteTableDef()
@@ -268,9 +241,9 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
     async def _update(request: web.Request, load: Callable[[dict[str, Any]], int]) -> web.Response:
         try:
             if request.content_type == "application/octet-stream":
-                body = await _binary_body(request, max_body_bytes)
-            else:
-                body = await _json_body(request)
+                await drain(request.content)
+                raise BadRequest("body: application/octet-stream is accepted by /update_weights_from_tensor only")
+            body = await _json_body(request)
             if body.get("abort_all_requests"):
                 state.worker.abort(None, True)
             nbytes = await state.run(lambda: load(body))
@@ -292,13 +265,31 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
 
         return await _update(request, load)
 
+    async def update_from_streamed_tensor(request: web.Request) -> web.Response:
+        """Our fast path: the safetensors bytes themselves as the body, options in the query."""
+        options = query_options(request)
+        try:
+            if options.get("load_format") not in (None, "safetensors"):
+                await drain(request.content)
+                raise ValueError(f"load_format: {options.get('load_format')!r} not supported")
+            if options.get("abort_all_requests"):
+                state.worker.abort(None, True)
+            nbytes = await receive_streamed_update(
+                request, state.weights, lambda fn: asyncio.wrap_future(state.worker.submit(fn)), max_body_bytes)
+        except (BadRequest, ValueError) as e:
+            return _outcome(False, f"Failed to update weights: {e}")
+        if options.get("weight_version") is not None:
+            state.weight_version = str(options["weight_version"])
+        return _outcome(True, f"Succeeded to update model weights ({nbytes} bytes).", num_paused_requests=0)
+
     @routes.post("/update_weights_from_tensor")
     async def update_from_tensor(request: web.Request) -> web.Response:
+        if request.content_type == "application/octet-stream":
+            return await update_from_streamed_tensor(request)
+
         def load(body: dict[str, Any]) -> int:
             if body.get("load_format") not in (None, "safetensors"):
                 raise ValueError(f"load_format: {body.get('load_format')!r} not supported")
-            if "blob" in body:  # our fast path: the safetensors blob itself as the body
-                return state.weights.load(decode_safetensors_blob(body["blob"]), require_all=False)
             payloads = body["serialized_named_tensors"]
             if not isinstance(payloads, list) or len(payloads) != 1:
                 raise ValueError("serialized_named_tensors: one entry per TP rank; this server has one rank")

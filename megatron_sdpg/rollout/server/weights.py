@@ -1,7 +1,12 @@
-"""Weight updates of the CPU server's model: from an HF directory, named tensors, or a broadcast.
+"""Weight updates of the CPU server's model: from an HF directory, named tensors, a
+streamed safetensors body, or a broadcast.
 
 Every update is validated in full (names known, shapes equal) before any
-parameter is written, so a rejected update leaves the model as it was.
+parameter is written, so a rejected update leaves the model as it was. A streamed
+body (``StreamedLoad``) is validated from its header before its data arrives; if
+the connection then breaks mid-body, the bucket is left partly written and the
+request fails -- the same state as a multi-bucket sync that fails after its first
+bucket, and likewise the weight version does not change.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import os
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -119,6 +125,16 @@ class ModelWeights:
                     nbytes += end - start
         return nbytes
 
+    def streamed_load(self, entries: list[tuple[str, torch.dtype, list[int], int, int]], data_start: int,
+                      total_len: int) -> "StreamedLoad":
+        """Plans writing a safetensors body's data straight into the parameters (see ``StreamedLoad``).
+
+        Raises:
+            ValueError: Unknown name, shape mismatch, duplicate, or overlapping tensors.
+        """
+        self._check([(name, shape) for name, _, shape, _, _ in entries], require_all=False)
+        return StreamedLoad(self.params, entries, data_start, total_len)
+
     def _check(self, names_shapes: list[tuple[str, torch.Size | list[int]]], require_all: bool) -> None:
         """Names known, no duplicates, shapes equal, and (``require_all``) none missing."""
         seen: set[str] = set()
@@ -169,3 +185,71 @@ class ModelWeights:
             dist.broadcast(t, src=0, group=pg)
             received.append((name, t))
         return self.load(received, require_all=False)
+
+
+class StreamedLoad:
+    """Writes the data section of a safetensors body into the parameters as it arrives.
+
+    Bytes of a tensor whose dtype equals its parameter's go straight into the
+    parameter's memory; other tensors are collected in a buffer of their own dtype
+    and cast into the parameter by ``finish``. Runs on the model worker (nothing
+    else touches the parameters meanwhile).
+
+    Args:
+        params: The model's parameters by HF name.
+        entries: Checked header entries ``(name, dtype, shape, start, end)``.
+        data_start: Offset of the data section in the body.
+        total_len: Length of the whole body.
+
+    Raises:
+        ValueError: Two tensors overlap in the data section.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], entries, data_start: int, total_len: int):
+        self.total_len = total_len
+        self.pos = data_start
+        self.nbytes = 0
+        self.casts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.targets: list[tuple[int, int, np.ndarray]] = []  # absolute [start, end) and where its bytes go
+        end_prev, prev = data_start, None
+        for name, dtype, shape, start, end in sorted(entries, key=lambda e: e[3]):
+            if data_start + start < end_prev:
+                raise ValueError(f"tensors {prev!r} and {name!r} overlap in the data section")
+            end_prev, prev = data_start + end, name
+            if end == start:
+                continue
+            p = params[name].data
+            dst = p if dtype == p.dtype and p.is_contiguous() else torch.empty(shape, dtype=dtype)
+            if dst is not p:
+                self.casts.append((p, dst))
+            self.targets.append((data_start + start, data_start + end, dst.reshape(-1).view(torch.uint8).numpy()))
+            self.nbytes += end - start
+        self._next = 0  # first target not yet complete
+
+    @torch.no_grad()
+    def feed(self, chunk: bytes | memoryview) -> None:
+        """The next bytes of the body (after the header), in order."""
+        src = np.frombuffer(chunk, dtype=np.uint8)  # numpy copies release the GIL: receiving goes on meanwhile
+        lo, hi = self.pos, self.pos + len(src)
+        if hi > self.total_len:
+            raise ValueError(f"body: more than the {self.total_len} bytes announced")
+        while self._next < len(self.targets):
+            start, end, dst = self.targets[self._next]
+            if start >= hi:
+                break
+            a, b = max(start, lo), min(end, hi)
+            if a < b:
+                dst[a - start : b - start] = src[a - lo : b - lo]
+            if end > hi:
+                break
+            self._next += 1
+        self.pos = hi
+
+    @torch.no_grad()
+    def finish(self) -> int:
+        """Checks the body was complete and casts the tensors that needed it; returns bytes loaded."""
+        if self.pos != self.total_len:
+            raise ValueError(f"body: ended after {self.pos} of {self.total_len} bytes; the bucket is partly written")
+        for p, src in self.casts:
+            p.copy_(src.to(p.dtype))
+        return self.nbytes
