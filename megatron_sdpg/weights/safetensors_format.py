@@ -24,12 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+from megatron_sdpg.weights.tensor_codec import SAFETENSORS_DTYPES
+
+DTYPES = SAFETENSORS_DTYPES
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
 
 

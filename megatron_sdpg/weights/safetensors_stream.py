@@ -19,20 +19,13 @@ bytes produced here load with the library's ``load``/``safe_open`` and with
 
 from __future__ import annotations
 
-import json
-import struct
 from typing import Iterable, Iterator
 
 import torch
 
-from megatron_sdpg.weights.tensor_codec import SAFETENSORS_DTYPES
+from megatron_sdpg.weights.safetensors_format import DTYPE_NAMES, TensorEntry, encode_header
 
-_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 PIECE_BYTES = 4 * 2**20  # pieces of an HTTP body: big enough for few syscalls, small enough to keep buffers hot
-
-
-def tensor_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -68,21 +61,13 @@ class SafetensorsStream:
             if name in tensors:
                 raise ValueError(f"tensor {name!r} appears twice")
             t = t.detach().to("cpu").contiguous()
-            if t.dtype not in _DTYPE_NAMES:
+            if t.dtype not in DTYPE_NAMES:
                 raise ValueError(f"tensor {name!r}: dtype {t.dtype} has no safetensors name")
             tensors[name] = t
         order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: ties keep their order
         self.tensors = [(k, tensors[k]) for k in order]
-        meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, t in self.tensors:
-            n = tensor_nbytes(t)
-            meta[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(meta, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.header = struct.pack("<Q", len(raw)) + raw
-        self.nbytes = len(self.header) + offset
+        self.header, placed = encode_header([TensorEntry(k, tuple(t.shape), t.dtype) for k, t in self.tensors])
+        self.nbytes = len(self.header) + (placed[-1].end if placed else 0)
 
     def pieces(self, piece_bytes: int = PIECE_BYTES) -> Iterator[memoryview | bytes]:
         """The serialisation in order: the header, then views of the tensors' memory of at
