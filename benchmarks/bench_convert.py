@@ -181,6 +181,7 @@ def main() -> None:
         raw_times = []
 
         def measure_raw() -> None:
+            os.sync()  # see the conversions below: every measurement starts with no dirty pages
             raw = raw_io(hf, os.path.join(work, "raw"), shard_bytes)
             shutil.rmtree(os.path.join(work, "raw"))
             raw_times.append(raw["seconds"])
@@ -198,6 +199,10 @@ def main() -> None:
                     shutil.rmtree(dst)
                 if os.path.exists(dst) and direction == "megatron_to_hf":
                     shutil.rmtree(dst)
+                # Flush the previous measurement's dirty pages first: otherwise the kernel's
+                # write-back throttles whichever measurement comes next (measured: the HF ->
+                # Megatron save took 2-3 s right after the raw run's writes, 1.06 s after a sync).
+                os.sync()
                 res = run_on_ranks(_convert_rank, args.ranks, direction, src, dst, args.tp, pp, shard_bytes,
                                    timeout=3000, daemon=False)
                 seconds = max(r["seconds"] for r in res)
