@@ -1,20 +1,20 @@
 """``/update_weights_from_tensor`` with a raw safetensors body, loaded while it arrives.
 
 The event loop reads the body: first the header, which is checked against the
-model (names, shapes, offsets) before any data is read; then the data chunks,
-which it hands to the model worker, which copies them into the parameters
-(``StreamedLoad``). Receiving and copying thus overlap on two threads, no buffer
-of the whole bucket is allocated, and each byte is copied once after the socket.
-Chunks cross threads in batches (``_Handoff``), at most ``BATCHES_IN_FLIGHT``
-waiting for the worker (TCP backpressure beyond).
+model (names, shapes, offsets) before any data is read; then, while the model
+worker is held (so no generation reads half-written weights), the loop copies
+each data chunk straight into the parameters as it arrives (``StreamedLoad``).
+No buffer of the whole bucket is allocated and each byte is copied once after
+the socket. (Handing the chunks to the worker thread instead, in 4 MiB batches,
+measured 0.46 s for a 1 GB body against 0.26 s inline, raw loopback HTTP 0.2 s.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import struct
-from typing import Any, Callable, Iterator
+import threading
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -22,8 +22,6 @@ from megatron_sdpg.rollout.server.requests import BadRequest
 from megatron_sdpg.rollout.server.weights import ModelWeights
 from megatron_sdpg.weights.tensor_codec import parse_safetensors_header
 
-BATCH_BYTES = 4 * 2**20  # aiohttp hands over the socket's reads (<= 256 KiB each); they cross threads in batches
-BATCHES_IN_FLIGHT = 8
 
 
 def query_options(request: web.Request) -> dict[str, Any]:
@@ -35,59 +33,6 @@ async def drain(content) -> None:
     """Reads and drops the rest of a body (a client still sending would not see the answer)."""
     while await content.readany():
         pass
-
-
-class _Handoff:
-    """Batches of body chunks from the event loop to the model worker.
-
-    Each cross-thread wake-up costs a system call, so chunks travel in batches of
-    about ``BATCH_BYTES``, and the worker wakes the loop only when the loop waits
-    for room (``BATCHES_IN_FLIGHT`` batches not yet copied).
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.batch: list[bytes] = []
-        self.batch_bytes = 0
-        self.sent = 0  # written by the loop only
-        self.taken = 0  # written by the worker only
-        self.room = asyncio.Event()
-        self.loop_waiting = False
-
-    async def put(self, chunk: bytes) -> None:
-        """Loop side: queues a chunk (waits while the worker is too far behind)."""
-        self.batch.append(chunk)
-        self.batch_bytes += len(chunk)
-        if self.batch_bytes >= BATCH_BYTES:
-            await self.flush()
-
-    async def flush(self) -> None:
-        if not self.batch:
-            return
-        while self.sent - self.taken >= BATCHES_IN_FLIGHT:
-            self.room.clear()
-            self.loop_waiting = True
-            if self.sent - self.taken >= BATCHES_IN_FLIGHT:  # re-check: the worker may have just taken one
-                await self.room.wait()
-            self.loop_waiting = False
-        self.queue.put(self.batch)
-        self.sent += 1
-        self.batch, self.batch_bytes = [], 0
-
-    def end(self, outcome: BaseException | None) -> None:
-        """Loop side: the body is complete (``None``; after ``flush``) or failed (the worker raises it)."""
-        self.queue.put(outcome)
-
-    def chunks(self) -> Iterator[bytes]:
-        """Worker side: the chunks in order; raises the failure ``end`` was given."""
-        while (batch := self.queue.get()) is not None:
-            if isinstance(batch, BaseException):
-                raise batch
-            yield from batch
-            self.taken += 1
-            if self.loop_waiting:
-                self.loop.call_soon_threadsafe(self.room.set)
 
 
 async def receive_streamed_update(request: web.Request, weights: ModelWeights,
@@ -127,36 +72,34 @@ async def receive_streamed_update(request: web.Request, weights: ModelWeights,
         await drain(content)  # read what the client still sends, so it gets the answer
         raise
 
-    handoff = _Handoff(asyncio.get_running_loop())
+    # Hold the model worker (no generation runs meanwhile) and copy on the loop itself:
+    # handing chunks to another thread costs more than the copy on a busy machine.
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future = loop.create_future()
+    release = threading.Event()
 
-    def load() -> int:
-        error = None
-        for chunk in handoff.chunks():
-            if error is None:
-                try:
-                    loader.feed(chunk)
-                except Exception as e:  # noqa: BLE001 - keep consuming so the reader never blocks
-                    error = e
-        if error is not None:
-            raise error
-        return loader.finish()
+    def hold() -> int:
+        loop.call_soon_threadsafe(lambda: started.done() or started.set_result(None))
+        release.wait()
+        return 0
 
-    done = run_on_worker(load)
+    held = run_on_worker(hold)
     pos = data_start
     try:
+        await started
         while pos < n:
             chunk = await content.readany()
             if not chunk:
                 break
-            await handoff.put(chunk)
+            loader.feed(chunk)
             pos += len(chunk)
-        await handoff.flush()
-    except asyncio.CancelledError:  # the handler is cancelled (client gone): end the worker's job
-        handoff.end(ConnectionResetError("body: the client went away mid-body"))
-        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it
+        if pos != n:
+            raise BadRequest(f"body: Content-Length is {n} but the body ended after {pos} bytes")
+        return loader.finish()
+    except (BadRequest, ValueError, asyncio.CancelledError):
         raise
     except Exception as e:  # noqa: BLE001 - aiohttp raises when the connection breaks mid-body
-        handoff.end(BadRequest(f"body: broken off after {pos} of {n} bytes ({type(e).__name__})"))
-    else:
-        handoff.end(None if pos == n else BadRequest(f"body: Content-Length is {n} but the body ended after {pos} bytes"))
-    return await done
+        raise BadRequest(f"body: broken off after {pos} of {n} bytes ({type(e).__name__})") from None
+    finally:
+        release.set()
+        await asyncio.shield(held)
