@@ -85,7 +85,10 @@ class AlgorithmConfig:
     # None = rollout.sampling.temperature (1 when greedy), filled in by load_config; 1.0 when built directly.
     temperature: float | None = None
     vocab_chunk_size: int | None = None  # tokens per chunk of the vocab ops; None = device default
-    vocab_backend: str = "auto"  # reverse-KL ops: auto (Triton on CUDA when installed), torch or triton
+    # Reverse-KL kernels: torch (chunked; checked on an H200 against float64), triton (fused; checked
+    # in Triton's CPU interpreter and compiled for sm_90, not yet run on a GPU) or auto (triton on
+    # CUDA when installed). Make auto the default once tools/device_check.sh has passed on a GPU.
+    vocab_backend: str = "torch"
 
     def schedule_steps(self) -> int:
         """T of the beta schedule."""
