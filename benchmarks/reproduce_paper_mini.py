@@ -206,6 +206,22 @@ def markdown_table(table: dict, samples_k: int = 4) -> str:
     return "\n".join(lines) + "\n"
 
 
+def accuracy_by_step_table(runs: dict[str, list[dict]]) -> str:
+    """Held-out greedy accuracy at every evaluation step all of a method's seeds have, in
+    Markdown (percent, mean ± sd over seeds), one row per method."""
+    per_method = {}
+    for method, rs in runs.items():
+        maps = [dict((p[0], p[1]) for p in r["curves"].get("eval/accuracy", [])) for r in rs]
+        steps = sorted(set.intersection(*(set(m) for m in maps))) if maps else []
+        per_method[method] = {s: mean_sd([m[s] for m in maps]) for s in steps}
+    steps = sorted({s for stats in per_method.values() for s in stats})
+    lines = ["| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for method, stats in per_method.items():
+        cells = [_cell(stats[s]) if s in stats else "" for s in steps]
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
     """Pointwise mean over seeds at the steps every seed has."""
     if not curves:
@@ -364,7 +380,9 @@ def main(argv: list[str] | None = None) -> dict:
     md = (f"# Paper in miniature ({'full' if full else 'quick'} mode)\n\n"
           f"{args.steps} steps, {args.prompts} prompts x {args.samples} samples, lr {args.lr} shared by every "
           f"method, seeds {args.seeds}, {args.layout}; held-out accuracy on {args.eval_n} problems, percent, "
-          f"mean ± sd over seeds.\n\n" + markdown_table(table, args.meank))
+          f"mean ± sd over seeds.\n\n" + markdown_table(table, args.meank)
+          + "\nHeld-out greedy accuracy during training (percent, mean ± sd over seeds):\n\n"
+          + accuracy_by_step_table(runs))
     _write_atomic(os.path.join(args.out, "results.md"), md)
     write_plots(runs, os.path.join(args.out, "plots"))
     print(md, flush=True)

@@ -109,6 +109,9 @@ def test_summarize_and_aggregate(tmp_path):
     row = [line for line in md.splitlines() if line.startswith("| GRPO")][0]
     assert "| 2 |" in row and "36.5 ± 2.1" in row and "39.0 ± 1.4" in row and "22.0 ± 2.8" in row
     assert rpm.mean_curve([r1["curves"]["eval/accuracy"], r2["curves"]["eval/accuracy"]])[-1] == [6, 0.365]
+    by_step = rpm.accuracy_by_step_table({"grpo": [r1, r2]}).splitlines()
+    assert by_step[0] == "| method | step 0 | step 2 | step 4 | step 6 |"
+    assert by_step[2] == "| GRPO | 26.0 ± 0.0 | 29.0 ± 1.4 | 36.0 ± 5.7 | 36.5 ± 2.1 |"
 
 
 def test_single_seed_and_missing_meank(tmp_path):
