@@ -38,7 +38,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = "/work/main/artifacts/tiny_model"
+DEFAULT_MODEL = os.path.join(ROOT, "artifacts", "tiny_model")  # what examples/run_tiny_cpu.sh builds
 
 # Fields the YAML sets (beta_base, windows, gate, alpha) plus the ones a method changes:
 # every method states all of them so that nothing leaks from the file or a preset.
