@@ -60,11 +60,15 @@ METHODS: dict[str, dict] = {
     "sdpg-schedule": dict(SDPG_URKL, beta_warmup_steps="WARM", beta_decay_steps="DECAY"),
     # No distillation after the first response token that is not the teacher's greedy choice.
     "sdpg-maskwrong": dict(SDPG_URKL, distill_mask_after_divergence=True),
+    # Post hoc (after the full comparison showed OPSD ahead): SDPG with OPSD's distillation weight.
+    "sdpg-beta1": dict(SDPG_URKL, beta_base=1.0),
 }
+POST_HOC = ("sdpg-beta1",)  # run only when named with --methods; not part of --full
 QUICK_METHODS = ("grpo", "opsd", "sdpg-urkl")
 LABELS = {"grpo": "GRPO", "opsd": "OPSD", "sdpg-urkl": "SDPG-URKL", "sdpg-ufkl": "SDPG-UFKL",
           "sdpg-beta0": "SDPG beta=0", "sdpg-alpha0": "SDPG alpha=0", "sdpg-gated": "SDPG gated",
-          "sdpg-schedule": "SDPG schedule", "sdpg-maskwrong": "SDPG KL masked after 1st wrong token"}
+          "sdpg-schedule": "SDPG schedule", "sdpg-maskwrong": "SDPG KL masked after 1st wrong token",
+          "sdpg-beta1": "SDPG beta=1 (post hoc)"}
 # Figure-3 panels: (file stem, title, metric key).
 CURVES = (("heldout_accuracy", "Held-out greedy accuracy", "eval/accuracy"),
           ("heldout_accuracy_with_context", "Held-out accuracy with the context", "eval/accuracy_with_context"),
@@ -347,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     full = args.full
     args.steps = args.steps or (120 if full else 40)
     args.seeds = args.seeds or ([1, 2, 3] if full else [1])
-    args.methods = args.methods or (list(METHODS) if full else list(QUICK_METHODS))
+    args.methods = args.methods or ([m for m in METHODS if m not in POST_HOC] if full else list(QUICK_METHODS))
     args.eval_every = args.eval_every if args.eval_every is not None else (40 if full else 20)
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         sys.exit(f"error: --model-dir {args.model_dir}: no config.json (build it with tools/make_tiny_model.py)")
