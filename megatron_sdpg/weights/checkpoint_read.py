@@ -18,6 +18,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 
+from megatron_sdpg.weights.safetensors_format import byte_view
+
 
 class DirectFileSystemReader(FileSystemReader):
     """A ``FileSystemReader`` that reads whole dense tensors straight into their destination."""
@@ -69,7 +71,7 @@ class DirectFileSystemReader(FileSystemReader):
         nbytes = target.numel() * item
         if nbytes:
             stream.seek(info.offset + start)
-            got = stream.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy()))
+            got = stream.readinto(byte_view(target))
             if got != nbytes:
                 raise RuntimeError(f"{req.storage_index.fqn}: read {got} of {nbytes} bytes (truncated checkpoint file?)")
         planner.commit_tensor(req, target)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_sdpg.weights.tensor_codec import SAFETENSORS_DTYPES
+from megatron_sdpg.weights.tensor_codec import SAFETENSORS_DTYPES, parse_safetensors_header
 
 DTYPES = SAFETENSORS_DTYPES
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -47,6 +47,11 @@ class TensorEntry:
         for s in self.shape:
             n *= s
         return n
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a flat ``memoryview`` (no copy)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def encode_header(entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> tuple[bytes, list[TensorEntry]]:
@@ -115,7 +120,7 @@ class StreamingSafetensorsWriter:
                              f"planned {e.shape} {e.dtype}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if e.nbytes:
-            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+            self._file.write(byte_view(data))
         self._next += 1
 
     def close(self) -> None:
@@ -150,32 +155,14 @@ def read_header(path: str) -> tuple[int, dict[str, TensorEntry]]:
     """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise ValueError(f"{path}: safetensors header length {n} does not fit the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as err:
-            raise ValueError(f"{path}: safetensors header is not valid JSON ({err})") from None
-    start = 8 + n
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        entry = TensorEntry(name, shape, dtype, begin, end)
-        if end - begin != entry.nbytes or begin < 0 or start + end > size:
-            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has byte range "
-                             f"[{begin}, {end}) that does not match its shape or the file size")
-        entries[name] = entry
+
+        def header_bytes(n: int) -> bytes:
+            if n > _MAX_HEADER:
+                raise ValueError(f"{path}: safetensors header length {n} is over the format's limit")
+            return f.read(n)
+
+        parsed, start = parse_safetensors_header(f.read(8), header_bytes, size, path)
+    entries = {name: TensorEntry(name, tuple(shape), dtype, begin, end) for name, dtype, shape, begin, end in parsed}
     return start, entries
 
 

@@ -23,14 +23,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from megatron_sdpg.weights.safetensors_format import DTYPE_NAMES, TensorEntry, encode_header
+from megatron_sdpg.weights.safetensors_format import DTYPE_NAMES, TensorEntry, byte_view, encode_header
 
 PIECE_BYTES = 4 * 2**20  # pieces of an HTTP body: big enough for few syscalls, small enough to keep buffers hot
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor as a flat ``memoryview`` (no copy)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 class SafetensorsStream:

@@ -101,7 +101,7 @@ def parse_safetensors_header(first8: bytes | memoryview, read_header: Callable[[
     Raises:
         ValueError: Not a safetensors blob, or an inconsistent header.
     """
-    if total_len < 10 or len(first8) < 8:
+    if total_len < 8 or len(first8) < 8:
         raise ValueError(f"{what}: payload too short for safetensors")
     (header_len,) = struct.unpack("<Q", first8[:8])
     if header_len > total_len - 8 or header_len < 2:
@@ -119,7 +119,7 @@ def parse_safetensors_header(first8: bytes | memoryview, read_header: Callable[[
     try:
         header = json.loads(raw)
     except ValueError as e:
-        raise ValueError(f"{what}: bad safetensors header ({e})") from None
+        raise ValueError(f"{what}: bad safetensors header (the header is not valid JSON: {e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{what}: bad safetensors header (not a JSON object)")
     base = 8 + header_len
@@ -132,7 +132,8 @@ def parse_safetensors_header(first8: bytes | memoryview, read_header: Callable[[
         itemsize = torch.empty((), dtype=dtype).element_size()
         if not 0 <= start <= end <= data_len or end - start != math.prod(shape) * itemsize:
             raise ValueError(f"{what}: tensor {name!r} has offsets {start}..{end}, inconsistent with "
-                             f"shape {shape} {info['dtype']} and a {data_len}-byte data section")
+                             f"shape {shape} {info['dtype']} and a {data_len}-byte data section "
+                             "(it does not match its shape or the file size)")
         entries.append((name, dtype, shape, start, end))
     return entries, base
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_sdpg.weights.safetensors_format import byte_view
 from megatron_sdpg.weights.tensor_codec import parse_safetensors_header
 from megatron_sdpg.weights.process_group import destroy_weight_update_group, init_weight_update_group, torch_dtype
 
@@ -113,7 +114,7 @@ class ModelWeights:
                     else:
                         dst = torch.empty(shape, dtype=dtype)
                     f.seek(base + start)
-                    view = memoryview(dst.reshape(-1).view(torch.uint8).numpy()) if end > start else memoryview(b"")
+                    view = byte_view(dst) if end > start else memoryview(b"")
                     got = 0
                     while got < end - start:  # readinto may return short counts
                         n = f.readinto(view[got:])
