@@ -96,7 +96,10 @@ async def receive_streamed_update(request: web.Request, weights: ModelWeights,
         if pos != n:
             raise BadRequest(f"body: Content-Length is {n} but the body ended after {pos} bytes")
         return loader.finish()
-    except (BadRequest, ValueError, asyncio.CancelledError):
+    except ValueError:  # data the model refuses: still read the rest, so the client gets the answer
+        await drain(content)
+        raise
+    except (BadRequest, asyncio.CancelledError):
         raise
     except Exception as e:  # noqa: BLE001 - aiohttp raises when the connection breaks mid-body
         raise BadRequest(f"body: broken off after {pos} of {n} bytes ({type(e).__name__})") from None
