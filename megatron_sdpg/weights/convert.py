@@ -23,7 +23,7 @@ from megatron_sdpg.weights.checkpoint import (HF_SIDE_DIR, load_megatron_checkpo
                                               save_megatron_checkpoint)
 from megatron_sdpg.weights.export_files import write_hf_safetensors
 from megatron_sdpg.weights.hf_io import SafetensorsReader, copy_side_files
-from megatron_sdpg.weights.load import load_hf_weights_into
+from megatron_sdpg.weights.hf_source import HFParamSource
 from megatron_sdpg.weights.verify import PromptReport, compare_with_hf, format_reports
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -110,10 +110,17 @@ def hf_to_megatron(hf_dir: str, megatron_dir: str, groups: ParallelGroups, dtype
     cfg = hf_model_config(hf_dir, dtype)
     cfg.validate("model", tp=groups.layout.tp)
     chunks = build_model_chunks(cfg, groups, init_weights=False)
-    load_hf_weights_into(chunks, cfg, groups, SafetensorsReader(hf_dir), progress=progress and dist.get_rank() == 0)
+    # The parameters stay unfilled: the save takes each tensor's bytes from the HF files as it writes.
+    source = HFParamSource(chunks, cfg, groups, SafetensorsReader(hf_dir), progress=progress and dist.get_rank() == 0)
     staging = _staging_dir(megatron_dir)
-    save_megatron_checkpoint(chunks, cfg, staging, hf_side_dir=hf_dir)
+    try:
+        save_megatron_checkpoint(chunks, cfg, staging, hf_side_dir=hf_dir, values=source)
+    finally:
+        source.close()
     _publish(staging, megatron_dir)
+    if verify is None:
+        return None
+    load_megatron_checkpoint(chunks, megatron_dir)  # verify what was written, not what was read
     return _verify(chunks, cfg, groups, hf_dir, verify)
 
 

@@ -71,6 +71,16 @@ class SafetensorsReader(Mapping):
             raise KeyError(f"tensor {name!r} is mapped to {file_name} by {INDEX_FILE} but is not in that file")
         return tensor_view(os.path.join(self.hf_dir, file_name), start, entries[name])
 
+    def meta(self, name: str) -> torch.Tensor:
+        """A ``meta`` tensor of ``name``'s shape and dtype (reads the header only)."""
+        if name not in self.weight_map:
+            raise KeyError(name)
+        file_name = self.weight_map[name]
+        entries = self._header(file_name)[1]
+        if name not in entries:
+            raise KeyError(f"tensor {name!r} is mapped to {file_name} by {INDEX_FILE} but is not in that file")
+        return torch.empty(entries[name].shape, dtype=entries[name].dtype, device="meta")
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)
 

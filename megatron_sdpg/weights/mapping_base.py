@@ -217,6 +217,27 @@ class FamilyMapping:
         Raises:
             WeightMappingError: an HF tensor or the parameter has the wrong shape (naming it).
         """
+        covered = 0
+        for start, block in self.local_blocks(mcore_name, param, hf_tensors, tp, tp_rank):
+            param[start: start + block.shape[0]].copy_(block)
+            covered += block.shape[0]
+        if covered < param.shape[0]:  # padded vocabulary rows
+            param[covered:].zero_()
+
+    def local_blocks(self, mcore_name: str, param: torch.Tensor, hf_tensors: list[torch.Tensor], tp: int,
+                     tp_rank: int) -> list[tuple[int, torch.Tensor]]:
+        """This TP rank's part of a Megatron parameter as row blocks of views of its HF tensors.
+
+        The blocks are ``(first row, tensor)`` in row order; stacked along dim 0 they
+        are this rank's parameter, except padded vocabulary rows at the end, which no
+        block covers (they are zero). A block is a view of an HF tensor wherever the
+        layout allows (a plain copy, either half of ``[gate; up]``, one query group's
+        ``q``, ``k`` or ``v``); only a layout no view can express is built anew.
+        ``param`` gives the shape and TP attributes only; its memory is not read.
+
+        Raises:
+            WeightMappingError: an HF tensor or the parameter has the wrong shape (naming it).
+        """
         rule = self.rule(mcore_name)
         self._check_hf_shapes(rule, hf_tensors)
         is_tp, dim, stride = tp_attrs(param)
@@ -229,34 +250,31 @@ class FamilyMapping:
                 f"{', '.join(rule.hf_names)}, model has {fshape}")
         if sharded and not ((rule.kind == "copy" and stride == 1) or (rule.kind == "gate_up" and dim == 0 and stride == 2)
                             or (rule.kind in ("qkv", "vocab") and dim == 0 and stride == 1)):
-            param.copy_(shard(self.to_megatron(mcore_name, hf_tensors, fshape), param, tp, tp_rank))
-            return
+            return [(0, shard(self.to_megatron(mcore_name, hf_tensors, fshape), param, tp, tp_rank))]
 
         def mine(t: torch.Tensor, d: int = 0) -> torch.Tensor:
             return torch.chunk(t, tp, dim=d)[tp_rank] if sharded else t
 
         if rule.kind == "copy":
-            param.copy_(mine(hf_tensors[0], dim))
-        elif rule.kind == "gate_up":
-            half = param.shape[0] // 2
-            param[:half].copy_(mine(hf_tensors[0]))
-            param[half:].copy_(mine(hf_tensors[1]))
-        elif rule.kind == "qkv":
+            return [(0, mine(hf_tensors[0], dim))]
+        if rule.kind == "gate_up":
+            return [(0, mine(hf_tensors[0])), (param.shape[0] // 2, mine(hf_tensors[1]))]
+        if rule.kind == "qkv":
             ng, hd = self.cfg.kv_heads, self.cfg.kv_channels
             ng_local = ng // tp if sharded else ng
             per_group = self.cfg.num_attention_heads // ng * hd
-            rest = tuple(param.shape[1:])
-            grouped = param.view(ng_local, per_group + 2 * hd, *rest)
             q, k, v = (mine(t) for t in hf_tensors)
-            grouped[:, :per_group].copy_(q.reshape(ng_local, per_group, *rest))
-            grouped[:, per_group: per_group + hd].copy_(k.reshape(ng_local, hd, *rest))
-            grouped[:, per_group + hd:].copy_(v.reshape(ng_local, hd, *rest))
-        else:  # vocab: this rank's rows of the padded table; padded rows are zero
-            rows = param.shape[0]
-            start = tp_rank * rows if sharded else 0
-            src = hf_tensors[0][start: start + rows]
-            param[: src.shape[0]].copy_(src)
-            param[src.shape[0]:].zero_()
+            blocks, row = [], 0
+            for g in range(ng_local):
+                for t, n in ((q, per_group), (k, hd), (v, hd)):
+                    blocks.append((row, t[g * n: (g + 1) * n]))
+                    row += n
+            return blocks
+        # vocab: this rank's rows of the padded table
+        rows = param.shape[0]
+        start = tp_rank * rows if sharded else 0
+        src = hf_tensors[0][start: start + rows]
+        return [(0, src)] if src.shape[0] else []
 
     def _check_hf_shapes(self, rule: ParamRule, hf_tensors: list[torch.Tensor]) -> None:
         for name, t in zip(rule.hf_names, hf_tensors):

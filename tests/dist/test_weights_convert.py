@@ -42,6 +42,7 @@ def _all_layouts(rank, world_size, hf_dirs, tokens, workdir):
     from megatron_sdpg.weights.convert import VerifyConfig, hf_model_config, hf_to_megatron, megatron_to_hf
     from megatron_sdpg.weights.export import export_hf_weights
     from megatron_sdpg.weights.hf_io import SafetensorsReader
+    from megatron_sdpg.weights.hf_source import HFParamSource
     from megatron_sdpg.weights.load import load_hf_weights_into
     from megatron_sdpg.weights.verify import megatron_logits
 
@@ -68,6 +69,10 @@ def _all_layouts(rank, world_size, hf_dirs, tokens, workdir):
                 load_hf_weights_into(build_model_chunks(cfg, groups, init_weights=False), cfg, groups, state)
             except WeightMappingError as err:
                 out["errors"]["shape"] = str(err)
+            try:  # the converter's streaming source checks every shape before anything is written
+                HFParamSource(build_model_chunks(cfg, groups, init_weights=False), cfg, groups, state)
+            except WeightMappingError as err:
+                out["errors"]["source_shape"] = str(err)
             for case, hf_dir in hf_dirs.items():
                 hf_to_megatron(hf_dir, os.path.join(workdir, f"{case}.mg"), groups, progress=False)
 
@@ -199,8 +204,9 @@ def test_export_at_tp2_pp2_writes_every_tensor_once_bit_identical_with_a_correct
 
 def test_shape_mismatch_names_the_tensor(converted):
     result, _ = converted
-    assert result["errors"]["shape"] == (
-        "shape mismatch for HF tensor 'model.layers.1.self_attn.k_proj.weight': got (48, 64), expected (32, 64)")
+    expected = "shape mismatch for HF tensor 'model.layers.1.self_attn.k_proj.weight': got (48, 64), expected (32, 64)"
+    assert result["errors"]["shape"] == expected
+    assert result["errors"]["source_shape"] == expected
 
 
 def test_cli_verify_table_and_nonzero_exit_above_tolerance(tiny, tmp_path):

@@ -10,6 +10,7 @@ from megatron_sdpg.models.architecture import ModelConfig, model_config_from_hf
 from megatron_sdpg.models.init import shard_of
 from megatron_sdpg.weights import WeightMappingError, mapping_for
 from megatron_sdpg.weights.mapping_base import unshard
+from megatron_sdpg.weights.hf_source import param_rows
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -174,6 +175,32 @@ def test_copy_local_equals_sharding_the_fused_full_tensor(tp, arch):
                 m.copy_local_(name, p, srcs, tp, rank)
                 ref = (shard_of(full, dim, stride, tp, rank) if is_tp and tp > 1 else full).to(dtype)
                 assert torch.equal(p, ref), f"{name} tp={tp} rank={rank} {dtype}"
+                # What a streaming save asks for: any whole-row range (e.g. one half of fc1).
+                blocks = m.local_blocks(name, p, srcs, tp, rank)
+                rows = p.shape[0]
+                for start, stop in ((0, rows), (0, rows // 2), (rows // 2, rows), (1, rows - 1)):
+                    got = param_rows(blocks, start, stop, p)
+                    assert got.dtype == dtype and torch.equal(got, ref[start:stop]), f"{name} rows {start}:{stop}"
+
+
+def test_local_blocks_are_views_of_the_hf_tensors_where_the_layout_allows():
+    """Plain copies, the fc1 halves and per-group q/k/v come without a copy; only padding or casts copy."""
+    cfg = _cfg(num_attention_heads=8, num_key_value_heads=4, intermediate_size=8, vocab_size=16)
+    m = mapping_for(cfg)
+    hf = {n: torch.randn(s) for n, s in m.hf_shapes.items()}
+
+    def storages(name, param):
+        srcs = [hf[n] for n in m.rule(name).hf_names]
+        ptrs = {t.untyped_storage().data_ptr() for t in srcs}
+        return [b.untyped_storage().data_ptr() in ptrs for _, b in m.local_blocks(name, param, srcs, 1, 0)]
+
+    assert storages("decoder.layers.0.mlp.linear_fc1.weight", torch.empty(16, 8)) == [True, True]
+    assert all(storages("decoder.layers.1.self_attention.linear_qkv.weight", torch.empty(48, 8)))
+    assert storages("decoder.layers.0.mlp.linear_fc2.weight", torch.empty(8, 8)) == [True]
+    fc1 = m.local_blocks("decoder.layers.0.mlp.linear_fc1.weight", torch.empty(16, 8),
+                         [hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]], 1, 0)
+    half = param_rows(fc1, 8, 16, torch.empty(16, 8))
+    assert half.data_ptr() == hf["model.layers.0.mlp.up_proj.weight"].data_ptr()
 
 
 def test_copy_local_names_a_misshapen_tensor_or_parameter():
