@@ -50,18 +50,17 @@ class DirectFileSystemReader(FileSystemReader):
         (e.g. a TP split along the rows of a layer's ``[1, rows, cols]`` slot).
         """
         info = self.storage_data[req.storage_index]
-        if req.type == LoadItemType.BYTE_IO or info.transform_descriptors:
+        if req.type == LoadItemType.BYTE_IO:
             return False
-        header = torch.load(self._slice_file(stream, info), map_location="meta", weights_only=True)
+        stored = stored_tensor(stream, info)
+        if stored is None:
+            return False
+        header, offset = stored
         target = planner.resolve_tensor(req).detach()
-        offset = getattr(header.untyped_storage(), "_checkpoint_offset", None)
         shape, lengths, starts = tuple(header.shape), tuple(req.lengths), tuple(req.storage_offsets)
-        if (offset is None or header.storage_offset() != 0 or not header.is_contiguous()
-                or header.untyped_storage().nbytes() != header.numel() * header.element_size()
-                or header.dtype != target.dtype or tuple(target.shape) != lengths or len(shape) != len(lengths)
+        if (header.dtype != target.dtype or tuple(target.shape) != lengths or len(shape) != len(lengths)
                 or any(s + n > d for s, n, d in zip(starts, lengths, shape))
-                or not target.is_contiguous() or target.device.type != "cpu"
-                or offset + header.numel() * header.element_size() > info.length):
+                or not target.is_contiguous() or target.device.type != "cpu"):
             return False
         k = next((i for i, n in enumerate(lengths) if n != 1), len(lengths) - 1)
         if any(starts[j] != 0 or lengths[j] != shape[j] for j in range(k + 1, len(shape))):
@@ -76,6 +75,32 @@ class DirectFileSystemReader(FileSystemReader):
                 raise RuntimeError(f"{req.storage_index.fqn}: read {got} of {nbytes} bytes (truncated checkpoint file?)")
         planner.commit_tensor(req, target)
         return True
+
+
+def stored_tensor(stream, info) -> tuple[torch.Tensor, int] | None:
+    """Where a stored tensor item's bytes are: ``(meta tensor, data offset within the item)``.
+
+    Reads only the item's ``torch.save`` header (``map_location="meta"``). None for
+    an item whose data is not one dense run of plain bytes (transformed, a view of a
+    larger storage, or torch without the private ``_checkpoint_offset``).
+
+    Args:
+        stream: The open checkpoint file (binary, seekable).
+        info: The item's ``_StorageInfo`` (file offset and length).
+    """
+    from torch.distributed.checkpoint.filesystem import _create_file_view
+
+    if info.transform_descriptors:
+        return None
+    header = torch.load(_create_file_view(stream, info.offset, info.length), map_location="meta", weights_only=True)
+    if not isinstance(header, torch.Tensor):
+        return None
+    offset = getattr(header.untyped_storage(), "_checkpoint_offset", None)
+    nbytes = header.numel() * header.element_size()
+    if (offset is None or header.storage_offset() != 0 or not header.is_contiguous()
+            or header.untyped_storage().nbytes() != nbytes or offset + nbytes > info.length):
+        return None
+    return header, offset
 
 
 def direct_load_strategy():

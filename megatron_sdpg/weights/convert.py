@@ -9,6 +9,7 @@ share of the model. Output goes to ``<out>.incomplete`` and is renamed to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from megatron_sdpg.weights.export_files import write_hf_safetensors
 from megatron_sdpg.weights.hf_io import SafetensorsReader, copy_side_files
 from megatron_sdpg.weights.hf_source import HFParamSource
 from megatron_sdpg.weights.verify import PromptReport, compare_with_hf, format_reports
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -147,13 +150,38 @@ def megatron_to_hf(megatron_dir: str, hf_dir: str, groups: ParallelGroups, dtype
     cfg.validate("model", tp=groups.layout.tp)
     out_dtype = dtype or cfg.params_dtype
     chunks = build_model_chunks(cfg, groups, init_weights=False)
-    load_megatron_checkpoint(chunks, megatron_dir)
+    values = _checkpoint_values(chunks, cfg, megatron_dir) if verify is None else None
+    if values is None:
+        load_megatron_checkpoint(chunks, megatron_dir)
     staging = _staging_dir(hf_dir)
-    write_hf_safetensors(chunks, cfg, groups, staging, DTYPES[out_dtype], max_shard_bytes, progress=progress)
+    write_hf_safetensors(chunks, cfg, groups, staging, DTYPES[out_dtype], max_shard_bytes, progress=progress,
+                         values=values)
     if dist.get_rank() == 0:
         _write_hf_side_files(os.path.join(megatron_dir, HF_SIDE_DIR), staging, out_dtype)
     _publish(staging, hf_dir)
     return _verify(chunks, cfg, groups, hf_dir, verify)
+
+
+def _checkpoint_values(chunks: list, cfg: ModelConfig, megatron_dir: str):
+    """The export's source of parameter data straight from the checkpoint files, or None to load the model.
+
+    Every rank decides alike (one failing rank sends all to the general load), so
+    the export's collectives stay matched.
+    """
+    from megatron_sdpg.weights import mapping_for
+    from megatron_sdpg.weights.checkpoint_source import CheckpointParamSource, CheckpointSourceUnavailable
+
+    try:
+        source, reason = CheckpointParamSource(chunks, megatron_dir, mapping_for(cfg).exports), ""
+    except CheckpointSourceUnavailable as err:
+        source, reason = None, str(err)
+    usable = torch.tensor([int(source is not None)])
+    dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+    if not usable.item():
+        if reason:
+            logger.info("reading %s through dist_checkpointing: %s", megatron_dir, reason)
+        return None
+    return source.blocks
 
 
 def _write_hf_side_files(side_dir: str, out_dir: str, dtype: str) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -84,7 +84,8 @@ def _check_plan(mapping, per_rank: list[list[TensorEntry]]) -> None:
 
 @torch.no_grad()
 def write_hf_safetensors(chunks: list, model_cfg: ModelConfig, groups: ParallelGroups, out_dir: str,
-                         dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> list[str]:
+                         dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30, progress: bool = False,
+                         values: Callable[[str, torch.Tensor], list[tuple[int, torch.Tensor]]] | None = None) -> list[str]:
     """Writes the model as sharded HF safetensors plus the index into ``out_dir`` (a collective).
 
     Every rank of the world calls it; data-parallel replicas > 0 only join the plan.
@@ -97,6 +98,9 @@ def write_hf_safetensors(chunks: list, model_cfg: ModelConfig, groups: ParallelG
         dtype: Dtype of the written tensors.
         max_shard_bytes: Size limit of one shard file (a larger tensor gets its own).
         progress: A tqdm bar on global rank 0.
+        values: Where each parameter's data comes from instead of its memory:
+            ``values(global name, param)`` returns its ``(first row, tensor)``
+            blocks (e.g. :meth:`~megatron_sdpg.weights.checkpoint_source.CheckpointParamSource.blocks`).
 
     Returns:
         Every shard file name (on every rank).
@@ -124,7 +128,7 @@ def write_hf_safetensors(chunks: list, model_cfg: ModelConfig, groups: ParallelG
     writer = None
     files = iter(my_files)
     try:
-        for hf_name, tensor in _full_hf_tensors(params, mapping, groups, bar):
+        for hf_name, tensor in _full_hf_tensors(params, mapping, groups, bar, values):
             if writer is None or writer.done:
                 if writer is not None:
                     writer.close()
@@ -148,17 +152,18 @@ def write_hf_safetensors(chunks: list, model_cfg: ModelConfig, groups: ParallelG
 
 
 def _full_hf_tensors(params: list[tuple[str, torch.Tensor]], mapping, groups: ParallelGroups,
-                     bar) -> Iterator[tuple[str, torch.Tensor]]:
+                     bar, values=None) -> Iterator[tuple[str, torch.Tensor]]:
     """This rank's HF tensors in plan order; TP-split parameters are gathered onto their writer."""
     tp, tp_rank = groups.layout.tp, groups.tp_rank
     for i, (gname, p) in enumerate(params):
         owner = i % tp
         is_tp, dim, stride = tp_attrs(p)
-        full = p.detach()
+        blocks = values(gname, p) if values is not None else [(0, p.detach())]
         if is_tp and tp > 1:
-            full = _gather_to(p.detach().contiguous(), owner, tp, tp_rank, dim, stride, groups)
+            local = blocks[0][1] if len(blocks) == 1 else torch.cat([b for _, b in blocks])
+            blocks = [(0, _gather_to(local.contiguous(), owner, tp, tp_rank, dim, stride, groups))]
         if owner == tp_rank:
-            yield from mapping.to_hf(gname, full.cpu())
+            yield from mapping.to_hf_blocks(gname, [(r, b.cpu()) for r, b in blocks])
         bar.update(1)
 
 

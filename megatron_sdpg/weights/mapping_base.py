@@ -305,6 +305,19 @@ class FamilyMapping:
             parts = [full[: self.cfg.vocab_size]]
         return list(zip(rule.hf_names, parts))
 
+    def to_hf_blocks(self, mcore_name: str, blocks: list[tuple[int, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """:meth:`to_hf` of a full parameter given as row blocks (``(first row, tensor)``, in order).
+
+        The two halves of ``[gate; up]`` given as two blocks are returned as they are
+        (no concatenation and no copy); anything else is stacked first.
+        """
+        rule = self.rule(mcore_name)
+        if (rule.kind == "gate_up" and len(blocks) == 2 and blocks[0][0] == 0
+                and blocks[1][0] == blocks[0][1].shape[0] == blocks[1][1].shape[0]):
+            return list(zip(rule.hf_names, (blocks[0][1], blocks[1][1])))
+        full = blocks[0][1] if len(blocks) == 1 else torch.cat([b for _, b in blocks])
+        return self.to_hf(mcore_name, full)
+
     def fuse_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``[nq*hd, ...]``, ``[nkv*hd, ...]`` x2 -> Megatron's ``[(nq + 2 nkv) hd, ...]``, grouped."""
         ng, hd = self.cfg.kv_heads, self.cfg.kv_channels

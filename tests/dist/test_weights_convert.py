@@ -39,6 +39,7 @@ def _all_layouts(rank, world_size, hf_dirs, tokens, workdir):
     from megatron_sdpg.platform.layout import ParallelConfig
     from megatron_sdpg.weights import WeightMappingError
     from megatron_sdpg.weights.checkpoint import load_megatron_checkpoint, read_checkpoint_config
+    from megatron_sdpg.weights.checkpoint_source import CheckpointParamSource
     from megatron_sdpg.weights.convert import VerifyConfig, hf_model_config, hf_to_megatron, megatron_to_hf
     from megatron_sdpg.weights.export import export_hf_weights
     from megatron_sdpg.weights.hf_io import SafetensorsReader
@@ -86,6 +87,10 @@ def _all_layouts(rank, world_size, hf_dirs, tokens, workdir):
         logits = megatron_logits(chunks, groups, tokens, cfg.vocab_size)
         reports = megatron_to_hf(ckpt, os.path.join(workdir, f"{case}.hf"), groups, progress=False,
                                  verify=VerifyConfig(prompts=2, new_tokens=4))
+        # Without --verify the export reads the files directly (no model load); from this TP2
+        # checkpoint at TP1 that means assembling each parameter from both TP pieces.
+        CheckpointParamSource(build_model_chunks(cfg, groups, init_weights=False), ckpt, lambda name: True)
+        megatron_to_hf(ckpt, os.path.join(workdir, f"{case}.hf_direct"), groups, progress=False)
         if rank == 0:
             out["ckpt_logits_equal"][case] = bool(np.array_equal(logits.numpy(), out["logits"][(case, 1, 2)]))
             out["reports"][case] = [vars(r) for r in reports]
@@ -93,8 +98,11 @@ def _all_layouts(rank, world_size, hf_dirs, tokens, workdir):
     # onto alternating writers); small shards so each writer fills several.
     groups = init_model_parallel(ParallelConfig(tp=2, pp=2, use_distributed_optimizer=False), seed=0)
     for case in hf_dirs:
-        megatron_to_hf(os.path.join(workdir, f"{case}.mg"), os.path.join(workdir, f"{case}.hf_tp2pp2"), groups,
-                       max_shard_bytes=SMALL_SHARD, progress=False)
+        ckpt = os.path.join(workdir, f"{case}.mg")
+        CheckpointParamSource(build_model_chunks(read_checkpoint_config(ckpt), groups, init_weights=False), ckpt,
+                              lambda name: True)  # the direct path applies (it raises where it does not)
+        megatron_to_hf(ckpt, os.path.join(workdir, f"{case}.hf_tp2pp2"), groups, max_shard_bytes=SMALL_SHARD,
+                       progress=False)
     return out if rank == 0 else None
 
 
@@ -167,6 +175,15 @@ def test_round_trip_files_bit_identical_and_config_equivalent(tiny, converted):
             np.testing.assert_array_equal(model(input_ids=tokens).logits.numpy(), ref[case])
         for report in result["reports"][case]:
             assert report["max_abs_diff"] <= LOGIT_TOL and report["kl_max"] <= 1e-9 and report["greedy_agree"], report
+
+
+def test_direct_export_from_a_tp2_checkpoint_at_tp1_pp2_is_bit_identical(tiny, converted):
+    from megatron_sdpg.weights.hf_io import SafetensorsReader
+
+    dirs, _, _ = tiny
+    _, work = converted
+    for case in CASES:
+        assert _exported_mismatches(dict(SafetensorsReader(os.path.join(work, f"{case}.hf_direct"))), dirs[case]) == []
 
 
 def test_export_at_tp2_pp2_writes_every_tensor_once_bit_identical_with_a_correct_index(tiny, converted):

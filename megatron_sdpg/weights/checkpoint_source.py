@@ -1,0 +1,207 @@
+"""Megatron parameter values read from a ``torch_dist`` checkpoint's files, without loading the model.
+
+The Megatron -> HF export (``tools/convert_megatron_to_hf.py``) only passes bytes
+from one file format to another. :class:`CheckpointParamSource` gives each
+parameter of the (unfilled) model as row blocks taken from the checkpoint
+files: a block stored whole, or a dense run of rows of a stored block (a TP
+split along the rows), is a copy-on-write view of the file's pages; anything
+else (a checkpoint saved at another TP, split along the columns) is assembled
+from the stored pieces that overlap it. The export then writes the HF tensors
+from those views, so the parameters are never filled and the conversion touches
+about half the memory pages that loading the model first would.
+
+The stored items are located with megatron's sharded state dict of the model
+(key, global offset and local shape of every parameter piece, without reading
+data) and PyTorch-Distributed's checkpoint metadata. Construction checks that
+every exported parameter is fully covered; when a checkpoint uses anything this
+reader does not handle (transformed items, flattened optimizer-style ranges,
+dtype changes, torch without ``_checkpoint_offset``) it raises
+:class:`CheckpointSourceUnavailable` and the caller loads the model through
+``dist_checkpointing`` instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from megatron_sdpg.models.init import global_param_name, layer_offset
+from megatron_sdpg.weights.checkpoint_read import stored_tensor
+from megatron_sdpg.weights.safetensors_format import TensorEntry, tensor_view
+
+
+class CheckpointSourceUnavailable(Exception):
+    """The checkpoint (or this torch) needs the general ``dist_checkpointing`` load; the message says why."""
+
+
+class _Region:
+    """One parameter piece: rows ``[row, row + rows)`` of the parameter = a box of checkpoint tensor ``key``."""
+
+    def __init__(self, row: int, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], shape: tuple[int, ...]):
+        self.row, self.key, self.offsets, self.sizes, self.shape = row, key, offsets, sizes, shape
+
+
+class CheckpointTensors:
+    """Boxes of the tensors of a ``torch_dist`` checkpoint, as views of its files where possible.
+
+    Args:
+        ckpt_dir: The checkpoint directory.
+
+    Raises:
+        CheckpointSourceUnavailable: the metadata cannot be read.
+    """
+
+    def __init__(self, ckpt_dir: str):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.ckpt_dir = ckpt_dir
+        try:
+            self.metadata = FileSystemReader(ckpt_dir).read_metadata()
+        except Exception as err:  # noqa: BLE001 - any failure means "use the general loader"
+            raise CheckpointSourceUnavailable(f"cannot read the checkpoint metadata: {err}") from err
+        self._located: dict[tuple[str, tuple[int, ...]], tuple[str, int, torch.Tensor]] = {}
+
+    def chunks(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype) -> list:
+        """The stored chunks of ``key`` overlapping the box; checks they cover it exactly once.
+
+        Raises:
+            CheckpointSourceUnavailable: no such tensor, another dtype or shape, or a gap.
+        """
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise CheckpointSourceUnavailable(f"no tensor {key!r} in the checkpoint")
+        if md.properties.dtype != dtype:
+            raise CheckpointSourceUnavailable(f"{key!r} is stored as {md.properties.dtype}, the model has {dtype}")
+        if len(md.size) != len(offsets) or any(o + s > d for o, s, d in zip(offsets, sizes, md.size)):
+            raise CheckpointSourceUnavailable(f"{key!r} is stored as {tuple(md.size)}, the model reads "
+                                              f"{tuple(sizes)} at {tuple(offsets)}")
+        hits, covered = [], 0
+        for c in md.chunks:
+            box = _intersection(offsets, sizes, tuple(c.offsets), tuple(c.sizes))
+            if box is not None:
+                hits.append(c)
+                covered += math.prod(hi - lo for lo, hi in box)
+        if covered != math.prod(sizes):
+            raise CheckpointSourceUnavailable(f"the stored pieces of {key!r} do not cover {tuple(sizes)} at {offsets}")
+        return hits
+
+    def box(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The box ``offsets + [0, sizes)`` of tensor ``key``: a view of the file when one stored chunk holds it."""
+        hits = self.chunks(key, offsets, sizes, dtype)
+        if len(hits) == 1:
+            return self._chunk(key, hits[0])[_slices(offsets, sizes, tuple(hits[0].offsets))]
+        out = torch.empty(sizes, dtype=dtype)
+        for c in hits:
+            inter = _intersection(offsets, sizes, tuple(c.offsets), tuple(c.sizes))
+            src = self._chunk(key, c)[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(inter, c.offsets))]
+            out[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(inter, offsets))].copy_(src)
+        return out
+
+    def locate_all(self, key: str, chunks: list) -> None:
+        """Reads the headers of ``chunks`` of ``key`` (no data) so that a later :meth:`box` cannot fail."""
+        for c in chunks:
+            self._locate(key, c)
+
+    def _locate(self, key: str, chunk) -> tuple[str, int, torch.Tensor]:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        where = (key, tuple(chunk.offsets))
+        if where not in self._located:
+            info = self.metadata.storage_data.get(MetadataIndex(key, chunk.offsets))
+            if info is None:
+                raise CheckpointSourceUnavailable(f"{key!r}: a chunk at {tuple(chunk.offsets)} has no stored item")
+            path = os.path.join(self.ckpt_dir, info.relative_path)
+            with open(path, "rb") as f:
+                stored = stored_tensor(f, info)
+            if stored is None or tuple(stored[0].shape) != tuple(chunk.sizes):
+                raise CheckpointSourceUnavailable(f"{key!r}: the item at {tuple(chunk.offsets)} is not a plain tensor")
+            header, offset = stored
+            self._located[where] = (path, info.offset + offset, header)
+        return self._located[where]
+
+    def _chunk(self, key: str, chunk) -> torch.Tensor:
+        path, start, header = self._locate(key, chunk)
+        nbytes = header.numel() * header.element_size()
+        return tensor_view(path, start, TensorEntry(key, tuple(header.shape), header.dtype, 0, nbytes))
+
+
+class CheckpointParamSource:
+    """This rank's parameters as row blocks read from a checkpoint, for the HF export.
+
+    Args:
+        chunks: This rank's bare ``GPTModel`` chunks (their memory is not read).
+        ckpt_dir: The ``torch_dist`` checkpoint.
+        wanted: Which global parameter names will be asked for (others are not checked).
+
+    Raises:
+        CheckpointSourceUnavailable: see the module docstring; load the model instead.
+    """
+
+    def __init__(self, chunks: list, ckpt_dir: str, wanted):
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+        self.tensors = CheckpointTensors(ckpt_dir)
+        names: dict[int, tuple[str, torch.Tensor]] = {}
+        for chunk in chunks:
+            offset = layer_offset(chunk)
+            for name, p in chunk.named_parameters():
+                gname = global_param_name(name, offset)
+                if wanted(gname):
+                    names[p.untyped_storage().data_ptr()] = (gname, p)
+        self._regions: dict[str, list[_Region]] = {g: [] for g, _ in names.values()}
+        for chunk in chunks:
+            sharded = chunk.sharded_state_dict()
+            apply_factories(sharded)
+            for sh in nested_values(sharded):
+                if not isinstance(sh, ShardedTensor) or not isinstance(sh.data, torch.Tensor):
+                    continue
+                owner = names.get(sh.data.untyped_storage().data_ptr())
+                if owner is None:
+                    continue
+                gname, param = owner
+                if sh.flattened_range is not None or not sh.data.is_contiguous():
+                    raise CheckpointSourceUnavailable(f"{sh.key!r}: flattened or strided pieces")
+                row = max(1, param[0].numel()) if param.dim() else 1
+                first = sh.data.storage_offset() - param.storage_offset()
+                if first % row or sh.data.numel() % row:
+                    raise CheckpointSourceUnavailable(f"{sh.key!r}: a piece that is not whole rows of {gname}")
+                sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+                hits = self.tensors.chunks(sh.key, tuple(sh.global_offset), sizes, param.dtype)
+                self.tensors.locate_all(sh.key, hits)
+                self._regions[gname].append(_Region(first // row, sh.key, tuple(sh.global_offset), sizes,
+                                                    tuple(sh.data.shape)))
+        for gname, param in names.values():
+            regions = sorted(self._regions[gname], key=lambda r: r.row)
+            row = 0
+            for r in regions:
+                if r.row != row:
+                    break
+                row += r.shape[0] if r.shape else 1
+            if not regions or row != (param.shape[0] if param.dim() else 1):
+                raise CheckpointSourceUnavailable(f"the checkpoint's pieces of {gname} do not tile the parameter")
+            self._regions[gname] = regions
+        self._dtypes = {g: p.dtype for g, p in names.values()}
+
+    def blocks(self, gname: str, param: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``param``'s value as ``(first row, tensor)`` blocks in row order (views of the files where possible)."""
+        return [(r.row, self.tensors.box(r.key, r.offsets, r.sizes, self._dtypes[gname]).reshape(r.shape))
+                for r in self._regions[gname]]
+
+
+def _intersection(a_off, a_size, b_off, b_size) -> list[tuple[int, int]] | None:
+    box = []
+    for ao, asz, bo, bsz in zip(a_off, a_size, b_off, b_size):
+        lo, hi = max(ao, bo), min(ao + asz, bo + bsz)
+        if lo >= hi:
+            return None
+        box.append((lo, hi))
+    return box
+
+
+def _slices(offsets, sizes, base) -> tuple[slice, ...]:
+    return tuple(slice(o - b, o - b + s) for o, s, b in zip(offsets, sizes, base))
