@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from megatron_sdpg.models.init import global_param_name, layer_offset
+from megatron_sdpg.models.init import full_shape, global_param_name, layer_offset
 from megatron_sdpg.weights.checkpoint_read import stored_tensor
 from megatron_sdpg.weights.safetensors_format import TensorEntry, tensor_view
 
@@ -130,20 +130,28 @@ class CheckpointTensors:
 
 
 class CheckpointParamSource:
-    """This rank's parameters as row blocks read from a checkpoint, for the HF export.
+    """This rank's parameters, whole (unsharded), as row blocks read from a checkpoint, for the HF export.
+
+    With tensor parallelism each TP rank can read any parameter in full straight
+    from the files, so the export needs no gather: the rank that writes a
+    parameter asks for all of it.
 
     Args:
         chunks: This rank's bare ``GPTModel`` chunks (their memory is not read).
         ckpt_dir: The ``torch_dist`` checkpoint.
         wanted: Which global parameter names will be asked for (others are not checked).
+        tp: Tensor-parallel size of the layout the chunks were built at.
+        tp_rank: This rank's TP index.
 
     Raises:
         CheckpointSourceUnavailable: see the module docstring; load the model instead.
     """
 
-    def __init__(self, chunks: list, ckpt_dir: str, wanted):
+    def __init__(self, chunks: list, ckpt_dir: str, wanted, tp: int = 1, tp_rank: int = 0):
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+        from megatron_sdpg.weights.mapping_base import tp_attrs
 
         self.tensors = CheckpointTensors(ckpt_dir)
         names: dict[int, tuple[str, torch.Tensor]] = {}
@@ -153,42 +161,56 @@ class CheckpointParamSource:
                 gname = global_param_name(name, offset)
                 if wanted(gname):
                     names[p.untyped_storage().data_ptr()] = (gname, p)
-        self._regions: dict[str, list[_Region]] = {g: [] for g, _ in names.values()}
+        pieces: dict[str, list] = {g: [] for g, _ in names.values()}
         for chunk in chunks:
             sharded = chunk.sharded_state_dict()
             apply_factories(sharded)
             for sh in nested_values(sharded):
-                if not isinstance(sh, ShardedTensor) or not isinstance(sh.data, torch.Tensor):
-                    continue
-                owner = names.get(sh.data.untyped_storage().data_ptr())
-                if owner is None:
-                    continue
-                gname, param = owner
-                if sh.flattened_range is not None or not sh.data.is_contiguous():
-                    raise CheckpointSourceUnavailable(f"{sh.key!r}: flattened or strided pieces")
-                row = max(1, param[0].numel()) if param.dim() else 1
-                first = sh.data.storage_offset() - param.storage_offset()
-                if first % row or sh.data.numel() % row:
-                    raise CheckpointSourceUnavailable(f"{sh.key!r}: a piece that is not whole rows of {gname}")
-                sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-                hits = self.tensors.chunks(sh.key, tuple(sh.global_offset), sizes, param.dtype)
-                self.tensors.locate_all(sh.key, hits)
-                self._regions[gname].append(_Region(first // row, sh.key, tuple(sh.global_offset), sizes,
-                                                    tuple(sh.data.shape)))
+                if isinstance(sh, ShardedTensor) and isinstance(sh.data, torch.Tensor):
+                    owner = names.get(sh.data.untyped_storage().data_ptr())
+                    if owner is not None:
+                        pieces[owner[0]].append(sh)
+        self._regions: dict[str, list[_Region]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
         for gname, param in names.values():
-            regions = sorted(self._regions[gname], key=lambda r: r.row)
-            row = 0
+            is_tp, dim, _ = tp_attrs(param)
+            split = is_tp and tp > 1
+            row = max(1, param[0].numel()) if param.dim() else 1
+            regions = []
+            for sh in pieces[gname]:
+                first = sh.data.storage_offset() - param.storage_offset()
+                if sh.flattened_range is not None or not sh.data.is_contiguous() or first % row or sh.data.numel() % row:
+                    raise CheckpointSourceUnavailable(f"{sh.key!r}: a piece that is not whole rows of {gname}")
+                offsets = list(sh.global_offset)
+                sizes = [1] * sh.prepend_axis_num + list(sh.local_shape)
+                shape = list(sh.data.shape)
+                if split:  # the whole parameter: this piece's box widened over every TP rank's share
+                    ax = sh.prepend_axis_num + dim
+                    offsets[ax] -= tp_rank * sizes[ax]
+                    sizes[ax] *= tp
+                    shape[dim] *= tp
+                regions.append(_Region(first // row, sh.key, tuple(offsets), tuple(sizes), tuple(shape)))
+            if split and dim == 0:  # rows of the whole parameter follow the pieces' global order
+                ax = [len(r.offsets) - len(r.shape) for r in regions]
+                base = min((r.offsets[a] for r, a in zip(regions, ax)), default=0)
+                regions = [_Region(r.offsets[a] - base, r.key, r.offsets, r.sizes, r.shape) for r, a in zip(regions, ax)]
+            regions.sort(key=lambda r: r.row)
+            nrows, want = 0, full_shape(param, tp if split else 1)
             for r in regions:
-                if r.row != row:
+                if r.row != nrows or list(r.shape[1:]) != want[1:]:
                     break
-                row += r.shape[0] if r.shape else 1
-            if not regions or row != (param.shape[0] if param.dim() else 1):
+                self.tensors.locate_all(r.key, self.tensors.chunks(r.key, r.offsets, r.sizes, param.dtype))
+                nrows += r.shape[0] if r.shape else 1
+            if not regions or nrows != (want[0] if want else 1):
                 raise CheckpointSourceUnavailable(f"the checkpoint's pieces of {gname} do not tile the parameter")
             self._regions[gname] = regions
-        self._dtypes = {g: p.dtype for g, p in names.values()}
+            self._dtypes[gname] = param.dtype
 
-    def blocks(self, gname: str, param: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """``param``'s value as ``(first row, tensor)`` blocks in row order (views of the files where possible)."""
+    def full_blocks(self, gname: str, param: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """The whole (unsharded) ``param`` as ``(first row, tensor)`` blocks in row order.
+
+        Blocks are views of the checkpoint files where one stored piece holds them.
+        """
         return [(r.row, self.tensors.box(r.key, r.offsets, r.sizes, self._dtypes[gname]).reshape(r.shape))
                 for r in self._regions[gname]]
 

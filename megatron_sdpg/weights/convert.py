@@ -150,7 +150,7 @@ def megatron_to_hf(megatron_dir: str, hf_dir: str, groups: ParallelGroups, dtype
     cfg.validate("model", tp=groups.layout.tp)
     out_dtype = dtype or cfg.params_dtype
     chunks = build_model_chunks(cfg, groups, init_weights=False)
-    values = _checkpoint_values(chunks, cfg, megatron_dir) if verify is None else None
+    values = _checkpoint_values(chunks, cfg, groups, megatron_dir) if verify is None else None
     if values is None:
         load_megatron_checkpoint(chunks, megatron_dir)
     staging = _staging_dir(hf_dir)
@@ -162,7 +162,7 @@ def megatron_to_hf(megatron_dir: str, hf_dir: str, groups: ParallelGroups, dtype
     return _verify(chunks, cfg, groups, hf_dir, verify)
 
 
-def _checkpoint_values(chunks: list, cfg: ModelConfig, megatron_dir: str):
+def _checkpoint_values(chunks: list, cfg: ModelConfig, groups: ParallelGroups, megatron_dir: str):
     """The export's source of parameter data straight from the checkpoint files, or None to load the model.
 
     Every rank decides alike (one failing rank sends all to the general load), so
@@ -172,7 +172,8 @@ def _checkpoint_values(chunks: list, cfg: ModelConfig, megatron_dir: str):
     from megatron_sdpg.weights.checkpoint_source import CheckpointParamSource, CheckpointSourceUnavailable
 
     try:
-        source, reason = CheckpointParamSource(chunks, megatron_dir, mapping_for(cfg).exports), ""
+        source = CheckpointParamSource(chunks, megatron_dir, mapping_for(cfg).exports, groups.layout.tp, groups.tp_rank)
+        reason = ""
     except CheckpointSourceUnavailable as err:
         source, reason = None, str(err)
     usable = torch.tensor([int(source is not None)])
@@ -181,7 +182,7 @@ def _checkpoint_values(chunks: list, cfg: ModelConfig, megatron_dir: str):
         if reason:
             logger.info("reading %s through dist_checkpointing: %s", megatron_dir, reason)
         return None
-    return source.blocks
+    return source.full_blocks
 
 
 def _write_hf_side_files(side_dir: str, out_dir: str, dtype: str) -> None:

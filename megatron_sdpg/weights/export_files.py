@@ -99,8 +99,10 @@ def write_hf_safetensors(chunks: list, model_cfg: ModelConfig, groups: ParallelG
         max_shard_bytes: Size limit of one shard file (a larger tensor gets its own).
         progress: A tqdm bar on global rank 0.
         values: Where each parameter's data comes from instead of its memory:
-            ``values(global name, param)`` returns its ``(first row, tensor)``
-            blocks (e.g. :meth:`~megatron_sdpg.weights.checkpoint_source.CheckpointParamSource.blocks`).
+            ``values(global name, param)`` returns the whole (unsharded) parameter
+            as ``(first row, tensor)`` blocks, on the rank that writes it only, so
+            no TP gather is needed (e.g.
+            :meth:`~megatron_sdpg.weights.checkpoint_source.CheckpointParamSource.full_blocks`).
 
     Returns:
         Every shard file name (on every rank).
@@ -158,10 +160,12 @@ def _full_hf_tensors(params: list[tuple[str, torch.Tensor]], mapping, groups: Pa
     for i, (gname, p) in enumerate(params):
         owner = i % tp
         is_tp, dim, stride = tp_attrs(p)
-        blocks = values(gname, p) if values is not None else [(0, p.detach())]
-        if is_tp and tp > 1:
-            local = blocks[0][1] if len(blocks) == 1 else torch.cat([b for _, b in blocks])
-            blocks = [(0, _gather_to(local.contiguous(), owner, tp, tp_rank, dim, stride, groups))]
+        if values is not None:
+            blocks = values(gname, p) if owner == tp_rank else []
+        elif is_tp and tp > 1:
+            blocks = [(0, _gather_to(p.detach().contiguous(), owner, tp, tp_rank, dim, stride, groups))]
+        else:
+            blocks = [(0, p.detach())]
         if owner == tp_rank:
             yield from mapping.to_hf_blocks(gname, [(r, b.cpu()) for r, b in blocks])
         bar.update(1)

@@ -100,7 +100,7 @@ def param_rows(blocks: list[tuple[int, torch.Tensor]], start: int, stop: int, pa
     """Rows ``[start, stop)`` of the parameter the blocks make up (rows no block covers are zero)."""
     for first, block in blocks:
         if first == start and first + block.shape[0] == stop:
-            return block.to(param.dtype).contiguous()
+            return _own_storage(block.to(param.dtype).contiguous())
     out = torch.empty((stop - start, *param.shape[1:]), dtype=param.dtype)
     covered = start
     for first, block in blocks:
@@ -110,3 +110,17 @@ def param_rows(blocks: list[tuple[int, torch.Tensor]], start: int, stop: int, pa
             covered = max(covered, hi)
     out[covered - start:].zero_()  # padded vocabulary rows (only ever at the end)
     return out
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (contiguous) as a tensor whose storage is exactly its bytes, without a copy.
+
+    A TP rank's rows of an HF tensor are a view into the whole tensor's mapping;
+    PyTorch-Distributed's writer clones any tensor whose storage is larger than
+    its data (``torch.save`` writes whole storages), which would copy every such
+    view. The re-wrapped tensor shares the memory and keeps the original alive.
+    """
+    nbytes = t.numel() * t.element_size()
+    if t.untyped_storage().nbytes() == nbytes or nbytes == 0:
+        return t
+    return torch.frombuffer(t.reshape(-1).view(torch.uint8).numpy(), dtype=torch.uint8).view(t.dtype).view(t.shape)

@@ -100,7 +100,7 @@ def _all_layouts(rank, world_size, hf_dirs, tokens, workdir):
     for case in hf_dirs:
         ckpt = os.path.join(workdir, f"{case}.mg")
         CheckpointParamSource(build_model_chunks(read_checkpoint_config(ckpt), groups, init_weights=False), ckpt,
-                              lambda name: True)  # the direct path applies (it raises where it does not)
+                              lambda name: True, 2, groups.tp_rank)  # the direct path applies (it raises where not)
         megatron_to_hf(ckpt, os.path.join(workdir, f"{case}.hf_tp2pp2"), groups, max_shard_bytes=SMALL_SHARD,
                        progress=False)
     return out if rank == 0 else None
