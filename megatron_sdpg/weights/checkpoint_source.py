@@ -2,13 +2,13 @@
 
 The Megatron -> HF export (``tools/convert_megatron_to_hf.py``) only passes bytes
 from one file format to another. :class:`CheckpointParamSource` gives each
-parameter of the (unfilled) model as row blocks taken from the checkpoint
-files: a block stored whole, or a dense run of rows of a stored block (a TP
-split along the rows), is a copy-on-write view of the file's pages; anything
-else (a checkpoint saved at another TP, split along the columns) is assembled
-from the stored pieces that overlap it. The export then writes the HF tensors
-from those views, so the parameters are never filled and the conversion touches
-about half the memory pages that loading the model first would.
+parameter of the (unfilled) model, whole (unsharded, so tensor-parallel ranks
+need no gather), as row blocks taken from the checkpoint files: a block one
+stored piece holds is a copy-on-write view of the file's pages; a block spread
+over several stored pieces (a checkpoint saved at a larger TP than it is read
+at) is assembled from them. The export writes the HF tensors from those views,
+so the parameters are never filled and the conversion touches about half the
+memory pages that loading the model first would.
 
 The stored items are located with megatron's sharded state dict of the model
 (key, global offset and local shape of every parameter piece, without reading
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -36,11 +37,15 @@ class CheckpointSourceUnavailable(Exception):
     """The checkpoint (or this torch) needs the general ``dist_checkpointing`` load; the message says why."""
 
 
+@dataclass(frozen=True)
 class _Region:
-    """One parameter piece: rows ``[row, row + rows)`` of the parameter = a box of checkpoint tensor ``key``."""
+    """Rows ``[row, row + shape[0])`` of a parameter = the box ``offsets + [0, sizes)`` of checkpoint tensor ``key``."""
 
-    def __init__(self, row: int, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], shape: tuple[int, ...]):
-        self.row, self.key, self.offsets, self.sizes, self.shape = row, key, offsets, sizes, shape
+    row: int
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    shape: tuple[int, ...]
 
 
 class CheckpointTensors:
@@ -63,8 +68,8 @@ class CheckpointTensors:
             raise CheckpointSourceUnavailable(f"cannot read the checkpoint metadata: {err}") from err
         self._located: dict[tuple[str, tuple[int, ...]], tuple[str, int, torch.Tensor]] = {}
 
-    def chunks(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype) -> list:
-        """The stored chunks of ``key`` overlapping the box; checks they cover it exactly once.
+    def pieces_covering(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype) -> list:
+        """The stored pieces (metadata chunks) of ``key`` overlapping the box; checks they cover it exactly once.
 
         Raises:
             CheckpointSourceUnavailable: no such tensor, another dtype or shape, or a gap.
@@ -91,7 +96,7 @@ class CheckpointTensors:
 
     def box(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The box ``offsets + [0, sizes)`` of tensor ``key``: a view of the file when one stored chunk holds it."""
-        hits = self.chunks(key, offsets, sizes, dtype)
+        hits = self.pieces_covering(key, offsets, sizes, dtype)
         if len(hits) == 1:
             return self._chunk(key, hits[0])[_slices(offsets, sizes, tuple(hits[0].offsets))]
         out = torch.empty(sizes, dtype=dtype)
@@ -102,7 +107,7 @@ class CheckpointTensors:
         return out
 
     def locate_all(self, key: str, chunks: list) -> None:
-        """Reads the headers of ``chunks`` of ``key`` (no data) so that a later :meth:`box` cannot fail."""
+        """Reads the headers of the stored pieces ``chunks`` of ``key`` (no data), so a later :meth:`box` cannot fail."""
         for c in chunks:
             self._locate(key, c)
 
@@ -199,7 +204,7 @@ class CheckpointParamSource:
             for r in regions:
                 if r.row != nrows or list(r.shape[1:]) != want[1:]:
                     break
-                self.tensors.locate_all(r.key, self.tensors.chunks(r.key, r.offsets, r.sizes, param.dtype))
+                self.tensors.locate_all(r.key, self.tensors.pieces_covering(r.key, r.offsets, r.sizes, param.dtype))
                 nrows += r.shape[0] if r.shape else 1
             if not regions or nrows != (want[0] if want else 1):
                 raise CheckpointSourceUnavailable(f"the checkpoint's pieces of {gname} do not tile the parameter")
