@@ -176,9 +176,9 @@ def _checkpoint_values(chunks: list, cfg: ModelConfig, groups: ParallelGroups, m
         reason = ""
     except CheckpointSourceUnavailable as err:
         source, reason = None, str(err)
-    usable = torch.tensor([int(source is not None)])
-    dist.all_reduce(usable, op=dist.ReduceOp.MIN)
-    if not usable.item():
+    usable: list = [None] * dist.get_world_size()
+    dist.all_gather_object(usable, source is not None)  # any backend (a CPU tensor would not do for NCCL)
+    if not all(usable):
         if reason:
             logger.info("reading %s through dist_checkpointing: %s", megatron_dir, reason)
         return None

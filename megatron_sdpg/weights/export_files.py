@@ -11,7 +11,8 @@ tensors of its own pipeline stage into its own shard files, in parallel:
    the whole plan: shards of at most ``max_shard_bytes`` per writer, numbered
    ``model-0000i-of-0000n.safetensors`` in rank order, and the index.
 2. Write. Each parameter is gathered over its TP group onto its writer (no
-   collective at all without TP, and no pipeline traffic), split into its HF
+   collective at all without TP, and no pipeline traffic) or, in the offline
+   converter, read whole from the checkpoint files by its writer, split into its HF
    tensors and streamed into the writer's current shard with
    :class:`~megatron_sdpg.weights.safetensors_format.StreamingSafetensorsWriter`,
    straight from the tensor's memory. A rank holds at most one full parameter
@@ -155,7 +156,7 @@ def write_hf_safetensors(chunks: list, model_cfg: ModelConfig, groups: ParallelG
 
 def _full_hf_tensors(params: list[tuple[str, torch.Tensor]], mapping, groups: ParallelGroups,
                      bar, values=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """This rank's HF tensors in plan order; TP-split parameters are gathered onto their writer."""
+    """This rank's HF tensors in plan order; TP-split parameters are gathered onto (or read whole by) their writer."""
     tp, tp_rank = groups.layout.tp, groups.tp_rank
     for i, (gname, p) in enumerate(params):
         owner = i % tp
