@@ -67,7 +67,7 @@ def make_plan(cfg, world_size: int, assume) -> dict:
     world = world_size or par.tp * par.pp * par.cp
     layout = ParallelLayout.resolve(par, world)
     model, model_source = planning_model(cfg.model)
-    model.validate("model", tp=layout.tp)
+    model.validate("model", tp=layout.tp, pp=layout.pp, vpp=layout.vpp)
     work = workload_from_config(cfg)
     work.validate()
     stages = estimate_memory(model, layout, work, assume, par.use_distributed_optimizer)

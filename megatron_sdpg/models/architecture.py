@@ -90,7 +90,7 @@ class ModelConfig:
         """Vocabulary rounded up to a multiple of ``tp`` (padded rows are masked)."""
         return int(math.ceil(self.vocab_size / tp) * tp)
 
-    def validate(self, prefix: str = "model", tp: int = 1) -> None:
+    def validate(self, prefix: str = "model", tp: int = 1, pp: int = 1, vpp: int | None = None) -> None:
         if self.arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
                 f"{prefix}.arch",
@@ -115,6 +115,10 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.num_attention_heads", f"tp={tp} does not divide {self.num_attention_heads} heads")
         if self.kv_heads % tp:
             raise ConfigError(f"{prefix}.num_key_value_heads", f"tp={tp} does not divide {self.kv_heads} KV heads")
+        stages = pp * (vpp or 1)
+        if self.num_layers % stages:
+            what = f"pp={pp}" + (f" x vpp={vpp}" if vpp else "")
+            raise ConfigError(f"{prefix}.num_layers", f"{what} does not divide {self.num_layers} layers")
 
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:

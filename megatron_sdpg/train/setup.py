@@ -165,7 +165,7 @@ def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
     if not cfg.model.hf_dir:
         raise ConfigError("model.hf_dir", "an HF model directory is needed (tokenizer, architecture, weights)")
     model_cfg = resolve_model_config(cfg.model)
-    model_cfg.validate("model", tp=groups.layout.tp)
+    model_cfg.validate("model", tp=groups.layout.tp, pp=groups.layout.pp, vpp=groups.layout.vpp)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
     builder = build_prompt_builder(tokenizer, cfg.data)
     task = build_task(cfg.data, prompt_length=lambda p: len(builder.student_ids(p)))

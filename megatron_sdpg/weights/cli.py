@@ -23,8 +23,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="greedy-decode prompts and compare logits with transformers; exit 1 above tolerance")
     parser.add_argument("--verify-prompts", type=int, default=3)
     parser.add_argument("--verify-tokens", type=int, default=8, help="greedy tokens per prompt")
-    parser.add_argument("--max-abs-tol", type=float, default=None, help="default 1e-3 (fp32), 1.0 (bf16)")
-    parser.add_argument("--kl-tol", type=float, default=None, help="default 1e-6 (fp32), 1e-2 (bf16)")
+    parser.add_argument("--max-abs-tol", type=float, default=None, help="default 1e-3 (fp32 compute on both sides, any stored dtype)")
+    parser.add_argument("--kl-tol", type=float, default=None, help="default 1e-6 (fp32 compute on both sides, any stored dtype)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

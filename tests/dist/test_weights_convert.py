@@ -239,3 +239,17 @@ def test_cli_verify_table_and_nonzero_exit_above_tolerance(tiny, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "max|dlogit|" in proc.stdout and "verify: FAIL" in proc.stdout, proc.stdout
     assert os.path.isfile(out / "megatron_sdpg_model.json") and not os.path.exists(str(out) + ".incomplete")
+
+
+def test_cli_verify_of_a_bf16_conversion_holds_fp32_tolerances(tiny, tmp_path):
+    """Stored bf16, compared in fp32 on weights rounded alike: a correct conversion passes 1e-3 / 1e-6
+    (computing in bf16 would put the logits ~1e-2 apart and fail it)."""
+    dirs, _, _ = tiny
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "convert_hf_to_megatron.py"), "--hf-dir", dirs["llama_gqa_rope3"],
+         "--megatron-dir", str(tmp_path / "mg"), "--dtype", "bfloat16", "--verify", "--verify-prompts", "1",
+         "--verify-tokens", "3", "--no-progress"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "verify: PASS (tolerances: max|dlogit| <= 0.001, KL <= 1e-06; stored bfloat16" in proc.stdout, proc.stdout

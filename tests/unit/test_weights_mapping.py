@@ -104,6 +104,15 @@ def test_unsupported_architecture_and_tp_not_dividing_heads():
         _cfg().validate("model", tp=3)
 
 
+def test_pp_not_dividing_the_layers_is_a_config_error():
+    layers = _cfg().num_layers
+    _cfg().validate("model", pp=layers)
+    with pytest.raises(ConfigError, match=rf"^model.num_layers: pp={layers + 1} does not divide {layers} layers$"):
+        _cfg().validate("model", pp=layers + 1)
+    with pytest.raises(ConfigError, match=rf"^model.num_layers: pp=1 x vpp={layers + 1} does not divide"):
+        _cfg().validate("model", vpp=layers + 1)
+
+
 def _write_hf_config(path, **kw):
     path.mkdir(parents=True, exist_ok=True)
     cfg = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
