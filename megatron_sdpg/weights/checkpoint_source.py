@@ -106,6 +106,26 @@ class CheckpointTensors:
             out[tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(inter, offsets))].copy_(src)
         return out
 
+    def box_rows(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype,
+                 axis: int) -> list[tuple[int, torch.Tensor]]:
+        """The box as slabs along ``axis`` cut where stored pieces begin or end: ``(offset in the box, tensor)``.
+
+        A slab one stored piece holds is a view of the file; the others (pieces split
+        along another axis too) are assembled. So a box spread over TP pieces along
+        ``axis`` costs no copy.
+        """
+        cuts = {offsets[axis], offsets[axis] + sizes[axis]}
+        for c in self.pieces_covering(key, offsets, sizes, dtype):
+            cuts.update(x for x in (c.offsets[axis], c.offsets[axis] + c.sizes[axis])
+                        if offsets[axis] < x < offsets[axis] + sizes[axis])
+        cuts = sorted(cuts)
+        slabs = []
+        for lo, hi in zip(cuts, cuts[1:]):
+            o, z = list(offsets), list(sizes)
+            o[axis], z[axis] = lo, hi - lo
+            slabs.append((lo - offsets[axis], self.box(key, tuple(o), tuple(z), dtype)))
+        return slabs
+
     def locate_all(self, key: str, chunks: list) -> None:
         """Reads the headers of the stored pieces ``chunks`` of ``key`` (no data), so a later :meth:`box` cannot fail."""
         for c in chunks:
@@ -214,10 +234,15 @@ class CheckpointParamSource:
     def full_blocks(self, gname: str, param: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """The whole (unsharded) ``param`` as ``(first row, tensor)`` blocks in row order.
 
-        Blocks are views of the checkpoint files where one stored piece holds them.
+        Blocks are views of the checkpoint files wherever one stored piece holds them: a
+        parameter spread over TP pieces along its rows comes as one block per piece.
         """
-        return [(r.row, self.tensors.box(r.key, r.offsets, r.sizes, self._dtypes[gname]).reshape(r.shape))
-                for r in self._regions[gname]]
+        blocks = []
+        for r in self._regions[gname]:
+            axis = len(r.offsets) - len(r.shape)  # the parameter's first dimension in the stored tensor
+            for first, slab in self.tensors.box_rows(r.key, r.offsets, r.sizes, self._dtypes[gname], axis):
+                blocks.append((r.row + first, slab.reshape(slab.shape[axis], *r.shape[1:])))
+        return blocks
 
 
 def _intersection(a_off, a_size, b_off, b_size) -> list[tuple[int, int]] | None:

@@ -131,12 +131,12 @@ def write_hf_safetensors(chunks: list, model_cfg: ModelConfig, groups: ParallelG
     writer = None
     files = iter(my_files)
     try:
-        for hf_name, tensor in _full_hf_tensors(params, mapping, groups, bar, values):
+        for hf_name, pieces in _full_hf_tensors(params, mapping, groups, bar, values):
             if writer is None or writer.done:
                 if writer is not None:
                     writer.close()
                 writer = StreamingSafetensorsWriter(*next(files))
-            writer.write(hf_name, tensor.to(dtype))
+            writer.write_rows(hf_name, [p.to(dtype) for p in pieces])
         if writer is not None:
             writer.close()
     except BaseException:
@@ -155,8 +155,9 @@ def write_hf_safetensors(chunks: list, model_cfg: ModelConfig, groups: ParallelG
 
 
 def _full_hf_tensors(params: list[tuple[str, torch.Tensor]], mapping, groups: ParallelGroups,
-                     bar, values=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """This rank's HF tensors in plan order; TP-split parameters are gathered onto (or read whole by) their writer."""
+                     bar, values=None) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """This rank's HF tensors (as row pieces) in plan order; TP-split parameters are gathered onto (or read
+    whole by) their writer."""
     tp, tp_rank = groups.layout.tp, groups.tp_rank
     for i, (gname, p) in enumerate(params):
         owner = i % tp

@@ -305,18 +305,36 @@ class FamilyMapping:
             parts = [full[: self.cfg.vocab_size]]
         return list(zip(rule.hf_names, parts))
 
-    def to_hf_blocks(self, mcore_name: str, blocks: list[tuple[int, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-        """:meth:`to_hf` of a full parameter given as row blocks (``(first row, tensor)``, in order).
+    def to_hf_blocks(self, mcore_name: str, blocks: list[tuple[int, torch.Tensor]]) -> list[tuple[str, list[torch.Tensor]]]:
+        """:meth:`to_hf` of a full parameter given as row blocks, without copying.
 
-        The two halves of ``[gate; up]`` given as two blocks are returned as they are
-        (no concatenation and no copy); anything else is stacked first.
+        Args:
+            mcore_name: Megatron global parameter name.
+            blocks: The full parameter as ``(first row, tensor)`` blocks in row order.
+
+        Returns:
+            ``(hf_name, pieces)`` per HF tensor: the tensor is its pieces stacked along
+            dim 0 (row ranges of the blocks, views: the halves of ``[gate; up]``, each
+            query group's ``q``/``k``/``v`` rows, the true-vocabulary rows).
         """
         rule = self.rule(mcore_name)
-        if (rule.kind == "gate_up" and len(blocks) == 2 and blocks[0][0] == 0
-                and blocks[1][0] == blocks[0][1].shape[0] == blocks[1][1].shape[0]):
-            return list(zip(rule.hf_names, (blocks[0][1], blocks[1][1])))
-        full = blocks[0][1] if len(blocks) == 1 else torch.cat([b for _, b in blocks])
-        return self.to_hf(mcore_name, full)
+        total = blocks[-1][0] + blocks[-1][1].shape[0] if blocks else 0
+        if rule.kind == "copy":
+            return [(rule.hf_names[0], row_range(blocks, 0, total))]
+        if rule.kind == "vocab":
+            return [(rule.hf_names[0], row_range(blocks, 0, min(self.cfg.vocab_size, total)))]
+        if rule.kind == "gate_up":
+            half = total // 2
+            return [(rule.hf_names[0], row_range(blocks, 0, half)), (rule.hf_names[1], row_range(blocks, half, total))]
+        ng, hd = self.cfg.kv_heads, self.cfg.kv_channels
+        per_group = self.cfg.num_attention_heads // ng * hd
+        q, k, v = [], [], []
+        for g in range(ng):
+            base = g * (per_group + 2 * hd)
+            q += row_range(blocks, base, base + per_group)
+            k += row_range(blocks, base + per_group, base + per_group + hd)
+            v += row_range(blocks, base + per_group + hd, base + per_group + 2 * hd)
+        return list(zip(rule.hf_names, (q, k, v)))
 
     def fuse_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``[nq*hd, ...]``, ``[nkv*hd, ...]`` x2 -> Megatron's ``[(nq + 2 nkv) hd, ...]``, grouped."""
@@ -335,6 +353,16 @@ class FamilyMapping:
         q, k, v = torch.split(grouped, [per_group, hd, hd], dim=1)
         return (q.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(),
                 v.reshape(-1, *rest).contiguous())
+
+
+def row_range(blocks: list[tuple[int, torch.Tensor]], start: int, stop: int) -> list[torch.Tensor]:
+    """Rows ``[start, stop)`` of the tensor the ``(first row, tensor)`` blocks stack into, as views of the blocks."""
+    out = []
+    for first, block in blocks:
+        lo, hi = max(first, start), min(first + block.shape[0], stop)
+        if lo < hi:
+            out.append(block[lo - first: hi - first])
+    return out
 
 
 def tp_attrs(param: torch.Tensor) -> tuple[bool, int, int]:

@@ -110,17 +110,32 @@ class StreamingSafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Appends ``tensor``'s bytes; it must be the next planned tensor, of the planned shape and dtype."""
+        self.write_rows(name, [tensor])
+
+    def write_rows(self, name: str, pieces: list[torch.Tensor]) -> None:
+        """Appends a tensor given as ``pieces`` stacked along dim 0 (no concatenation: each is written in turn).
+
+        Raises:
+            ValueError: not the next planned tensor, or the stacked shape or a dtype is not the planned one.
+        """
         if self._next >= len(self.entries):
             raise ValueError(f"{self.path}: tensor {name!r} was not planned for this file (all tensors written)")
         e = self.entries[self._next]
         if name != e.name:
             raise ValueError(f"{self.path}: got tensor {name!r} where {e.name!r} was planned next")
-        if tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
-            raise ValueError(f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
-                             f"planned {e.shape} {e.dtype}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if e.nbytes:
-            self._file.write(byte_view(data))
+        if len(pieces) == 1:
+            shape, got = tuple(pieces[0].shape), tuple(pieces[0].shape)
+        else:
+            shape = (sum(p.shape[0] for p in pieces), *e.shape[1:])
+            if any(p.dim() == 0 or tuple(p.shape[1:]) != e.shape[1:] for p in pieces):
+                shape = None
+            got = f"{len(pieces)} pieces {[tuple(p.shape) for p in pieces[:3]]}..."
+        if shape != e.shape or any(p.dtype != e.dtype for p in pieces):
+            dtype = pieces[0].dtype if pieces else None
+            raise ValueError(f"{self.path}: tensor {name!r} is {got} {dtype}, planned {e.shape} {e.dtype}")
+        for p in pieces:
+            if p.numel():
+                self._file.write(byte_view(p.detach().to("cpu").contiguous()))
         self._next += 1
 
     def close(self) -> None:

@@ -75,6 +75,22 @@ def test_writer_names_the_tensor_out_of_order_misshapen_or_missing(tmp_path):
         StreamingSafetensorsWriter(path, [TensorEntry("dup", (1,), torch.float32)] * 2)
 
 
+def test_write_rows_stacks_pieces_without_concatenating_and_checks_the_stacked_shape(tmp_path):
+    path = str(tmp_path / "rows.safetensors")
+    full = torch.randn(9, 4)
+    w = StreamingSafetensorsWriter(path, [TensorEntry("w", (9, 4), torch.float32), TensorEntry("v", (5,), torch.float32)])
+    with pytest.raises(ValueError, match=r"tensor 'w' is 2 pieces .* planned \(9, 4\)"):
+        w.write_rows("w", [full[:2], full[2:8]])  # 8 rows
+    with pytest.raises(ValueError, match=r"tensor 'w' is 2 pieces"):
+        w.write_rows("w", [full[:2], full[2:, :3]])  # other columns
+    w.write_rows("w", [full[:2], full[2:3], full[3:]])
+    w.write_rows("v", [torch.arange(2.0), torch.arange(3.0)])
+    w.close()
+    with safe_open(path, framework="pt") as f:
+        assert torch.equal(f.get_tensor("w"), full)
+        assert torch.equal(f.get_tensor("v"), torch.tensor([0.0, 1.0, 0.0, 1.0, 2.0]))
+
+
 def test_malformed_or_truncated_files_are_named(tmp_path):
     path = str(tmp_path / "model.safetensors")
     save_file({"w": torch.zeros(4, 4)}, path)

@@ -212,6 +212,33 @@ def test_local_blocks_are_views_of_the_hf_tensors_where_the_layout_allows():
     assert half.data_ptr() == hf["model.layers.0.mlp.up_proj.weight"].data_ptr()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_to_hf_blocks_equals_to_hf_for_any_row_blocks_and_copies_nothing(arch):
+    """Whatever row blocks a parameter comes in, each HF tensor is views of them that stack to ``to_hf``."""
+    cfg = _cfg(arch=arch, num_attention_heads=8, num_key_value_heads=4, intermediate_size=8, vocab_size=13)
+    m = mapping_for(cfg)
+    gen = torch.Generator().manual_seed(0)
+    names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
+             "decoder.layers.1.self_attention.linear_qkv.weight", "decoder.layers.1.self_attention.linear_proj.weight",
+             "decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.0.mlp.linear_fc2.weight"]
+    if arch == "qwen2":
+        names.append("decoder.layers.0.self_attention.linear_qkv.bias")
+    for name in names:
+        srcs = [torch.randn(m.hf_shapes[n], generator=gen) for n in m.rule(name).hf_names]
+        rows = sum(t.shape[0] for t in srcs) if m.rule(name).kind in ("qkv", "gate_up") else srcs[0].shape[0]
+        full = m.to_megatron(name, srcs, (16, 8) if m.rule(name).kind == "vocab" else (rows, *srcs[0].shape[1:]))
+        for cuts in ([], [1], [3, 4, 7], list(range(1, full.shape[0]))):
+            edges = [0, *[c for c in cuts if c < full.shape[0]], full.shape[0]]
+            blocks = [(a, full[a:b].clone()) for a, b in zip(edges, edges[1:])]
+            ptrs = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for _, b in blocks]
+            got = m.to_hf_blocks(name, blocks)
+            want = m.to_hf(name, full)
+            assert [n for n, _ in got] == [n for n, _ in want], name
+            for (n, pieces), (_, ref) in zip(got, want):
+                assert torch.equal(torch.cat(pieces), ref), f"{name} {n} cuts {cuts}"
+                assert all(any(lo <= p.data_ptr() < hi for lo, hi in ptrs) for p in pieces), f"{n}: a piece was copied"
+
+
 def test_copy_local_names_a_misshapen_tensor_or_parameter():
     m = mapping_for(_cfg())
     p = torch.empty(11, 8)
