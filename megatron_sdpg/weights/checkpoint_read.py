@@ -118,7 +118,7 @@ def direct_load_strategy():
                 sharded_state_dict)
             pyt_state = mcore_torch.mcore_to_pyt_state_dict(state, True)
             reader = DirectFileSystemReader(str(checkpoint_dir))
-            dcp.load_state_dict(pyt_state, reader, planner=mcore_torch.MCoreLoadPlanner(
+            dcp.load(pyt_state, storage_reader=reader, planner=mcore_torch.MCoreLoadPlanner(
                 shapes_validation_sharded_tensors=[t for t in tensors if not t.allow_shape_mismatch],
                 allow_shape_mismatch_sharded_tensors={t.key: t for t in tensors if t.allow_shape_mismatch}))
             self.cached_global_metadata = reader.read_metadata()
