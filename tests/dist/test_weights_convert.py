@@ -7,6 +7,7 @@ tiny model in fp32 (max abs diff <= 1e-5 on the true-vocabulary columns).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -39,7 +40,7 @@ def _all_layouts(rank, world_size, hf_dirs, tokens, workdir):
     from megatron_sdpg.platform.layout import ParallelConfig
     from megatron_sdpg.weights import WeightMappingError
     from megatron_sdpg.weights.checkpoint import load_megatron_checkpoint, read_checkpoint_config
-    from megatron_sdpg.weights.checkpoint_source import CheckpointParamSource
+    from megatron_sdpg.weights.checkpoint_source import CheckpointParamSource, CheckpointSourceUnavailable
     from megatron_sdpg.weights.convert import VerifyConfig, hf_model_config, hf_to_megatron, megatron_to_hf
     from megatron_sdpg.weights.export import export_hf_weights
     from megatron_sdpg.weights.hf_io import SafetensorsReader
@@ -94,6 +95,22 @@ def _all_layouts(rank, world_size, hf_dirs, tokens, workdir):
         if rank == 0:
             out["ckpt_logits_equal"][case] = bool(np.array_equal(logits.numpy(), out["logits"][(case, 1, 2)]))
             out["reports"][case] = [vars(r) for r in reports]
+    # A checkpoint the direct reader does not take (stored fp32, config says bf16) goes through
+    # dist_checkpointing on every rank alike, and still exports exactly.
+    odd = os.path.join(workdir, "odd.mg")
+    if rank == 0:
+        shutil.copytree(os.path.join(workdir, "llama_gqa_rope3.mg"), odd)
+        with open(os.path.join(odd, "megatron_sdpg_model.json")) as f:
+            stored = json.load(f)
+        with open(os.path.join(odd, "megatron_sdpg_model.json"), "w") as f:
+            json.dump(dict(stored, params_dtype="bfloat16"), f)
+    torch.distributed.barrier()
+    try:
+        CheckpointParamSource(build_model_chunks(read_checkpoint_config(odd), groups, init_weights=False), odd,
+                              lambda name: True)
+    except CheckpointSourceUnavailable as err:
+        out["errors"]["direct_reader"] = str(err)
+    megatron_to_hf(odd, os.path.join(workdir, "odd.hf"), groups, progress=False)
     # Export at TP2xPP2: all four ranks write their own shards (TP-split parameters gathered
     # onto alternating writers); small shards so each writer fills several.
     groups = init_model_parallel(ParallelConfig(tp=2, pp=2, use_distributed_optimizer=False), seed=0)
@@ -184,6 +201,18 @@ def test_direct_export_from_a_tp2_checkpoint_at_tp1_pp2_is_bit_identical(tiny, c
     _, work = converted
     for case in CASES:
         assert _exported_mismatches(dict(SafetensorsReader(os.path.join(work, f"{case}.hf_direct"))), dirs[case]) == []
+
+
+def test_a_checkpoint_the_direct_reader_refuses_exports_through_dist_checkpointing(tiny, converted):
+    from megatron_sdpg.weights.hf_io import SafetensorsReader
+
+    dirs, _, _ = tiny
+    result, work = converted
+    assert "is stored as torch.float32, the model has torch.bfloat16" in result["errors"]["direct_reader"]
+    original, back = SafetensorsReader(dirs["llama_gqa_rope3"]), SafetensorsReader(os.path.join(work, "odd.hf"))
+    assert sorted(original) == sorted(back)
+    for name in original:
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], original[name].bfloat16()), name
 
 
 def test_export_at_tp2_pp2_writes_every_tensor_once_bit_identical_with_a_correct_index(tiny, converted):
