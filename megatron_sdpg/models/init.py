@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 import zlib
 
+from collections.abc import Iterator
+
 import torch
 
 from megatron_sdpg.platform.distributed import ParallelGroups
@@ -32,6 +34,14 @@ def global_param_name(name: str, offset: int) -> str:
     if not m:
         return name
     return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}"
+
+
+def global_named_parameters(chunks: list) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """``(global name, parameter)`` of every parameter of this rank's chunks, in model order."""
+    for chunk in chunks:
+        offset = layer_offset(chunk)
+        for name, param in chunk.named_parameters():
+            yield global_param_name(name, offset), param
 
 
 def shard_of(full: torch.Tensor, dim: int, stride: int, tp: int, tp_rank: int) -> torch.Tensor:

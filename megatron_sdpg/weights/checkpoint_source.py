@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_sdpg.models.init import full_shape, global_param_name, layer_offset
+from megatron_sdpg.models.init import full_shape, global_named_parameters
 from megatron_sdpg.weights.checkpoint_read import stored_tensor
 from megatron_sdpg.weights.safetensors_format import TensorEntry, tensor_view
 
@@ -179,13 +179,8 @@ class CheckpointParamSource:
         from megatron_sdpg.weights.mapping_base import tp_attrs
 
         self.tensors = CheckpointTensors(ckpt_dir)
-        names: dict[int, tuple[str, torch.Tensor]] = {}
-        for chunk in chunks:
-            offset = layer_offset(chunk)
-            for name, p in chunk.named_parameters():
-                gname = global_param_name(name, offset)
-                if wanted(gname):
-                    names[p.untyped_storage().data_ptr()] = (gname, p)
+        names = {p.untyped_storage().data_ptr(): (gname, p)
+                 for gname, p in global_named_parameters(chunks) if wanted(gname)}
         pieces: dict[str, list] = {g: [] for g, _ in names.values()}
         for chunk in chunks:
             sharded = chunk.sharded_state_dict()

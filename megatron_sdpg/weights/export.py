@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdpg.models.architecture import ModelConfig
-from megatron_sdpg.models.init import global_param_name, layer_offset
+from megatron_sdpg.models.init import global_named_parameters
 from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.weights import mapping_for
 from megatron_sdpg.weights.mapping_base import tp_attrs, unshard
@@ -54,13 +54,9 @@ class _Entry:
 
 def _local_entries(chunks: list, mapping) -> list[tuple[_Entry, torch.Tensor]]:
     out = []
-    for chunk in chunks:
-        offset = layer_offset(chunk)
-        for name, p in chunk.named_parameters():
-            gname = global_param_name(name, offset)
-            mapping.rule(gname)  # fail early on a parameter with no HF counterpart
-            if not mapping.exports(gname):
-                continue
+    for gname, p in global_named_parameters(chunks):
+        mapping.rule(gname)  # fail early on a parameter with no HF counterpart
+        if mapping.exports(gname):
             is_tp, dim, stride = tp_attrs(p)
             out.append((_Entry(gname, tuple(p.shape), str(p.dtype), is_tp, dim, stride), p))
     return out

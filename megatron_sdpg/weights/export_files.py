@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdpg.models.architecture import ModelConfig
-from megatron_sdpg.models.init import global_param_name, layer_offset
+from megatron_sdpg.models.init import global_named_parameters
 from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.weights import WeightMappingError, mapping_for
 from megatron_sdpg.weights.hf_io import INDEX_FILE
@@ -40,13 +40,10 @@ from megatron_sdpg.weights.safetensors_format import StreamingSafetensorsWriter,
 def _exported_params(chunks: list, mapping) -> list[tuple[str, torch.Tensor]]:
     """``(Megatron global name, parameter)`` of every parameter HF stores, in model order."""
     out = []
-    for chunk in chunks:
-        offset = layer_offset(chunk)
-        for name, p in chunk.named_parameters():
-            gname = global_param_name(name, offset)
-            mapping.rule(gname)  # fail early on a parameter with no HF counterpart
-            if mapping.exports(gname):
-                out.append((gname, p))
+    for gname, p in global_named_parameters(chunks):
+        mapping.rule(gname)  # fail early on a parameter with no HF counterpart
+        if mapping.exports(gname):
+            out.append((gname, p))
     return out
 
 

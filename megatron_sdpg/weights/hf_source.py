@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from megatron_sdpg.models.architecture import ModelConfig
-from megatron_sdpg.models.init import global_param_name, layer_offset
+from megatron_sdpg.models.init import global_named_parameters
 from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.weights import mapping_for
 
@@ -49,13 +49,10 @@ class HFParamSource:
         self.hf_state = hf_state
         self.tp, self.tp_rank = groups.layout.tp, groups.tp_rank
         self._params: dict[int, tuple[str, torch.Tensor]] = {}
-        for chunk in chunks:
-            offset = layer_offset(chunk)
-            for name, p in chunk.named_parameters():
-                gname = global_param_name(name, offset)
-                metas = [_meta(hf_state, n) for n in self.mapping.rule(gname).hf_names]
-                self.mapping.local_blocks(gname, p, metas, self.tp, self.tp_rank)  # shape checks only
-                self._params[p.untyped_storage().data_ptr()] = (gname, p)
+        for gname, p in global_named_parameters(chunks):
+            metas = [_meta(hf_state, n) for n in self.mapping.rule(gname).hf_names]
+            self.mapping.local_blocks(gname, p, metas, self.tp, self.tp_rank)  # shape checks only
+            self._params[p.untyped_storage().data_ptr()] = (gname, p)
         total = sum(p.numel() * p.element_size() for _, p in self._params.values())
         self._bar = tqdm(total=total, desc="write Megatron", unit="B", unit_scale=True, leave=False,
                          disable=not progress)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdpg.models.architecture import ModelConfig
-from megatron_sdpg.models.init import global_param_name, layer_offset
+from megatron_sdpg.models.init import global_named_parameters
 from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.weights import mapping_for
 
@@ -44,10 +44,7 @@ def load_hf_weights_into(chunks: list, model_cfg: ModelConfig, groups: ParallelG
     mapping = mapping_for(model_cfg)
     mapping.check_hf_names(hf_state.keys())
     tp, tp_rank = groups.layout.tp, groups.tp_rank
-    todo = []
-    for chunk in chunks:
-        offset = layer_offset(chunk)
-        todo += [(global_param_name(n, offset), p) for n, p in chunk.named_parameters()]
+    todo = list(global_named_parameters(chunks))
     bar = _progress(len(todo), "load HF", progress)
     for gname, param in todo:
         mapping.copy_local_(gname, param, [hf_state[n] for n in mapping.rule(gname).hf_names], tp, tp_rank)
