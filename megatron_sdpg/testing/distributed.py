@@ -34,11 +34,33 @@ import traceback
 from typing import Any, Callable
 
 
-def free_port() -> int:
-    """Returns a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive TCP ports on 127.0.0.1 that were all free a moment ago.
+
+    Ports come from below Linux's ephemeral range (32768-60999): a port the kernel
+    hands out itself (``bind(0)``) can be taken again as the source port of any
+    outgoing connection before the server binds it (seen: an engine failing with
+    "address already in use" on ``base_port + 1``). Each candidate run is checked by
+    binding every port of it at once.
+    """
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32700 - count)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports found on 127.0.0.1")
 
 
 def _child(fn, rank, world_size, port, backend, args, env, result_queue, timeout):

@@ -27,7 +27,7 @@ PROMPTS = [[2, 10 + g, 20 + g] for g in range(GROUPS)]
 def launcher(tmp_path_factory):
     root = tmp_path_factory.mktemp("failover")
     cfg = RolloutConfig(engine="cpu", model_path=build_tiny_llama(str(root / "tiny")), num_engines=2,
-                        base_port=free_port(), log_dir=str(root / "logs"), startup_timeout_s=120.0,
+                        base_port=free_port(2), log_dir=str(root / "logs"), startup_timeout_s=120.0,
                         backoff_s=0.1, sglang_args={"threads": 1})
     cfg.validate("rollout")
     with EngineLauncher(cfg) as launcher:
