@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_sdpg.testing.distributed import run_on_ranks
+from megatron_sdpg.testing.distributed import free_port, run_on_ranks
 
 
 def _sum_ranks(rank, world_size, scale):
@@ -44,3 +44,18 @@ def test_rank_error_is_reported_with_traceback():
 def test_hang_becomes_timeout():
     with pytest.raises(TimeoutError, match="did not finish within 8s"):
         run_on_ranks(_hang_on_rank_one, 2, timeout=8)
+
+
+def test_free_port_gives_a_bindable_run_below_the_ephemeral_range():
+    import socket
+
+    for count in (1, 3):
+        base = free_port(count)
+        assert 1024 < base and base + count <= 32768
+        sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+        try:
+            for s, port in zip(sockets, range(base, base + count)):
+                s.bind(("127.0.0.1", port))
+        finally:
+            for s in sockets:
+                s.close()
