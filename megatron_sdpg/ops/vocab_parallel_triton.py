@@ -94,17 +94,26 @@ def _row_stats_kernel(s_ptr, t_ptr, stats_ptr, n_rows, n_cols, s_stride, t_strid
 
 
 @triton.jit
-def _kl_grad_kernel(s_ptr, t_ptr, grad_ptr, lse_s_ptr, t_shift_ptr, g_ptr, n_cols, s_stride, t_stride,
-                    grad_stride, inv_t, BLOCK_V: tl.constexpr):
-    """``grad = p_s (log p_s - log p_t - KL) g`` on one block of one row (``g`` already / T)."""
+def _grad_block(s_ptr, t_ptr, lse_s_ptr, t_shift_ptr, n_cols, s_stride, t_stride, inv_t, BLOCK_V: tl.constexpr):
+    """This program's block of one row: ``(row, cols, valid, log p_s, log p_s - log p_t - KL)``.
+
+    ``log p_t + KL = z_t - (lse_t - KL)``, the shift the forward stored per row.
+    """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     valid = cols < n_cols
     zs = tl.load(s_ptr + row * s_stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_t
     zt = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_t
     log_ps = zs - tl.load(lse_s_ptr + row)
-    # log p_s - log p_t - KL = log p_s - (z_t - (lse_t - KL))
-    d = log_ps - (zt - tl.load(t_shift_ptr + row))
+    return row, cols, valid, log_ps, log_ps - (zt - tl.load(t_shift_ptr + row))
+
+
+@triton.jit
+def _kl_grad_kernel(s_ptr, t_ptr, grad_ptr, lse_s_ptr, t_shift_ptr, g_ptr, n_cols, s_stride, t_stride,
+                    grad_stride, inv_t, BLOCK_V: tl.constexpr):
+    """``grad = p_s (log p_s - log p_t - KL) g`` on one block of one row (``g`` already / T)."""
+    row, cols, valid, log_ps, d = _grad_block(s_ptr, t_ptr, lse_s_ptr, t_shift_ptr, n_cols, s_stride, t_stride,
+                                              inv_t, BLOCK_V)
     r = tl.exp(log_ps) * tl.load(g_ptr + row) * d
     r = tl.where(r == r, r, 0.0)  # NaN (0 * inf, or undefined) only where p_s == 0 or g == 0
     tl.store(grad_ptr + row * grad_stride + cols, r.to(grad_ptr.dtype.element_ty), mask=valid)
@@ -114,14 +123,10 @@ def _kl_grad_kernel(s_ptr, t_ptr, grad_ptr, lse_s_ptr, t_shift_ptr, g_ptr, n_col
 def _fused_grad_kernel(s_ptr, t_ptr, grad_ptr, lse_s_ptr, t_shift_ptr, g_kl_ptr, g_lp_ptr, target_ptr,
                        n_cols, s_stride, t_stride, grad_stride, inv_t, BLOCK_V: tl.constexpr):
     """``grad = [g_kl p_s (log p_s - log p_t - KL) + g_lp (onehot - p_s)]`` (``g`` already / T)."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    valid = cols < n_cols
-    zs = tl.load(s_ptr + row * s_stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_t
-    zt = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_t
-    log_ps = zs - tl.load(lse_s_ptr + row)
+    row, cols, valid, log_ps, d = _grad_block(s_ptr, t_ptr, lse_s_ptr, t_shift_ptr, n_cols, s_stride, t_stride,
+                                              inv_t, BLOCK_V)
     g_lp = tl.load(g_lp_ptr + row)
-    d = tl.load(g_kl_ptr + row) * (log_ps - (zt - tl.load(t_shift_ptr + row)))
+    d = tl.load(g_kl_ptr + row) * d
     # Non-finite only where p_s == 0 (then multiplied by 0), where g_kl == 0 and the
     # KL is infinite (the KL part is 0), or where the gradient is undefined.
     d = tl.where((d == d) & (tl.abs(d) < float("inf")), d, 0.0)

@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import random
 import socket
 import sys
 import time
@@ -43,8 +44,6 @@ def free_port(count: int = 1) -> int:
     "address already in use" on ``base_port + 1``). Each candidate run is checked by
     binding every port of it at once.
     """
-    import random
-
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(20000, 32700 - count)

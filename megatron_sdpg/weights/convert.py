@@ -208,7 +208,8 @@ def _verify(cfg: ModelConfig, groups: ParallelGroups, hf_dir: str, megatron_dir:
     """Scores ``transformers``' greedy decodes with the checkpoint, both in float32 (see :class:`VerifyConfig`)."""
     if verify is None:
         return None
-    hf_dtypes = {SafetensorsReader(hf_dir).meta(n).dtype for n in SafetensorsReader(hf_dir)}
+    reader = SafetensorsReader(hf_dir)
+    hf_dtypes = {reader.meta(n).dtype for n in reader}
     narrow = torch.bfloat16 if cfg.params_dtype == "bfloat16" or torch.bfloat16 in hf_dtypes else torch.float32
     chunks = build_model_chunks(dataclasses.replace(cfg, params_dtype="float32"), groups, init_weights=False)
     load_megatron_checkpoint(chunks, megatron_dir)

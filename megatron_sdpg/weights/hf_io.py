@@ -62,24 +62,24 @@ class SafetensorsReader(Mapping):
             self._headers[file_name] = read_header(path)
         return self._headers[file_name]
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> tuple[str, int, TensorEntry]:
+        """``(file name, data section offset, entry)`` of tensor ``name`` (headers only)."""
         if name not in self.weight_map:
             raise KeyError(name)
         file_name = self.weight_map[name]
         start, entries = self._header(file_name)
         if name not in entries:
             raise KeyError(f"tensor {name!r} is mapped to {file_name} by {INDEX_FILE} but is not in that file")
-        return tensor_view(os.path.join(self.hf_dir, file_name), start, entries[name])
+        return file_name, start, entries[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file_name, start, entry = self._entry(name)
+        return tensor_view(os.path.join(self.hf_dir, file_name), start, entry)
 
     def meta(self, name: str) -> torch.Tensor:
         """A ``meta`` tensor of ``name``'s shape and dtype (reads the header only)."""
-        if name not in self.weight_map:
-            raise KeyError(name)
-        file_name = self.weight_map[name]
-        entries = self._header(file_name)[1]
-        if name not in entries:
-            raise KeyError(f"tensor {name!r} is mapped to {file_name} by {INDEX_FILE} but is not in that file")
-        return torch.empty(entries[name].shape, dtype=entries[name].dtype, device="meta")
+        entry = self._entry(name)[2]
+        return torch.empty(entry.shape, dtype=entry.dtype, device="meta")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)

@@ -20,6 +20,7 @@ from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.models.init import global_named_parameters
 from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.weights import mapping_for
+from megatron_sdpg.weights.mapping_base import row_range
 
 
 class HFParamSource:
@@ -94,18 +95,20 @@ def _meta(hf_state, name: str) -> torch.Tensor:
 
 
 def param_rows(blocks: list[tuple[int, torch.Tensor]], start: int, stop: int, param: torch.Tensor) -> torch.Tensor:
-    """Rows ``[start, stop)`` of the parameter the blocks make up (rows no block covers are zero)."""
-    for first, block in blocks:
-        if first == start and first + block.shape[0] == stop:
-            return _own_storage(block.to(param.dtype).contiguous())
+    """Rows ``[start, stop)`` of the parameter the blocks make up (rows no block covers are zero).
+
+    One block holding them all gives a view (no copy); otherwise they are assembled.
+    """
+    pieces = row_range(blocks, start, stop)
+    covered = sum(p.shape[0] for p in pieces)
+    if len(pieces) == 1 and covered == stop - start:
+        return _own_storage(pieces[0].to(param.dtype).contiguous())
     out = torch.empty((stop - start, *param.shape[1:]), dtype=param.dtype)
-    covered = start
-    for first, block in blocks:
-        lo, hi = max(first, start), min(first + block.shape[0], stop)
-        if lo < hi:
-            out[lo - start: hi - start].copy_(block[lo - first: hi - first])
-            covered = max(covered, hi)
-    out[covered - start:].zero_()  # padded vocabulary rows (only ever at the end)
+    row = 0
+    for piece in pieces:
+        out[row: row + piece.shape[0]].copy_(piece)
+        row += piece.shape[0]
+    out[covered:].zero_()  # padded vocabulary rows (only ever at the end)
     return out
 
 
