@@ -63,6 +63,34 @@ def make_cases(vocab: int = 64) -> list[dict]:
     return cases
 
 
+GRID_TEMPERATURES = (0.6, 0.7, 1.0, 1.3)
+GRID_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def temperature_grid(vocab: int = 64, tokens: int = 6) -> list[dict]:
+    """The temperature x dtype grid: T in ``GRID_TEMPERATURES``, fp32 and bf16.
+
+    Each case has ``tokens`` rows of logits with scale 4 (so ``z / T`` needs more
+    mantissa than bf16 has) and one sharply peaked row (a logit of 30 over the
+    rest): with the division done in bf16 its log-probability came out positive.
+    The reference uses the same dtype-rounded values in float64.
+    """
+    cases = []
+    for dtype in GRID_DTYPES:
+        for temperature in GRID_TEMPERATURES:
+            g = torch.Generator().manual_seed(int(temperature * 10) + (100 if dtype == torch.bfloat16 else 0))
+            s = torch.randn(tokens, vocab, generator=g, dtype=torch.float64) * 4
+            t = s + torch.randn(tokens, vocab, generator=g, dtype=torch.float64) * 2
+            target = torch.randint(0, vocab, (tokens,), generator=g)
+            s[0, target[0]] = 30.0  # the peaked row: nearly all mass on the target
+            s, t = s.to(dtype).double(), t.to(dtype).double()
+            w = torch.randn(tokens, generator=g, dtype=torch.float64)
+            cases.append(dict(name=f"T{temperature}_{str(dtype).removeprefix('torch.')}", student=s, teacher=t,
+                              target=target, weight=w, temperature=temperature, chunk=4, dtype=dtype,
+                              masked=False, clip=None))
+    return cases
+
+
 def run_ops_on_shard(case: dict, rank: int, world_size: int, tp_group) -> dict:
     """Runs every op on this rank's vocabulary shard; returns values and grad shards."""
     from megatron_sdpg.ops.vocab_parallel import entropy, full_vocab_kl, generalized_jsd, token_log_probs

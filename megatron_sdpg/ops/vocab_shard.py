@@ -149,10 +149,14 @@ def row_max(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def scaled_minus(chunk: torch.Tensor, temperature: float, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = chunk / temperature - shift[:, None]`` in fp32, reading ``chunk`` once when T == 1."""
+    """``out = chunk / temperature - shift[:, None]`` in fp32, reading ``chunk`` once when T == 1.
+
+    ``chunk`` is widened to fp32 before the division: ``torch.div(bf16, T, out=fp32)``
+    divides in bf16 and only then widens, which put log-probs 0.05 nats off at T = 0.7.
+    """
     if temperature == 1.0:
         return torch.sub(chunk, shift[:, None], out=out)
-    return torch.div(chunk, temperature, out=out).sub_(shift[:, None])
+    return out.copy_(chunk).div_(temperature).sub_(shift[:, None])
 
 
 @functools.cache

@@ -1,5 +1,8 @@
 """Every vocab-parallel op, and sdpg_loss, on 1, 2 and 4 gloo ranks against single-process references.
 
+The cases include the temperature grid (T in {0.6, 0.7, 1.0, 1.3}, fp32 and bf16),
+compared with float64 directly at every TP size.
+
 Each rank slices its shard of the same seeded full logits, runs all ops on all
 cases in one spawn, and returns values and gradient shards; the parent
 reassembles them and compares with the float64 dense reference (tolerances in
@@ -58,7 +61,8 @@ def _sdpg_loss_on_shard(rank, world_size, group):
 
 def _all_ops_all_cases(rank, world_size):
     group = dist.new_group(list(range(world_size)))
-    results = [ref.run_ops_on_shard(case, rank, world_size, group) for case in ref.make_cases()]
+    cases = ref.make_cases() + ref.temperature_grid()
+    results = [ref.run_ops_on_shard(case, rank, world_size, group) for case in cases]
     losses = _sdpg_loss_on_shard(rank, world_size, group)
     buf = io.BytesIO()  # tensors as plain bytes: shared-memory handles die with the rank
     torch.save((results, losses), buf)
@@ -68,7 +72,7 @@ def _all_ops_all_cases(rank, world_size):
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_vocab_parallel_ops_and_loss_match_single_process(world_size):
     per_rank = [torch.load(io.BytesIO(b)) for b in run_on_ranks(_all_ops_all_cases, world_size, timeout=240)]
-    for i, case in enumerate(ref.make_cases()):
+    for i, case in enumerate(ref.make_cases() + ref.temperature_grid()):
         ref.check_against_reference(case, [r[0][i] for r in per_rank])
     single = _sdpg_loss_on_shard(0, 1, None)
     for j, (loss_sum, n, metrics, grad) in enumerate(single):

@@ -86,6 +86,38 @@ def test_triton_kernels_match_float64_dense_and_single_process_on_2_ranks():
             torch.testing.assert_close(got_grad, grad, **tol, msg=lambda m: f"{what} grad, TP=2 vs 1: {m}")
 
 
+GRID_VOCAB = 64
+GRID_BLOCK = 16
+
+
+def _grid_on_ranks(rank, world_size):
+    """The temperature grid through the kernels at TP 4 (every rank), TP 2 (ranks 0-1) and TP 1 (rank 0)."""
+    import torch.distributed as dist
+
+    vpt = _interpreted_kernels()
+    vpt.BLOCK_V = GRID_BLOCK  # a 16-entry shard at TP 4 is one block; 64 entries at TP 1 are four
+    cases = ref.temperature_grid(GRID_VOCAB, tokens=3)
+    tp4 = dist.new_group(list(range(world_size)))
+    tp2 = dist.new_group([0, 1])  # every rank must take part in creating it
+    out = {4: [ref.run_kl_ops_on_shard(c, rank, world_size, tp4, "triton") for c in cases]}
+    if rank < 2:
+        out[2] = [ref.run_kl_ops_on_shard(c, rank, 2, tp2, "triton") for c in cases]
+    if rank == 0:
+        out[1] = [ref.run_kl_ops_on_shard(c, 0, 1, None, "triton") for c in cases]
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    return buf.getvalue()
+
+
+def test_triton_kernels_match_float64_over_the_temperature_grid_at_tp_1_2_4():
+    """T in {0.6, 0.7, 1.0, 1.3}, fp32 and bf16: KL and fused op, values and gradients vs float64."""
+    per_rank = [torch.load(io.BytesIO(b)) for b in run_on_ranks(_grid_on_ranks, 4, timeout=300, env=INTERPRET)]
+    for i, case in enumerate(ref.temperature_grid(GRID_VOCAB, tokens=3)):
+        for tp in (1, 2, 4):
+            ref.check_against_reference(dict(case, name=f"{case['name']}/tp{tp}"),
+                                        [r[tp][i] for r in per_rank[:tp]])
+
+
 def _edge_cases(rank, world_size):
     """Infinite KL, in-place backward, non-contiguous rows; returns tensors to check."""
     vpt = _interpreted_kernels()
