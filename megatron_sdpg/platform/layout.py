@@ -15,7 +15,7 @@ class ParallelConfig:
         tp: Tensor-parallel size (vocabulary and attention heads are split by it).
         pp: Pipeline-parallel size (layers are split by it).
         vpp: Virtual pipeline stages per rank (interleaved 1F1B); ``None`` for off.
-        cp: Context-parallel size.
+        cp: Context-parallel size; must be 1 until sequences are split per CP rank.
         ep: Expert-parallel size (MoE models only).
         sequence_parallel: Megatron sequence parallelism (needs TE or apex norms; GPU only).
         use_distributed_optimizer: Shard optimizer state across data-parallel ranks.
@@ -33,6 +33,11 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp", "ep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.cp > 1:
+            # Nothing splits sequences per CP rank yet: every CP rank would get whole sequences and
+            # the response rows would index full-length logits (silently wrong with TE attention).
+            raise ConfigError(f"{prefix}.cp", f"context parallelism (cp={self.cp}) is not implemented: "
+                              "sequences are not split per CP rank; set parallel.cp=1")
         if self.vpp is not None:
             if self.vpp < 1:
                 raise ConfigError(f"{prefix}.vpp", f"must be >= 1 or null, got {self.vpp}")

@@ -1,5 +1,6 @@
 """Configuration: YAML + overrides, one-line errors naming the field, resolved output."""
 
+import os
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
         (["model.num_key_value_heads=3"], "model.num_key_value_heads", "do not divide"),
         (["model.arch=gpt9"], "model.arch", "unsupported architecture"),
         (["train.steps=0"], "train.steps", "must be >= 1"),
+        (["parallel.cp=2"], "parallel.cp", "context parallelism (cp=2) is not implemented"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last", "must be >= 1"),
         (["checkpoint.save_every=-1"], "checkpoint.save_every", "must be >= 0"),
     ],
@@ -40,6 +42,17 @@ def test_bad_values_name_the_field(overrides, field, fragment):
     assert fragment in str(err.value)
     assert str(err.value).startswith(field + ":")
     assert "\n" not in str(err.value)
+
+
+def test_trainer_refuses_context_parallelism_at_start_up_with_one_line():
+    """cp > 1 is not implemented (sequences are not split per CP rank): rc 2 before any model is built."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "megatron_sdpg.train", "parallel.cp=2"], capture_output=True,
+                          text=True, timeout=120, cwd=repo, env=dict(os.environ, PYTHONPATH=repo))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "config error: parallel.cp: context parallelism (cp=2) is not implemented: sequences are not split per "
+        "CP rank; set parallel.cp=1"]
 
 
 def test_unknown_key_in_yaml_names_file_and_field(tmp_path):

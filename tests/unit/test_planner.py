@@ -178,3 +178,8 @@ def test_plan_config_error_is_one_line():
     r = run_plan("--config", os.path.join(CONFIGS, "sdpg_70b.yaml"), "parallel.tp=3")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "config error: model.num_attention_heads: tp=3 does not divide 64 heads"
+    r = run_plan("--config", os.path.join(CONFIGS, "sdpg_70b.yaml"), "parallel.cp=2")
+    assert r.returncode == 2
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [
+        "config error: parallel.cp: context parallelism (cp=2) is not implemented: sequences are not split per "
+        "CP rank; set parallel.cp=1"]
