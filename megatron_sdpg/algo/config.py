@@ -78,6 +78,9 @@ class AlgorithmConfig:
     ref_kl_mode: str = "urkl"
     ref_kl_in_reward: bool = False  # GRPO baseline: R_i - alpha * sum_t k_t (k = ref_kl_mode, k1/k2/k3) instead of a loss term
     sg_rho_factors: bool = True  # appendix A.3: SG[pi/pi_rollout] on the beta and alpha terms
+    # Upper bound on that SG[rho] factor; None = unbounded (the paper). With one update per step rho is
+    # pure trainer-vs-engine numerical mismatch and can reach e^20 on rare tokens.
+    sg_rho_cap: float | None = None
 
     # Aggregation and numerics.
     loss_agg: str = "token-mean"
@@ -121,6 +124,8 @@ class AlgorithmConfig:
         require(self.clip_eps_high >= 0, f("clip_eps_high"), f"must be >= 0, got {self.clip_eps_high}")
         if self.dual_clip_c is not None:
             require(self.dual_clip_c > 1, f("dual_clip_c"), f"must be > 1 or null, got {self.dual_clip_c}")
+        if self.sg_rho_cap is not None:
+            require(self.sg_rho_cap >= 1, f("sg_rho_cap"), f"must be >= 1 or null, got {self.sg_rho_cap}")
         if self.tis_cap is not None:
             require(self.tis_cap > 0, f("tis_cap"), f"must be > 0 or null, got {self.tis_cap}")
         require(self.beta_base >= 0, f("beta_base"), f"must be >= 0, got {self.beta_base}")

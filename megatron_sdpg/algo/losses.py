@@ -11,7 +11,9 @@ Objective ``policy_gradient`` (SDPG, and GRPO/DAPO with ``beta = 0``), per token
           + alpha * SG[rho] * f_K(log pi - log pi_ref)
 
 with ``rho = pi / pi_rollout`` (``pi_old`` when no rollout log-probs are given)
-when ``sg_rho_factors`` is on (appendix A.3) and 1 otherwise, ``m_i`` the
+when ``sg_rho_factors`` is on (appendix A.3) and 1 otherwise, capped at
+``sg_rho_cap`` when set (metrics ``sg_rho_max``, before the cap, and
+``sg_rho_capped_frac``), ``m_i`` the
 positive-advantage gate, ``w_tis`` the truncated IS weight (``tis_cap``).
 Objective ``opsd``: ``l_t = beta(k) * D_t`` with ``D`` the configured divergence
 to the teacher (no reward term, no reference KL).
@@ -26,6 +28,7 @@ names ending in ``_max`` hold ``(max, 1)`` and are reduced with MAX instead
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from dataclasses import dataclass
 
@@ -174,6 +177,11 @@ def sdpg_loss(
     behaviour = batch.rollout_log_probs if batch.rollout_log_probs is not None else batch.old_log_probs
     if cfg.sg_rho_factors and not opsd:
         rho = (log_probs.detach() - behaviour).clamp(-20.0, 20.0).exp()
+        top = torch.where(mask, rho, torch.zeros_like(rho)).max() if rho.numel() else rho.new_zeros(())
+        metrics["sg_rho" + MAX_SUFFIX] = (top.float(), one)
+        cap = cfg.sg_rho_cap if cfg.sg_rho_cap is not None else math.inf
+        metrics["sg_rho_capped_frac"] = (_masked_sum((rho > cap).float(), mask), n_tok)
+        rho = rho.clamp(max=cap)
 
     per_token = torch.zeros_like(log_probs)
     if not opsd:

@@ -34,7 +34,7 @@ def _batch():
     return s, t, batch
 
 
-def _dense_sdpg(s, t, b, beta, alpha, eps_low, eps_high, c, clamp):
+def _dense_sdpg(s, t, b, beta, alpha, eps_low, eps_high, c, clamp, rho_cap=math.inf):
     ls, lt = s.log_softmax(-1), t.double().log_softmax(-1)
     logp = ls.gather(1, b.target[:, None]).squeeze(1)
     kl = (ls.exp() * (ls - lt)).sum(-1).clamp(max=clamp)
@@ -42,7 +42,7 @@ def _dense_sdpg(s, t, b, beta, alpha, eps_low, eps_high, c, clamp):
     ratio = torch.exp(logp - old)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high))
     pg = torch.where(adv < 0, torch.minimum(pg, -adv * c), pg)
-    rho = torch.exp(logp.detach() - b.rollout_log_probs.double())
+    rho = torch.exp(logp.detach() - b.rollout_log_probs.double()).clamp(max=rho_cap)
     gate = (adv > 0).double()
     urkl = 0.5 * (logp - b.ref_log_probs.double()) ** 2
     per_token = pg + beta * rho * gate * kl + alpha * rho * urkl
@@ -73,6 +73,36 @@ def test_sdpg_loss_token_mean_matches_dense_formula_and_gradient():
     diff = (xd.detach().log_softmax(-1).gather(1, b.target[:, None]).squeeze(1) - b.rollout_log_probs.double()).abs()
     assert m["rollout_logp_abs_diff_max"] == pytest.approx(diff[:6].max().item(), rel=1e-5)
     assert m["loss"] == pytest.approx(expected.item() / 6, rel=1e-5)
+
+
+def test_sg_rho_cap_bounds_the_factor_and_reports_the_largest_rho_and_the_capped_fraction():
+    """A few tokens the engine found far less likely than the trainer (rho up to e^6) are capped at 2."""
+    s, t, b = _batch()
+    logp = s.double().log_softmax(-1).gather(1, b.target[:, None]).squeeze(1)
+    b.rollout_log_probs = (logp - torch.tensor([6.0, 0.1, -0.2, 1.5, 0.0, 0.3, 9.0], dtype=torch.float64)).float()
+    rho = torch.exp(logp - b.rollout_log_probs.double())  # token 6 (padding, rho e^9) does not count
+    cfg = apply_preset("sdpg", beta_base=0.5, alpha=0.1, sg_rho_cap=2.0)
+    beta = 0.5 * min(1, 100 / 50) * min(1, 300 / 350)
+    x = s.clone().requires_grad_(True)
+    loss_sum, n, metrics = sdpg_loss(x, t, b, cfg, step=100)
+    (loss_sum / n).backward()
+    xd = s.double().requires_grad_(True)
+    per_token, mask, _ = _dense_sdpg(xd, t, b, beta, 0.1, 0.2, 0.2, math.inf, 20.0, rho_cap=2.0)
+    expected = (per_token * mask).sum()
+    (expected / mask.sum()).backward()
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+    m = reduce_metrics([metrics])
+    assert m["sg_rho_max"] == pytest.approx(rho[:6].max().item(), rel=1e-5)  # before the cap: e^6
+    assert m["sg_rho_capped_frac"] == pytest.approx(2 / 6)  # e^6 and e^1.5
+    # Without the cap (the paper) the same batch gives a different loss, and nothing is capped.
+    paper = sdpg_loss(s, t, b, apply_preset("sdpg", beta_base=0.5, alpha=0.1), step=100)
+    uncapped = (_dense_sdpg(s.double(), t, b, beta, 0.1, 0.2, 0.2, math.inf, 20.0)[0] * mask).sum()
+    assert paper[0].item() == pytest.approx(uncapped.item(), rel=1e-5)
+    assert abs(uncapped.item() - expected.item()) > 1e-2
+    assert reduce_metrics([paper[2]])["sg_rho_capped_frac"] == 0.0
+    with pytest.raises(ConfigError, match=r"^algorithm\.sg_rho_cap: must be >= 1"):
+        apply_preset("sdpg", sg_rho_cap=0.5)
 
 
 def test_explicit_per_sequence_gate_replaces_the_advantage_gate():
