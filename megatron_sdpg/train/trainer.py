@@ -13,6 +13,7 @@ import json
 import os
 import time
 
+import torch
 import torch.distributed as dist
 
 from megatron_sdpg.config.schema import SDPGConfig
@@ -21,6 +22,7 @@ from megatron_sdpg.train import passes
 from megatron_sdpg.train.batch import plan_microbatches
 from megatron_sdpg.train.checkpoint import save_checkpoint
 from megatron_sdpg.train.setup import TrainerParts, build_parts
+from megatron_sdpg.train.step import comm_device
 from megatron_sdpg.utils.files import write_text_atomic
 
 
@@ -92,6 +94,7 @@ class Trainer:
         metrics["time/rollout_s"] = time.perf_counter() - t_step
         if not samples:
             self._log_line(f"step {step}: every group was dropped by dynamic sampling; no update")
+            metrics["skipped_updates"] = cfg.train.ppo_epochs * cfg.train.mini_batches
             return metrics
 
         beta = parts.beta(step)
@@ -99,6 +102,16 @@ class Trainer:
         need_teacher = parts.needs_teacher(step)
         mbs = plan_microbatches(samples, self.groups.layout.dp, self.groups.dp_rank, cfg.train.micro_batch_size,
                                 cfg.train.max_tokens_per_microbatch, parts.pad_id, with_teacher=need_teacher)
+        fewest = _fewest_on_any_rank(len(mbs))
+        if fewest < cfg.train.mini_batches:
+            # Every rank sees the same minimum, so all of them skip (a rank that raised alone would
+            # leave the others waiting in the update's collectives).
+            groups_kept = len({s.group for s in samples})
+            self._log_line(f"step {step}: dynamic sampling kept {len(samples)} samples ({groups_kept} groups), "
+                           f"leaving a data-parallel rank {fewest} micro-batches for train.mini_batches="
+                           f"{cfg.train.mini_batches}; update skipped on every rank")
+            metrics["skipped_updates"] = cfg.train.ppo_epochs * cfg.train.mini_batches
+            return metrics
         t0 = time.perf_counter()
         temperature = algo.logprob_temperature()
         updates = cfg.train.ppo_epochs * cfg.train.mini_batches
@@ -150,6 +163,13 @@ class Trainer:
 
     def close(self) -> None:
         self.parts.close()
+
+
+def _fewest_on_any_rank(count: int) -> int:
+    """The minimum of ``count`` over every rank (one all-reduce on the default group)."""
+    t = torch.tensor([count], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def _split(items: list, n: int) -> list[list]:

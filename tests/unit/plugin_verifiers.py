@@ -21,3 +21,11 @@ def dies(response: str, answer: str) -> bool:
 def spins(response: str, answer: str) -> bool:
     while True:
         pass
+
+
+def mostly_uniform(response: str, answer: str) -> bool:
+    """Wrong on every response to a problem with an odd answer (its group is uniform and dropped
+    by dynamic sampling); on even answers right for about half the responses (by a hash of the text)."""
+    import zlib
+
+    return int(answer) % 2 == 0 and zlib.crc32(response.encode()) % 2 == 0
