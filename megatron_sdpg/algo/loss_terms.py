@@ -106,8 +106,10 @@ def aggregate(
     - ``seq-mean-token-mean``: (sum over sequences of their token-mean, number of
       sequences with at least one response token)
     - ``seq-mean-token-sum``: (sum of token losses, same sequence count)
-    - ``constant`` (Dr.GRPO): (sum of token losses, ``constant * num_sequences``),
-      every sequence counted, empty ones too.
+    - ``constant`` (Dr.GRPO): (sum of token losses / ``constant``, ``num_sequences``),
+      every sequence counted, empty ones too. The constant is folded into the
+      numerator so that the normaliser stays a whole number (Megatron sums it as
+      an int): the ratio is ``sum / (constant * num_sequences)`` exactly.
 
     Args:
         per_token: ``[T]`` losses (already 0 off the mask).
@@ -130,5 +132,5 @@ def aggregate(
     if mode == "constant":
         if constant is None:
             raise ValueError("loss_agg 'constant' needs a constant normaliser")
-        return seq_sum.sum(), values.new_tensor(float(constant) * num_sequences)
+        return seq_sum.sum() / float(constant), values.new_tensor(float(num_sequences))
     raise ValueError(f"unknown loss aggregation {mode!r}")

@@ -55,6 +55,7 @@ def sdpg_loss_fn(cfg: SDPGConfig, groups: ParallelGroups, step: int, mb: dict, l
         ref_log_probs=mb.get("ref_log_probs"),
         rollout_log_probs=mb["rollout_log_probs"],
         seq_index=mb["seq_index"],
+        num_sequences=mb["num_sequences"],  # counts trailing empty responses too (Dr.GRPO)
     )
     # ``student`` is a private index_select copy read by nothing after the loss: the
     # gradient may overwrite it (one [T, V/tp] buffer fewer at peak).

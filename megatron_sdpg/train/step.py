@@ -256,7 +256,13 @@ class PolicyModel:
     def _loss(self, loss_fn: LossFn, mb: dict, logits: torch.Tensor):
         mask_padded_vocab(logits, self.cfg.vocab_size, self.groups.tp_rank)
         loss_sum, num_tokens, metrics = loss_fn(mb, logits)
-        return loss_sum, torch.as_tensor(num_tokens, dtype=torch.int), metrics
+        count = torch.as_tensor(num_tokens)
+        if count.is_floating_point():  # megatron sums the normaliser as an int: it must be whole
+            if not torch.equal(count, count.round()):
+                raise ValueError(f"the loss normaliser {count.item()} is not a whole number; megatron sums it "
+                                 "as an int (fold fractional constants into the loss sum)")
+            count = count.round()
+        return loss_sum, count.to(torch.int), metrics
 
     def _run(self, microbatches: list[dict], loss_fn: LossFn, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func

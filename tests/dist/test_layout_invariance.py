@@ -7,6 +7,8 @@ per-step loss and gradient norm must equal the single-process values.
 Tolerance: relative 1e-5 (fp32; the layouts differ only in summation order).
 """
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -19,6 +21,13 @@ LAYOUTS = {  # name: (tp, pp, world)
     "dp2_distopt": (1, 1, 2),
     "tp2xpp2": (2, 2, 4),
 }
+
+
+def _qwen3_tiny():
+    from megatron_sdpg.models.architecture import ModelConfig
+
+    return ModelConfig(arch="qwen3", vocab_size=101, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       num_layers=2)
 
 
 def _train(rank, world_size, tp, pp):
@@ -117,3 +126,58 @@ def test_non_finite_gradient_on_one_rank_skips_the_update_everywhere():
     for skipped_updated, unchanged, healthy_updated, moved in run_on_ranks(_nan_step, 2, timeout=120):
         assert not skipped_updated and unchanged
         assert healthy_updated and moved
+
+
+def _tiny_samples(empty_tail: bool):
+    """TrainSamples with unequal prompt and response lengths; ``empty_tail``: the last response is empty."""
+    from megatron_sdpg.train.batch import TrainSample
+
+    g = torch.Generator().manual_seed(5)
+    samples = []
+    for i, (p_len, r_len) in enumerate([(4, 9), (6, 2), (3, 5), (5, 7), (7, 1), (4, 4), (6, 8), (5, 0)]):
+        if r_len == 0 and not empty_tail:
+            r_len = 3
+        prompt = torch.randint(1, 101, (p_len,), generator=g).tolist()
+        samples.append(TrainSample(
+            group=i // 4, prompt_ids=prompt,
+            teacher_prompt_ids=torch.randint(1, 101, (3,), generator=g).tolist() + prompt,  # privileged context
+            response_ids=torch.randint(1, 101, (r_len,), generator=g).tolist(),
+            rollout_log_probs=(-torch.rand(r_len, generator=g) * 4 - 0.5).tolist(),
+            advantage=[1.2, -0.7, 0.4, 0.0][i % 4] * (1 if i < 4 else -1)))
+    return samples
+
+
+def _dr_grpo_grad_norms(rank, world_size):
+    from megatron_sdpg.algo.config import apply_preset
+    from megatron_sdpg.config.schema import SDPGConfig
+    from megatron_sdpg.platform.distributed import init_model_parallel
+    from megatron_sdpg.platform.layout import ParallelConfig
+    from megatron_sdpg.train.batch import collate
+    from megatron_sdpg.train.setup import sdpg_loss_fn
+    from megatron_sdpg.train.step import OptimizerConfig, PolicyModel
+
+    groups = init_model_parallel(ParallelConfig(), seed=7)
+    samples = _tiny_samples(empty_tail=True)[5:]  # 3 sequences, the last one's response empty
+    mb = collate(samples, 0, 16, None)
+    out = {}
+    for agg, constant in (("constant", 2.5), ("seq-mean-token-sum", None)):
+        cfg = SDPGConfig()
+        cfg.algorithm = apply_preset("grpo", alpha=0.0, loss_agg=agg, loss_agg_constant=constant)
+        model = PolicyModel(_qwen3_tiny(), groups, OptimizerConfig(lr=1e-3, lr_warmup_steps=0))
+        result = model.train_step([dict(mb)], partial(sdpg_loss_fn, cfg, groups, 0))
+        out[agg] = (result.grad_norm, result.metrics["loss"])
+    return out
+
+
+def test_dr_grpo_normaliser_counts_trailing_empty_responses_and_is_not_truncated():
+    """``constant`` (Dr.GRPO) divides by C * (every sequence, empty ones too), exactly.
+
+    Same weights, same token losses: against seq-mean-token-sum (divides by the 2 non-empty
+    sequences) the gradient norm must scale by 2 / (2.5 * 3). Before: 2 / 5 (the trailing empty
+    response was not counted) and 2 / 7 (7.5 was truncated to an int).
+    """
+    out = run_on_ranks(_dr_grpo_grad_norms, 1, timeout=180)[0]
+    (g_const, loss_const), (g_seq, loss_seq) = out["constant"], out["seq-mean-token-sum"]
+    assert g_seq > 0
+    assert g_const == pytest.approx(g_seq * 2 / 7.5, rel=1e-5), (g_const / g_seq, 2 / 7.5)
+    assert loss_const == pytest.approx(loss_seq * 2 / 7.5, rel=1e-5)

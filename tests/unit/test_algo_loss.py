@@ -169,7 +169,7 @@ def test_seq_mean_token_mean_and_constant_normalisers():
     assert loss_sum.item() == pytest.approx(sum(seq_means).item(), rel=1e-5)
     cfg = apply_preset("sdpg", loss_agg="constant", loss_agg_constant=16)
     loss_sum, n, _ = sdpg_loss(s, t, b, cfg, step=10)
-    assert n.item() == 48 and loss_sum.item() == pytest.approx(per_token.sum().item(), rel=1e-5)
+    assert n.item() == 3 and loss_sum.item() == pytest.approx(per_token.sum().item() / 16, rel=1e-5)
 
 
 def test_opsd_loss_is_masked_mean_jsd():

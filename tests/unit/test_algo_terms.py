@@ -105,7 +105,10 @@ def test_aggregation_modes():
     seq = torch.tensor([0, 0, 0, 1, 2])
     # 4 sequences, the last one empty.
     cases = {"token-mean": (12.0, 4.0), "seq-mean-token-mean": (1.5 + 4.0 + 5.0, 3.0),
-             "seq-mean-token-sum": (12.0, 3.0), "constant": (12.0, 40.0)}
+             "seq-mean-token-sum": (12.0, 3.0), "constant": (12.0 / 2.5, 4.0)}
     for mode, (num, den) in cases.items():
-        s, n = aggregate(per_token, mask, seq, 4, mode, constant=10.0)
-        assert (s.item(), n.item()) == (num, den), mode
+        s, n = aggregate(per_token, mask, seq, 4, mode, constant=2.5)
+        assert s.item() == pytest.approx(num, rel=1e-7) and n.item() == den, mode
+    # Dr.GRPO: the normaliser is a whole number of sequences even for a fractional constant.
+    s, n = aggregate(per_token, mask, seq, 4, "constant", constant=2.5)
+    assert (s / n).item() == pytest.approx(12.0 / (2.5 * 4), rel=1e-7)
