@@ -56,6 +56,16 @@ def make_cases(vocab: int = 64) -> list[dict]:
     cases.append(dict(name="bf16", student=s, teacher=t, target=torch.randint(0, vocab, (n,), generator=g),
                       weight=torch.randn(n, generator=g, dtype=torch.float64), temperature=1.0, chunk=3,
                       dtype=torch.bfloat16, masked=False, clip=None))
+    # The authors' teacher scaling: only the student is divided by T (the teacher at T_t = 1).
+    for dtype in (torch.float32, torch.bfloat16):
+        n = 9
+        s = logits((n,)).to(dtype).double()
+        t = (s + logits((n,), scale=1.5)).to(dtype).double()
+        cases.append(dict(name=f"student_only_{str(dtype).removeprefix('torch.')}", student=s, teacher=t,
+                          target=torch.randint(0, vocab, (n,), generator=g),
+                          weight=torch.randn(n, generator=g, dtype=torch.float64), temperature=0.7,
+                          teacher_temperature=1.0, chunk=4, dtype=dtype, masked=False,
+                          clip=JSD_CLIP if dtype == torch.float32 else None))
     # Empty response: no tokens at all.
     cases.append(dict(name="empty", student=logits((0,)), teacher=logits((0,)),
                       target=torch.zeros(0, dtype=torch.long), weight=torch.zeros(0, dtype=torch.float64),
@@ -102,24 +112,25 @@ def run_ops_on_shard(case: dict, rank: int, world_size: int, tp_group) -> dict:
     t = case["teacher"][..., sl].to(case["dtype"]).contiguous()
     w = case["weight"].float()
     kw = dict(tp_group=tp_group, temperature=case["temperature"], chunk_size=case["chunk"])
+    tkw = dict(kw, teacher_temperature=case.get("teacher_temperature"))  # ops with a teacher
 
     ops = {
         "log_prob": lambda x: token_log_probs(x, case["target"], **kw),
         "entropy": lambda x: entropy(x, **kw),
-        "kl": lambda x: full_vocab_kl(x, t, **kw),
+        "kl": lambda x: full_vocab_kl(x, t, **tkw),
     }
     for beta in JSD_BETAS:
-        ops[f"jsd{beta}"] = lambda x, beta=beta: generalized_jsd(x, t, beta, **kw)
+        ops[f"jsd{beta}"] = lambda x, beta=beta: generalized_jsd(x, t, beta, **tkw)
         if case["clip"] is not None:
             ops[f"jsd{beta}_clip"] = lambda x, beta=beta: generalized_jsd(
-                x, t, beta, pointwise_clip=case["clip"], **kw)
+                x, t, beta, pointwise_clip=case["clip"], **tkw)
     out = {}
     for name, op in ops.items():
         x = s.clone().requires_grad_(True)
         value = op(x)
         (grad,) = torch.autograd.grad(value, x, w, allow_unused=False) if value.numel() else (torch.zeros_like(x),)
         out[name] = (value.detach(), grad.detach())
-    out.update(_run_fused(s, t, w, case["target"], kw))
+    out.update(_run_fused(s, t, w, case["target"], tkw))
     return out
 
 
@@ -132,7 +143,8 @@ def run_kl_ops_on_shard(case: dict, rank: int, world_size: int, tp_group, backen
     s = case["student"][..., sl].to(case["dtype"]).contiguous()
     t = case["teacher"][..., sl].to(case["dtype"]).contiguous()
     w = case["weight"].float()
-    kw = dict(tp_group=tp_group, temperature=case["temperature"], chunk_size=case["chunk"], backend=backend)
+    kw = dict(tp_group=tp_group, temperature=case["temperature"], chunk_size=case["chunk"], backend=backend,
+              teacher_temperature=case.get("teacher_temperature"))
     x = s.clone().requires_grad_(True)
     kl = full_vocab_kl(x, t, **kw)
     (grad,) = torch.autograd.grad(kl, x, w) if kl.numel() else (torch.zeros_like(x),)
@@ -170,9 +182,9 @@ def _plogr(p, log_ratio):
     return torch.where(p > 0, p * log_ratio, torch.zeros_like(p)).sum(dim=-1)
 
 
-def ref_value(name: str, s, t, target, temperature, clip=None):
-    """Float64 dense value of op ``name`` (full vocabulary)."""
-    ls, lt = _log_softmax(s, temperature), _log_softmax(t, temperature)
+def ref_value(name: str, s, t, target, temperature, clip=None, t_temperature=None):
+    """Float64 dense value of op ``name`` (full vocabulary); the teacher at ``t_temperature`` (None: T)."""
+    ls, lt = _log_softmax(s, temperature), _log_softmax(t, t_temperature or temperature)
     ps, pt = ls.exp(), lt.exp()
     if name == "log_prob":
         return ls.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -194,10 +206,10 @@ def ref_value(name: str, s, t, target, temperature, clip=None):
     return e.sum(dim=-1)
 
 
-def ref_grad_autograd(name, s, t, target, weight, temperature, clip=None):
+def ref_grad_autograd(name, s, t, target, weight, temperature, clip=None, t_temperature=None):
     """Gradient w.r.t. ``s`` of ``sum(weight * value)``, by float64 autograd."""
     x = s.clone().requires_grad_(True)
-    (ref_value(name, x, t, target, temperature, clip) * weight).sum().backward()
+    (ref_value(name, x, t, target, temperature, clip, t_temperature) * weight).sum().backward()
     return x.grad
 
 
@@ -258,6 +270,7 @@ def check_against_reference(case: dict, shard_results: list[dict]) -> None:
     """Reassembles the per-rank outputs of one case and compares with float64 dense."""
     tol = TOLERANCES[case["dtype"]]
     s, t, target, w, temp = case["student"], case["teacher"], case["target"], case["weight"], case["temperature"]
+    t_temp = case.get("teacher_temperature")
     for name in shard_results[0]:
         values = [r[name][0] for r in shard_results]
         for rank, v in enumerate(values[1:], start=1):
@@ -265,13 +278,14 @@ def check_against_reference(case: dict, shard_results: list[dict]) -> None:
         grad = torch.cat([r[name][1] for r in shard_results], dim=-1)
         clip = case["clip"] if name.endswith("_clip") else None
         base = name.removeprefix("fused_")
+        assert not (case["masked"] and t_temp is not None), "masked cases use one temperature"
         grad_fn = ref_grad_analytic if case["masked"] else ref_grad_autograd
-        extra = () if case["masked"] else (clip,)
+        extra = () if case["masked"] else (clip, t_temp)
         if base == "both":  # value: the KL; gradient of w * log_prob + 0.5 * w * kl
-            ref_v = ref_value("kl", s, t, target, temp)
+            ref_v = ref_value("kl", s, t, target, temp, None, t_temp)
             ref_g = grad_fn("log_prob", s, t, target, w, temp, *extra) + grad_fn("kl", s, t, target, 0.5 * w, temp, *extra)
         else:
-            ref_v = ref_value(base, s, t, target, temp, clip)
+            ref_v = ref_value(base, s, t, target, temp, clip, t_temp)
             ref_g = None if name == "fused_entropy" else grad_fn(base, s, t, target, w, temp, *extra)
         what = f"{case['name']}/{name}"
         _assert_close(values[0], ref_v, *tol["value"], what + " value")

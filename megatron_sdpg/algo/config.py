@@ -31,6 +31,7 @@ REWARD_SCHEMES = ("zero_one", "plus_minus_one")
 OBJECTIVES = ("policy_gradient", "opsd")
 DISTILL_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 TEACHER_SOURCES = ("current", "initial")
+TEACHER_TEMPERATURE_SCALINGS = ("both", "student_only")
 PAPER_TOTAL_STEPS = 400
 
 
@@ -72,6 +73,9 @@ class AlgorithmConfig:
     pointwise_clip: float | None = None  # OPSD: clamp each vocabulary entry's term
     teacher_source: str = "current"  # current weights (SDPG) or the frozen initial policy (OPSD)
     teacher_per_microbatch: bool = False  # authors: recompute the teacher per micro-batch
+    # Which logits the temperature divides in the distillation divergence: both (p_t = softmax(z_t / T))
+    # or student_only (p_t = softmax(z_t), as the authors' code does).
+    teacher_temperature_scaling: str = "both"
 
     # Reference-KL term.
     alpha: float = 1e-3
@@ -98,8 +102,12 @@ class AlgorithmConfig:
         return self.total_steps if self.total_steps is not None else PAPER_TOTAL_STEPS
 
     def logprob_temperature(self) -> float:
-        """Temperature of every log-prob and divergence in the loss."""
+        """Temperature of every log-prob and divergence in the loss (the student's side)."""
         return self.temperature if self.temperature is not None else 1.0
+
+    def teacher_temperature(self) -> float:
+        """Temperature of the teacher's distribution in the distillation divergence."""
+        return self.logprob_temperature() if self.teacher_temperature_scaling == "both" else 1.0
 
     def validate(self, prefix: str = "algorithm") -> None:
         """Raises ConfigError naming ``prefix.field`` for the first bad value."""
@@ -113,6 +121,7 @@ class AlgorithmConfig:
             ("reward_scheme", REWARD_SCHEMES),
             ("distill_divergence", DISTILL_DIVERGENCES),
             ("teacher_source", TEACHER_SOURCES),
+            ("teacher_temperature_scaling", TEACHER_TEMPERATURE_SCALINGS),
             ("ref_kl_mode", REF_KL_MODES),
             ("loss_agg", LOSS_AGGREGATIONS),
         ):

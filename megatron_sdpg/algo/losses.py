@@ -81,7 +81,8 @@ class LossInputs:
 
 def distill_divergence(student_logits, teacher_logits, cfg: AlgorithmConfig, tp_group) -> torch.Tensor:
     """Per-token divergence ``[T]`` of the student from the (detached) teacher, per ``cfg``."""
-    kw = dict(tp_group=tp_group, temperature=cfg.logprob_temperature(), chunk_size=cfg.vocab_chunk_size)
+    kw = dict(tp_group=tp_group, temperature=cfg.logprob_temperature(), chunk_size=cfg.vocab_chunk_size,
+              teacher_temperature=cfg.teacher_temperature())
     if cfg.distill_divergence == "reverse_kl" and cfg.pointwise_clip is None:
         return full_vocab_kl(student_logits, teacher_logits, **kw, backend=cfg.vocab_backend)
     beta = {"reverse_kl": 1.0, "forward_kl": 0.0, "jsd": cfg.jsd_beta}[cfg.distill_divergence]
@@ -161,7 +162,8 @@ def sdpg_loss(
     if needs_teacher and cfg.distill_divergence == "reverse_kl" and cfg.pointwise_clip is None:
         # One pass over the vocabulary and one gradient buffer for all three statistics.
         log_probs, div, ent = log_probs_kl_entropy(student_logits, teacher_logits, batch.target, **kw,
-                                                   inplace_backward=inplace_backward, backend=cfg.vocab_backend)
+                                                   inplace_backward=inplace_backward, backend=cfg.vocab_backend,
+                                                   teacher_temperature=cfg.teacher_temperature())
     else:
         log_probs = token_log_probs(student_logits, batch.target, **kw)
         with torch.no_grad():

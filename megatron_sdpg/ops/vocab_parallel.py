@@ -53,6 +53,7 @@ from megatron_sdpg.ops.vocab_shard import (
     global_max,
     local_targets,
     resolve_chunk_size,
+    resolve_teacher_temperature,
     row_max,
     scaled_fp32,
     scaled_minus,
@@ -149,7 +150,7 @@ class _Entropy(torch.autograd.Function):
 
 class _FullVocabKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, tp_group, temperature, chunk_size, inplace_backward):
+    def forward(ctx, student, teacher, tp_group, temperature, chunk_size, inplace_backward, t_temperature):
         s_rows, t_rows = as_rows(student), as_rows(teacher)
         n, v = s_rows.shape
         f32 = dict(dtype=torch.float32, device=s_rows.device)
@@ -158,11 +159,11 @@ class _FullVocabKL(torch.autograd.Function):
         a, b, e = (torch.empty(min(n, chunk_size), v, **f32) for _ in range(3))
         for sl in chunks(n, chunk_size):
             c = sl.stop - sl.start
-            m = torch.stack([row_max(s_rows[sl], temperature), row_max(t_rows[sl], temperature)])
+            m = torch.stack([row_max(s_rows[sl], temperature), row_max(t_rows[sl], t_temperature)])
             all_reduce_(m, dist.ReduceOp.MAX, tp_group)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             zs = scaled_minus(s_rows[sl], temperature, m[0], a[:c])  # z_s - max_s
-            zt = scaled_minus(t_rows[sl], temperature, m[1], b[:c])  # z_t - max_t
+            zt = scaled_minus(t_rows[sl], t_temperature, m[1], b[:c])  # z_t - max_t
             es = e[:c]
             sum_exp_t = torch.exp(zt, out=es).sum(dim=-1)
             sum_exp_s = torch.exp(zs, out=es).sum(dim=-1)
@@ -177,6 +178,7 @@ class _FullVocabKL(torch.autograd.Function):
         del a, b, e
         ctx.save_for_backward(student, teacher, lse, kl)
         ctx.temperature, ctx.chunk_size, ctx.inplace = temperature, chunk_size, inplace_backward
+        ctx.t_temperature = t_temperature
         return kl.view(student.shape[:-1])
 
     @staticmethod
@@ -196,12 +198,12 @@ class _FullVocabKL(torch.autograd.Function):
             for sl in chunks(n, ctx.chunk_size):
                 c = sl.stop - sl.start
                 log_ps = scaled_minus(s_rows[sl], ctx.temperature, lse[0, sl], a[:c])
-                d = scaled_minus(t_rows[sl], ctx.temperature, t_shift[sl], b[:c])
+                d = scaled_minus(t_rows[sl], ctx.t_temperature, t_shift[sl], b[:c])
                 torch.sub(log_ps, d, out=d)
                 p_g = log_ps.exp_().mul_(g[sl])
                 # dKL/dz = p * (log p - log q - KL); NaN (0 * inf) only where p == 0 or g == 0.
                 zero_where_nan_(torch.mul(d, p_g, out=grad[sl]))
-        return grad.view(student.shape), None, None, None, None, None
+        return grad.view(student.shape), None, None, None, None, None, None
 
 
 def token_log_probs(
@@ -262,17 +264,19 @@ def full_vocab_kl(
     chunk_size: int | None = None,
     inplace_backward: bool = False,
     backend: str | None = None,
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """Exact reverse KL ``sum_v p_s (log p_s - log p_t)`` over the whole vocabulary.
 
-    ``p_s = softmax(student / T)``, ``p_t = softmax(teacher / T)``. The teacher is
+    ``p_s = softmax(student / T)``, ``p_t = softmax(teacher / T_t)``. The teacher is
     treated as a constant (stop-gradient): no gradient flows to ``teacher_logits``.
 
     Args:
         student_logits: ``[..., v/tp]`` this rank's shard, bf16 or fp32.
         teacher_logits: Same shape; any dtype.
         tp_group: Tensor-parallel group; None = no TP.
-        temperature: Softmax temperature (> 0), applied to both.
+        temperature: Softmax temperature (> 0) of the student, and of the teacher
+            unless ``teacher_temperature`` is given.
         chunk_size: Tokens processed at a time (PyTorch path only); None = the device
             default (``vocab_shard.resolve_chunk_size``).
         inplace_backward: Write the gradient into ``student_logits``' own storage
@@ -283,6 +287,8 @@ def full_vocab_kl(
             ``vocab_parallel_triton`` for CUDA tensors when triton is installed,
             else the chunked PyTorch path), ``"torch"`` or ``"triton"``; None reads
             ``$MEGATRON_SDPG_VOCAB_BACKEND``.
+        teacher_temperature: ``T_t`` of the teacher (> 0); None = ``temperature``
+            (1.0 scales only the student, as the SDPG authors' code does).
 
     Returns:
         ``[...]`` fp32 KL per token (``+inf`` where the teacher is ``-inf`` on an
@@ -291,13 +297,16 @@ def full_vocab_kl(
     """
     check_pair(student_logits, teacher_logits)
     check_temperature(temperature)
+    t_temperature = resolve_teacher_temperature(teacher_temperature, temperature)
     chunk_size = resolve_chunk_size(chunk_size, student_logits)
     if use_triton(student_logits, backend):
         from megatron_sdpg.ops.vocab_parallel_triton import triton_full_vocab_kl
 
-        return triton_full_vocab_kl(student_logits, teacher_logits, tp_group, temperature, inplace_backward)
+        return triton_full_vocab_kl(student_logits, teacher_logits, tp_group, temperature, inplace_backward,
+                                    teacher_temperature=t_temperature)
     return _FullVocabKL.apply(
-        student_logits, teacher_logits.detach(), tp_group, float(temperature), chunk_size, inplace_backward
+        student_logits, teacher_logits.detach(), tp_group, float(temperature), chunk_size, inplace_backward,
+        t_temperature,
     )
 
 

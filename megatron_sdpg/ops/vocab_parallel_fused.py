@@ -29,6 +29,7 @@ from megatron_sdpg.ops.vocab_shard import (
     chunks,
     local_targets,
     resolve_chunk_size,
+    resolve_teacher_temperature,
     row_max,
     scaled_minus,
     upstream_per_row,
@@ -38,7 +39,7 @@ from megatron_sdpg.ops.vocab_shard import (
 
 class _LogProbsKLEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, target, tp_group, temperature, chunk_size, inplace_backward):
+    def forward(ctx, student, teacher, target, tp_group, temperature, chunk_size, inplace_backward, t_temperature):
         s_rows, t_rows = as_rows(student), as_rows(teacher)
         n, v = s_rows.shape
         local, in_shard = local_targets(target, n, v, tp_group)
@@ -48,13 +49,13 @@ class _LogProbsKLEntropy(torch.autograd.Function):
         a, b, e = (torch.empty(min(n, chunk_size), v, **f32) for _ in range(3))
         for sl in chunks(n, chunk_size):
             c = sl.stop - sl.start
-            m = torch.stack([row_max(s_rows[sl], temperature), row_max(t_rows[sl], temperature)])
+            m = torch.stack([row_max(s_rows[sl], temperature), row_max(t_rows[sl], t_temperature)])
             all_reduce_(m, dist.ReduceOp.MAX, tp_group)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             predicted = s_rows[sl].gather(1, local[sl, None]).squeeze(1).float().div_(temperature).sub_(m[0])
             predicted = torch.where(in_shard[sl], predicted, torch.zeros_like(predicted))
             zs = scaled_minus(s_rows[sl], temperature, m[0], a[:c])  # z_s - max_s
-            diff = scaled_minus(t_rows[sl], temperature, m[1], b[:c])  # z_t - max_t
+            diff = scaled_minus(t_rows[sl], t_temperature, m[1], b[:c])  # z_t - max_t
             es = e[:c]
             sum_exp_t = torch.exp(diff, out=es).sum(dim=-1)
             torch.sub(zs, diff, out=diff)  # zs' - zt'
@@ -72,6 +73,7 @@ class _LogProbsKLEntropy(torch.autograd.Function):
         del a, b, e
         ctx.save_for_backward(student, teacher, local, in_shard, lse, kl)
         ctx.temperature, ctx.chunk_size, ctx.inplace = temperature, chunk_size, inplace_backward
+        ctx.t_temperature = t_temperature
         ctx.mark_non_differentiable(ent)
         shape = student.shape[:-1]
         return log_probs.view(shape), kl.view(shape), ent.view(shape)
@@ -95,7 +97,7 @@ class _LogProbsKLEntropy(torch.autograd.Function):
             for sl in chunks(n, ctx.chunk_size):
                 c = sl.stop - sl.start
                 log_ps = scaled_minus(s_rows[sl], temperature, lse[0, sl], a[:c])
-                d = scaled_minus(t_rows[sl], temperature, t_shift[sl], b[:c])
+                d = scaled_minus(t_rows[sl], ctx.t_temperature, t_shift[sl], b[:c])
                 torch.sub(log_ps, d, out=d).mul_(g_kl[sl])  # g_kl (log p_s - log p_t - KL)
                 # Non-finite only where p_s == 0 (then multiplied by 0), where g_kl == 0 and
                 # the KL is infinite (the KL part is 0), or where the gradient is undefined.
@@ -103,7 +105,7 @@ class _LogProbsKLEntropy(torch.autograd.Function):
                 d.sub_(g_lp[sl]).mul_(log_ps.exp_())
                 d.scatter_add_(1, local[sl, None], g_lp[sl] * in_shard[sl, None])
                 grad[sl] = d
-        return grad.view(student.shape), None, None, None, None, None, None
+        return grad.view(student.shape), None, None, None, None, None, None, None
 
 
 def log_probs_kl_entropy(
@@ -115,6 +117,7 @@ def log_probs_kl_entropy(
     chunk_size: int | None = None,
     inplace_backward: bool = False,
     backend: str | None = None,
+    teacher_temperature: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log p_s(target), KL(p_s || p_t), H(p_s))`` per token in one fused pass.
 
@@ -123,12 +126,14 @@ def log_probs_kl_entropy(
         teacher_logits: Same shape; treated as a constant (stop-gradient).
         target: ``[...]`` GLOBAL token ids.
         tp_group: Tensor-parallel group; None = no TP.
-        temperature: Softmax temperature (> 0), applied to both.
+        temperature: Softmax temperature (> 0) of the student, and of the teacher
+            unless ``teacher_temperature`` is given.
         chunk_size: Tokens processed at a time (PyTorch path only); None = the device
             default (``vocab_shard.resolve_chunk_size``).
         inplace_backward: Write the gradient into the student logits' storage
             (see ``full_vocab_kl``).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``full_vocab_kl``).
+        teacher_temperature: The teacher's temperature; None = ``temperature``.
 
     Returns:
         Three ``[...]`` fp32 tensors; the first two are differentiable w.r.t. the
@@ -136,12 +141,14 @@ def log_probs_kl_entropy(
     """
     check_pair(student_logits, teacher_logits)
     check_temperature(temperature)
+    t_temperature = resolve_teacher_temperature(teacher_temperature, temperature)
     chunk_size = resolve_chunk_size(chunk_size, student_logits)
     if use_triton(student_logits, backend):
         from megatron_sdpg.ops.vocab_parallel_triton import triton_log_probs_kl_entropy
 
         return triton_log_probs_kl_entropy(student_logits, teacher_logits, target, tp_group, temperature,
-                                           inplace_backward)
+                                           inplace_backward, teacher_temperature=t_temperature)
     return _LogProbsKLEntropy.apply(
-        student_logits, teacher_logits.detach(), target, tp_group, float(temperature), chunk_size, inplace_backward
+        student_logits, teacher_logits.detach(), target, tp_group, float(temperature), chunk_size, inplace_backward,
+        t_temperature,
     )

@@ -39,6 +39,7 @@ from megatron_sdpg.ops.vocab_shard import (
     chunks,
     global_max,
     resolve_chunk_size,
+    resolve_teacher_temperature,
     scaled_fp32,
     upstream_per_row,
     zero_where_nan_,
@@ -86,7 +87,7 @@ def _gradient_sum(u, s, h, beta: float) -> torch.Tensor:
 
 class _GeneralizedJSD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, beta, tp_group, temperature, chunk_size, clip):
+    def forward(ctx, student, teacher, beta, tp_group, temperature, chunk_size, clip, t_temperature):
         s_rows, t_rows = as_rows(student), as_rows(teacher)
         n = s_rows.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=s_rows.device)
@@ -94,7 +95,7 @@ class _GeneralizedJSD(torch.autograd.Function):
         g_sum = torch.empty(n, dtype=torch.float32, device=s_rows.device)
         for sl in chunks(n, chunk_size):
             zs = scaled_fp32(s_rows[sl], temperature)
-            zt = scaled_fp32(t_rows[sl], temperature)
+            zt = scaled_fp32(t_rows[sl], t_temperature)
             m = global_max([zs, zt], tp_group)
             zs.sub_(m[0, :, None])
             zt.sub_(m[1, :, None])
@@ -109,6 +110,7 @@ class _GeneralizedJSD(torch.autograd.Function):
             out[sl], g_sum[sl] = sums[0], sums[1]
         ctx.save_for_backward(student, teacher, lse, g_sum)
         ctx.beta, ctx.temperature, ctx.chunk_size, ctx.clip = beta, temperature, chunk_size, clip
+        ctx.t_temperature = t_temperature
         return out.view(student.shape[:-1])
 
     @staticmethod
@@ -121,7 +123,7 @@ class _GeneralizedJSD(torch.autograd.Function):
         with torch.no_grad():
             for sl in chunks(s_rows.shape[0], ctx.chunk_size):
                 ls = scaled_fp32(s_rows[sl], temperature).sub_(lse[0, sl, None])
-                lt = scaled_fp32(t_rows[sl], temperature).sub_(lse[1, sl, None])
+                lt = scaled_fp32(t_rows[sl], ctx.t_temperature).sub_(lse[1, sl, None])
                 _, u, s, h = _terms(ls, lt, beta, ctx.clip)
                 del ls, lt
                 G = g_sum[sl, None]
@@ -136,7 +138,7 @@ class _GeneralizedJSD(torch.autograd.Function):
                 gs = g[sl]
                 d.mul_(gs).masked_fill_(gs == 0, 0.0)
                 grad[sl] = d
-        return grad.view(student.shape), None, None, None, None, None, None
+        return grad.view(student.shape), None, None, None, None, None, None, None
 
 
 def generalized_jsd(
@@ -147,6 +149,7 @@ def generalized_jsd(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     pointwise_clip: float | None = None,
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """Generalised JSD per token between vocab-parallel student and teacher logits.
 
@@ -156,17 +159,20 @@ def generalized_jsd(
         beta: In ``[0, 1]``; 0 = forward KL(p_t||p_s), 1 = reverse KL(p_s||p_t),
             in between the TRL/GKD generalised JSD (see module docstring).
         tp_group: Tensor-parallel group; None = no TP.
-        temperature: Softmax temperature (> 0), applied to both.
+        temperature: Softmax temperature (> 0) of the student, and of the teacher
+            unless ``teacher_temperature`` is given.
         chunk_size: Tokens processed at a time; None = the device default
             (``vocab_shard.resolve_chunk_size``).
         pointwise_clip: If set, each vocabulary entry's term is clamped at this
             value before the sum (clamped entries pass no gradient).
+        teacher_temperature: The teacher's temperature; None = ``temperature``.
 
     Returns:
         ``[...]`` fp32 divergence per token, differentiable w.r.t. the student logits.
     """
     check_pair(student_logits, teacher_logits)
     check_temperature(temperature)
+    t_temperature = resolve_teacher_temperature(teacher_temperature, temperature)
     chunk_size = resolve_chunk_size(chunk_size, student_logits)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta!r}")
@@ -180,4 +186,5 @@ def generalized_jsd(
         float(temperature),
         chunk_size,
         None if pointwise_clip is None else float(pointwise_clip),
+        t_temperature,
     )

@@ -3,7 +3,8 @@
 The PyTorch path (``vocab_parallel``) makes about a dozen fp32 passes over
 ``[chunk, v/tp]`` per chunk; here every row of the local vocabulary shard is
 read once forward and once backward, in blocks of ``block_v`` entries,
-accumulating in fp32 from bf16/fp32 input (``z = logits / T``).
+accumulating in fp32 from bf16/fp32 input (``z_s = student / T``, ``z_t = teacher / T_t``;
+``T_t = T`` unless a separate teacher temperature is given).
 
 Forward, one program per row, online (block-wise) max rescaling::
 
@@ -50,7 +51,7 @@ _FUSED_STATS = 6  # ... and E
 
 
 @triton.jit
-def _row_stats_kernel(s_ptr, t_ptr, stats_ptr, n_rows, n_cols, s_stride, t_stride, inv_t,
+def _row_stats_kernel(s_ptr, t_ptr, stats_ptr, n_rows, n_cols, s_stride, t_stride, inv_t, inv_t_teacher,
                       WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     """Per-row partial statistics of one vocabulary shard; writes ``stats[k, row]``."""
     row = tl.program_id(0).to(tl.int64)
@@ -67,7 +68,7 @@ def _row_stats_kernel(s_ptr, t_ptr, stats_ptr, n_rows, n_cols, s_stride, t_strid
         cols = start + tl.arange(0, BLOCK_V)
         valid = cols < n_cols
         zs = tl.load(s_row + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
-        zt = tl.load(t_row + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+        zt = tl.load(t_row + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_t_teacher
         new_s = tl.maximum(m_s, tl.max(zs, axis=0))
         new_t = tl.maximum(m_t, tl.max(zt, axis=0))
         new_ref_s = tl.where(new_s == float("-inf"), 0.0, new_s)
@@ -94,7 +95,8 @@ def _row_stats_kernel(s_ptr, t_ptr, stats_ptr, n_rows, n_cols, s_stride, t_strid
 
 
 @triton.jit
-def _grad_block(s_ptr, t_ptr, lse_s_ptr, t_shift_ptr, n_cols, s_stride, t_stride, inv_t, BLOCK_V: tl.constexpr):
+def _grad_block(s_ptr, t_ptr, lse_s_ptr, t_shift_ptr, n_cols, s_stride, t_stride, inv_t, inv_t_teacher,
+                BLOCK_V: tl.constexpr):
     """This program's block of one row: ``(row, cols, valid, log p_s, log p_s - log p_t - KL)``.
 
     ``log p_t + KL = z_t - (lse_t - KL)``, the shift the forward stored per row.
@@ -103,17 +105,17 @@ def _grad_block(s_ptr, t_ptr, lse_s_ptr, t_shift_ptr, n_cols, s_stride, t_stride
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     valid = cols < n_cols
     zs = tl.load(s_ptr + row * s_stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_t
-    zt = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_t
+    zt = tl.load(t_ptr + row * t_stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_t_teacher
     log_ps = zs - tl.load(lse_s_ptr + row)
     return row, cols, valid, log_ps, log_ps - (zt - tl.load(t_shift_ptr + row))
 
 
 @triton.jit
 def _kl_grad_kernel(s_ptr, t_ptr, grad_ptr, lse_s_ptr, t_shift_ptr, g_ptr, n_cols, s_stride, t_stride,
-                    grad_stride, inv_t, BLOCK_V: tl.constexpr):
+                    grad_stride, inv_t, inv_t_teacher, BLOCK_V: tl.constexpr):
     """``grad = p_s (log p_s - log p_t - KL) g`` on one block of one row (``g`` already / T)."""
     row, cols, valid, log_ps, d = _grad_block(s_ptr, t_ptr, lse_s_ptr, t_shift_ptr, n_cols, s_stride, t_stride,
-                                              inv_t, BLOCK_V)
+                                              inv_t, inv_t_teacher, BLOCK_V)
     r = tl.exp(log_ps) * tl.load(g_ptr + row) * d
     r = tl.where(r == r, r, 0.0)  # NaN (0 * inf, or undefined) only where p_s == 0 or g == 0
     tl.store(grad_ptr + row * grad_stride + cols, r.to(grad_ptr.dtype.element_ty), mask=valid)
@@ -121,10 +123,10 @@ def _kl_grad_kernel(s_ptr, t_ptr, grad_ptr, lse_s_ptr, t_shift_ptr, g_ptr, n_col
 
 @triton.jit
 def _fused_grad_kernel(s_ptr, t_ptr, grad_ptr, lse_s_ptr, t_shift_ptr, g_kl_ptr, g_lp_ptr, target_ptr,
-                       n_cols, s_stride, t_stride, grad_stride, inv_t, BLOCK_V: tl.constexpr):
+                       n_cols, s_stride, t_stride, grad_stride, inv_t, inv_t_teacher, BLOCK_V: tl.constexpr):
     """``grad = [g_kl p_s (log p_s - log p_t - KL) + g_lp (onehot - p_s)]`` (``g`` already / T)."""
     row, cols, valid, log_ps, d = _grad_block(s_ptr, t_ptr, lse_s_ptr, t_shift_ptr, n_cols, s_stride, t_stride,
-                                              inv_t, BLOCK_V)
+                                              inv_t, inv_t_teacher, BLOCK_V)
     g_lp = tl.load(g_lp_ptr + row)
     d = tl.load(g_kl_ptr + row) * d
     # Non-finite only where p_s == 0 (then multiplied by 0), where g_kl == 0 and the
@@ -142,7 +144,7 @@ def _unit_stride(rows: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _row_stats(s_rows, t_rows, temperature, with_entropy, block_v, extra_rows=0) -> torch.Tensor:
+def _row_stats(s_rows, t_rows, temperature, t_temperature, with_entropy, block_v, extra_rows=0) -> torch.Tensor:
     """``[k + extra_rows, n]`` fp32 per-row statistics of this shard (see the module docstring).
 
     The ``extra_rows`` last rows are left for the caller to fill.
@@ -152,7 +154,7 @@ def _row_stats(s_rows, t_rows, temperature, with_entropy, block_v, extra_rows=0)
     stats = torch.empty(k + extra_rows, n, dtype=torch.float32, device=s_rows.device)
     if n:
         _row_stats_kernel[(n,)](s_rows, t_rows, stats, n, v, s_rows.stride(0), t_rows.stride(0),
-                                1.0 / temperature, WITH_ENTROPY=with_entropy, BLOCK_V=block_v,
+                                1.0 / temperature, 1.0 / t_temperature, WITH_ENTROPY=with_entropy, BLOCK_V=block_v,
                                 num_warps=NUM_WARPS)
     return stats
 
@@ -196,12 +198,13 @@ def _combine(stats: torch.Tensor, tp_group) -> dict[str, torch.Tensor]:
 
 class _TritonFullVocabKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, tp_group, temperature, inplace_backward, block_v):
+    def forward(ctx, student, teacher, tp_group, temperature, inplace_backward, block_v, t_temperature):
         s_rows, t_rows = _unit_stride(as_rows(student)), _unit_stride(as_rows(teacher))
-        stats = _combine(_row_stats(s_rows, t_rows, temperature, False, block_v), tp_group)
+        stats = _combine(_row_stats(s_rows, t_rows, temperature, t_temperature, False, block_v), tp_group)
         kl = stats["kl"]
         ctx.save_for_backward(student, teacher, stats["lse_s"], stats["lse_t"] - kl)
         ctx.temperature, ctx.inplace, ctx.block_v = temperature, inplace_backward, block_v
+        ctx.t_temperature = t_temperature
         return kl.view(student.shape[:-1])
 
     @staticmethod
@@ -214,17 +217,17 @@ class _TritonFullVocabKL(torch.autograd.Function):
             g = upstream_per_row(grad_output, ctx.temperature)
             _kl_grad_kernel[(n, triton.cdiv(v, ctx.block_v))](
                 s_rows, t_rows, grad, lse_s, t_shift, g, v, s_rows.stride(0), t_rows.stride(0), grad.stride(0),
-                1.0 / ctx.temperature, BLOCK_V=ctx.block_v, num_warps=NUM_WARPS)
-        return grad.view(student.shape), None, None, None, None, None
+                1.0 / ctx.temperature, 1.0 / ctx.t_temperature, BLOCK_V=ctx.block_v, num_warps=NUM_WARPS)
+        return grad.view(student.shape), None, None, None, None, None, None
 
 
 class _TritonLogProbsKLEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, target, tp_group, temperature, inplace_backward, block_v):
+    def forward(ctx, student, teacher, target, tp_group, temperature, inplace_backward, block_v, t_temperature):
         s_rows, t_rows = _unit_stride(as_rows(student)), _unit_stride(as_rows(teacher))
         n, v = s_rows.shape
         local, in_shard = local_targets(target, n, v, tp_group)
-        partial = _row_stats(s_rows, t_rows, temperature, True, block_v, extra_rows=1)
+        partial = _row_stats(s_rows, t_rows, temperature, t_temperature, True, block_v, extra_rows=1)
         if n:
             z_target = s_rows.gather(1, local[:, None]).squeeze(1).float() * (1.0 / temperature)
             partial[-1] = torch.where(in_shard, z_target, torch.zeros_like(z_target))
@@ -233,6 +236,7 @@ class _TritonLogProbsKLEntropy(torch.autograd.Function):
         target_or_none = torch.where(in_shard, local, torch.full_like(local, -1))
         ctx.save_for_backward(student, teacher, target_or_none, stats["lse_s"], stats["lse_t"] - kl)
         ctx.temperature, ctx.inplace, ctx.block_v = temperature, inplace_backward, block_v
+        ctx.t_temperature = t_temperature
         ctx.mark_non_differentiable(ent)
         shape = student.shape[:-1]
         return stats["log_prob"].view(shape), kl.view(shape), ent.view(shape)
@@ -249,8 +253,9 @@ class _TritonLogProbsKLEntropy(torch.autograd.Function):
             g_kl = upstream_per_row(g_kl if g_kl is not None else zeros, ctx.temperature)
             _fused_grad_kernel[(n, triton.cdiv(v, ctx.block_v))](
                 s_rows, t_rows, grad, lse_s, t_shift, g_kl, g_lp, target, v, s_rows.stride(0), t_rows.stride(0),
-                grad.stride(0), 1.0 / ctx.temperature, BLOCK_V=ctx.block_v, num_warps=NUM_WARPS)
-        return grad.view(student.shape), None, None, None, None, None, None
+                grad.stride(0), 1.0 / ctx.temperature, 1.0 / ctx.t_temperature, BLOCK_V=ctx.block_v,
+                num_warps=NUM_WARPS)
+        return grad.view(student.shape), None, None, None, None, None, None, None
 
 
 def _grad_buffer(student: torch.Tensor, s_rows: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -273,6 +278,7 @@ def triton_full_vocab_kl(
     temperature: float = 1.0,
     inplace_backward: bool = False,
     block_v: int | None = None,
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """``vocab_parallel.full_vocab_kl`` with the Triton kernels (same arguments and result).
 
@@ -281,16 +287,19 @@ def triton_full_vocab_kl(
             device (or any device under ``TRITON_INTERPRET=1``).
         teacher_logits: Same shape; treated as a constant.
         tp_group: Tensor-parallel group; None = no TP.
-        temperature: Softmax temperature (> 0), applied to both.
+        temperature: Softmax temperature (> 0) of the student, and of the teacher
+            unless ``teacher_temperature`` is given.
         inplace_backward: Write the gradient into the student logits' storage.
         block_v: Vocabulary entries per block (a power of two), forward and
             backward; None = ``BLOCK_V``.
+        teacher_temperature: The teacher's temperature; None = ``temperature``.
 
     Returns:
         ``[...]`` fp32 KL per token, identical on every TP rank.
     """
+    t_temperature = float(temperature if teacher_temperature is None else teacher_temperature)
     return _TritonFullVocabKL.apply(student_logits, teacher_logits.detach(), tp_group, float(temperature),
-                                    inplace_backward, block_v or BLOCK_V)
+                                    inplace_backward, block_v or BLOCK_V, t_temperature)
 
 
 def triton_log_probs_kl_entropy(
@@ -301,6 +310,7 @@ def triton_log_probs_kl_entropy(
     temperature: float = 1.0,
     inplace_backward: bool = False,
     block_v: int | None = None,
+    teacher_temperature: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``vocab_parallel_fused.log_probs_kl_entropy`` with the Triton kernels.
 
@@ -310,5 +320,6 @@ def triton_log_probs_kl_entropy(
         ``(log p_s(target), KL, entropy)``, three ``[...]`` fp32 tensors; the
         entropy is not differentiable.
     """
+    t_temperature = float(temperature if teacher_temperature is None else teacher_temperature)
     return _TritonLogProbsKLEntropy.apply(student_logits, teacher_logits.detach(), target, tp_group,
-                                          float(temperature), inplace_backward, block_v or BLOCK_V)
+                                          float(temperature), inplace_backward, block_v or BLOCK_V, t_temperature)

@@ -81,6 +81,15 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
 
+def resolve_teacher_temperature(teacher_temperature: float | None, temperature: float) -> float:
+    """The teacher's temperature: ``temperature`` when None, else checked (> 0)."""
+    if teacher_temperature is None:
+        return float(temperature)
+    if not teacher_temperature > 0:
+        raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature!r}")
+    return float(teacher_temperature)
+
+
 def chunks(n: int, chunk_size: int) -> Iterator[slice]:
     """Yields row slices of at most ``chunk_size`` covering ``[0, n)``."""
     for start in range(0, n, chunk_size):

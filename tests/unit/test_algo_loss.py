@@ -105,6 +105,35 @@ def test_sg_rho_cap_bounds_the_factor_and_reports_the_largest_rho_and_the_capped
         apply_preset("sdpg", sg_rho_cap=0.5)
 
 
+@pytest.mark.parametrize("scaling", ["both", "student_only"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+def test_teacher_temperature_scaling(scaling, divergence):
+    """At T = 0.7: ``both`` divides both logits by T, ``student_only`` (the authors' code) only the student's.
+
+    The reverse KL goes through the fused op, the forward KL through the JSD op.
+    """
+    s, t, b = _batch()
+    temp = 0.7
+    cfg = apply_preset("sdpg", beta_base=0.5, alpha=0.0, beta_warmup_steps=0, beta_decay_steps=0, distill_gate=False,
+                       distill_kl_clamp=None, sg_rho_factors=False, temperature=temp,
+                       distill_divergence=divergence, teacher_temperature_scaling=scaling)
+    x = s.clone().requires_grad_(True)
+    loss_sum, n, _ = sdpg_loss(x, t, b, cfg, step=1)
+    loss_sum.backward()
+    xd = s.double().requires_grad_(True)
+    ls = (xd / temp).log_softmax(-1)
+    lt = (t.double() / (temp if scaling == "both" else 1.0)).log_softmax(-1)
+    logp = ls.gather(1, b.target[:, None]).squeeze(1)
+    ratio = torch.exp(logp - b.old_log_probs.double())
+    adv = b.advantages.double()
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    div = (ls.exp() * (ls - lt)).sum(-1) if divergence == "reverse_kl" else (lt.exp() * (lt - ls)).sum(-1)
+    expected = ((pg + 0.5 * div) * b.loss_mask.double()).sum()
+    expected.backward()
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_explicit_per_sequence_gate_replaces_the_advantage_gate():
     s, t, b = _batch()
     cfg = apply_preset("sdpg", beta_base=0.5, alpha=0.0)
@@ -222,6 +251,8 @@ def test_presets_and_validation():
         apply_preset("sdpg", loss_agg="constant")
     with pytest.raises(ConfigError, match=r"^rl\.ref_kl_mode: 'kl' is not one of"):
         AlgorithmConfig(ref_kl_mode="kl").validate("rl")
+    with pytest.raises(ConfigError, match=r"^algorithm\.teacher_temperature_scaling: 'teacher' is not one of"):
+        apply_preset("sdpg", teacher_temperature_scaling="teacher")
     with pytest.raises(ConfigError, match=r"^algorithm\.bogus: no such field"):
         apply_preset("sdpg", bogus=1)
 

@@ -198,7 +198,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     if not isinstance(vpt._row_stats_kernel, JITFunction):
         pytest.skip("TRITON_INTERPRET is set in this process")
     target = GPUTarget("cuda", 90, 32)
-    common = dict(n_cols="i32", s_stride="i64", t_stride="i64", inv_t="fp32", BLOCK_V="constexpr")
+    common = dict(n_cols="i32", s_stride="i64", t_stride="i64", inv_t="fp32", inv_t_teacher="fp32",
+                  BLOCK_V="constexpr")
     for dt in ("bf16", "fp32"):
         ptrs = dict(s_ptr=f"*{dt}", t_ptr=f"*{dt}")
         grad = dict(grad_ptr=f"*{dt}", lse_s_ptr="*fp32", t_shift_ptr="*fp32", grad_stride="i64")
