@@ -5,6 +5,13 @@ takes three AdamW steps on a fixed global batch of 8 sequences under
 {1 rank, TP2, PP2, DP2 + distributed optimizer, TP2xPP2}. Each layout's
 per-step loss and gradient norm must equal the single-process values.
 Tolerance: relative 1e-5 (fp32; the layouts differ only in summation order).
+
+In the same ranks a second model trains with the real SDPG objective through the
+trainer's own pieces (``plan_microbatches``, the reference log-prob pass, the
+teacher pass through every pipeline stage, ``sdpg_loss_fn``) at temperature 0.7,
+on 8 samples whose prompts, teacher prompts and responses all differ in length
+(one response is empty): micro-batches and DP ranks hold unequal token counts, so
+a per-micro-batch or per-rank mean would differ from the global token mean.
 """
 
 from functools import partial
@@ -53,6 +60,37 @@ def _train(rank, world_size, tp, pp):
         result = model.train_step(microbatches, cross_entropy_loss)
         assert result.updated
         history.append((result.metrics["ce"], result.grad_norm))
+    return history, _train_sdpg(groups)
+
+
+SDPG_STEPS = 2
+
+
+def _train_sdpg(groups):
+    """SDPG steps on ``_tiny_samples`` with the trainer's passes; per step (loss, grad norm, KL, ref KL, tokens)."""
+    from megatron_sdpg.algo.config import apply_preset
+    from megatron_sdpg.config.schema import SDPGConfig
+    from megatron_sdpg.train import passes
+    from megatron_sdpg.train.batch import plan_microbatches
+    from megatron_sdpg.train.setup import sdpg_loss_fn
+    from megatron_sdpg.train.step import OptimizerConfig, PolicyModel
+
+    cfg = SDPGConfig()
+    cfg.algorithm = apply_preset("sdpg", beta_base=0.5, beta_warmup_steps=0, beta_decay_steps=0, alpha=0.05,
+                                 temperature=0.7)
+    policy = PolicyModel(_qwen3_tiny(), groups, OptimizerConfig(lr=1e-3, lr_warmup_steps=0, weight_decay=0.1),
+                         use_distributed_optimizer=True, total_steps=SDPG_STEPS, seed=3)
+    reference = PolicyModel(_qwen3_tiny(), groups, None, seed=3)
+    samples = _tiny_samples(empty_tail=True)
+    history = []
+    for step in range(SDPG_STEPS):
+        mbs = plan_microbatches(samples, groups.layout.dp, groups.dp_rank, 2, 0, 0, with_teacher=True)
+        passes.log_prob_pass(reference, mbs, "ref_log_probs", 0.7)
+        passes.teacher_pass(policy, mbs)
+        result = policy.train_step(mbs, partial(sdpg_loss_fn, cfg, groups, step))
+        assert result.updated
+        m = result.metrics
+        history.append((m["loss"], result.grad_norm, m["distill_kl"], m["ref_kl"], m["entropy"]))
     return history
 
 
@@ -64,12 +102,17 @@ def single_process():
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(single_process, name):
     tp, pp, world = LAYOUTS[name]
-    results = run_on_ranks(_train, world, tp, pp, timeout=240)
-    ref = torch.tensor(single_process, dtype=torch.float64)
+    results = run_on_ranks(_train, world, tp, pp, timeout=300)
+    ref = torch.tensor(single_process[0], dtype=torch.float64)
     assert ref[-1, 0] < ref[0, 0], "loss must fall over the three steps"
-    for rank, history in enumerate(results):
+    ref_sdpg = torch.tensor(single_process[1], dtype=torch.float64)
+    assert (ref_sdpg[:, 2] > 0).all() and ref_sdpg[-1, 3] > 0, "the KL terms must be live"
+    for rank, (history, sdpg) in enumerate(results):
         got = torch.tensor(history, dtype=torch.float64)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=0, msg=f"{name} rank {rank}")
+        got = torch.tensor(sdpg, dtype=torch.float64)
+        torch.testing.assert_close(got, ref_sdpg, rtol=1e-5, atol=1e-9,
+                                   msg=lambda m: f"{name} rank {rank} SDPG (loss, grad norm, KL, ref KL, H): {m}")
 
 
 def _rng_streams(rank, world_size):
