@@ -212,6 +212,32 @@ def test_opsd_loss_is_masked_mean_jsd():
     assert "policy_loss" not in metrics
 
 
+def test_grpo_loss_is_the_clipped_surrogate_plus_k3_by_hand():
+    """GRPO preset: beta 0, k3 reference KL in the loss with alpha 1e-3, no SG[rho] factors, token mean.
+
+    Written out token by token: ``max(-A r, -A clip(r, 0.8, 1.2)) + alpha (pi_ref/pi - 1 - log(pi_ref/pi))``.
+    """
+    s, t, b = _batch()
+    b.rollout_log_probs = b.rollout_log_probs - 2.0  # rho = e^2 would change the loss if it were applied
+    x = s.clone().requires_grad_(True)
+    loss_sum, n, metrics = sdpg_loss(x, None, b, apply_preset("grpo"), step=5)
+    (loss_sum / n).backward()
+    xd = s.double().requires_grad_(True)
+    logp = xd.log_softmax(-1).gather(1, b.target[:, None]).squeeze(1)
+    expected = []
+    for i in range(6):  # token 6 is padding
+        a, r = b.advantages[i].item(), torch.exp(logp[i] - b.old_log_probs[i].item())
+        pg = torch.maximum(-a * r, -a * r.clamp(0.8, 1.2))
+        log_ratio = b.ref_log_probs[i].item() - logp[i]
+        expected.append(pg + 1e-3 * (torch.exp(log_ratio) - 1 - log_ratio))
+    expected = torch.stack(expected).sum()
+    (expected / 6).backward()
+    assert n.item() == 6
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-7)
+    assert "distill_kl" not in metrics and "sg_rho_max" not in metrics
+
+
 def test_grpo_runs_without_teacher_and_sdpg_requires_one():
     s, t, b = _batch()
     loss_sum, n, metrics = sdpg_loss(s, None, b, apply_preset("grpo"), step=5)
