@@ -47,6 +47,9 @@ class AlgorithmConfig:
     normalize_adv_std: bool = True  # False: Dr.GRPO, mean-centred only
     eps_std: float = 1e-6
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    # When the kept groups leave a data-parallel rank fewer micro-batches than train.mini_batches:
+    # sample groups for this many more prompt batches (DAPO), then skip the step's update on every rank.
+    max_refill_rounds: int = 0
     overlong_buffer: int = 0  # DAPO soft overlong penalty window in tokens (0 = off)
     overlong_penalty: float = 1.0
 
@@ -128,6 +131,7 @@ class AlgorithmConfig:
             value = getattr(self, name)
             require(value in allowed, f(name), f"{value!r} is not one of {list(allowed)}")
         require(self.eps_std > 0, f("eps_std"), f"must be > 0, got {self.eps_std}")
+        require(self.max_refill_rounds >= 0, f("max_refill_rounds"), f"must be >= 0, got {self.max_refill_rounds}")
         require(self.overlong_buffer >= 0, f("overlong_buffer"), f"must be >= 0, got {self.overlong_buffer}")
         require(0 <= self.clip_eps_low < 1, f("clip_eps_low"), f"must be in [0, 1), got {self.clip_eps_low}")
         require(self.clip_eps_high >= 0, f("clip_eps_high"), f"must be >= 0, got {self.clip_eps_high}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -86,32 +87,15 @@ class Trainer:
         """One SDPG step; returns its metrics (meaningful on rank 0)."""
         cfg, parts, algo = self.cfg, self.parts, self.cfg.algorithm
         t_step = time.perf_counter()
-        problems = parts.source.next_batch()
-        payload = None
-        if self.rank == 0:
-            payload = parts.rollout(problems, seed=cfg.train.seed * 100_003 + step)
-        samples, metrics = _broadcast(payload)
+        need_teacher = parts.needs_teacher(step)
+        mbs, metrics = self._rollout_until_every_rank_is_fed(step, need_teacher)
         metrics["time/rollout_s"] = time.perf_counter() - t_step
-        if not samples:
-            self._log_line(f"step {step}: every group was dropped by dynamic sampling; no update")
+        if mbs is None:
             metrics["skipped_updates"] = cfg.train.ppo_epochs * cfg.train.mini_batches
             return metrics
 
         beta = parts.beta(step)
         teacher_model = parts.teacher_model()
-        need_teacher = parts.needs_teacher(step)
-        mbs = plan_microbatches(samples, self.groups.layout.dp, self.groups.dp_rank, cfg.train.micro_batch_size,
-                                cfg.train.max_tokens_per_microbatch, parts.pad_id, with_teacher=need_teacher)
-        fewest = _fewest_on_any_rank(len(mbs))
-        if fewest < cfg.train.mini_batches:
-            # Every rank sees the same minimum, so all of them skip (a rank that raised alone would
-            # leave the others waiting in the update's collectives).
-            groups_kept = len({s.group for s in samples})
-            self._log_line(f"step {step}: dynamic sampling kept {len(samples)} samples ({groups_kept} groups), "
-                           f"leaving a data-parallel rank {fewest} micro-batches for train.mini_batches="
-                           f"{cfg.train.mini_batches}; update skipped on every rank")
-            metrics["skipped_updates"] = cfg.train.ppo_epochs * cfg.train.mini_batches
-            return metrics
         t0 = time.perf_counter()
         temperature = algo.logprob_temperature()
         updates = cfg.train.ppo_epochs * cfg.train.mini_batches
@@ -149,6 +133,49 @@ class Trainer:
         metrics["time/sync_s"] = time.perf_counter() - t0
         metrics["step_s"] = time.perf_counter() - t_step
         return metrics
+
+    def _rollout_until_every_rank_is_fed(self, step: int, with_teacher: bool) -> tuple[list | None, dict]:
+        """Rollout (rank 0, broadcast), then this rank's micro-batches once every rank has enough.
+
+        Dynamic sampling can drop so many groups that some data-parallel rank gets fewer
+        micro-batches than ``train.mini_batches`` (or none). Every rank learns the fewest
+        count from one all-reduce, so all of them take the same branch: sample more groups
+        from the next prompts, DAPO style, up to ``algorithm.max_refill_rounds`` times, then
+        skip the update with one logged line (a rank that raised alone would leave the
+        others waiting in the update's collectives).
+
+        Returns:
+            ``(micro_batches, metrics)``: this rank's micro-batches, or None when every
+            rank skips the update.
+        """
+        cfg, parts = self.cfg, self.parts
+        samples, metrics, rounds = [], {}, 0
+        while True:
+            problems = parts.source.next_batch()  # on every rank: the prompt sources stay in step
+            payload = None
+            if self.rank == 0:
+                # Round 0 keeps the step's seed; refills get seeds no other step uses.
+                payload = parts.rollout(problems, seed=cfg.train.seed * 100_003 + step + rounds * 1_000_003)
+            more, more_metrics = _broadcast(payload)
+            offset = max((s.group for s in samples), default=-1) + 1
+            samples += [replace(s, group=s.group + offset) for s in more]
+            dropped = metrics.get("rollout/dropped_groups", 0.0) + more_metrics.get("rollout/dropped_groups", 0.0)
+            metrics = {**more_metrics, **metrics, "rollout/dropped_groups": dropped, "rollout/refill_rounds": rounds}
+            mbs = []
+            if samples:
+                mbs = plan_microbatches(samples, self.groups.layout.dp, self.groups.dp_rank,
+                                        cfg.train.micro_batch_size, cfg.train.max_tokens_per_microbatch,
+                                        parts.pad_id, with_teacher=with_teacher)
+            fewest = _fewest_on_any_rank(len(mbs))
+            if fewest >= cfg.train.mini_batches:
+                return mbs, metrics
+            if rounds == cfg.algorithm.max_refill_rounds:
+                kept = len({s.group for s in samples})
+                self._log_line(f"step {step}: dynamic sampling kept {len(samples)} samples ({kept} groups) after "
+                               f"{rounds} refill rounds, leaving a data-parallel rank {fewest} micro-batches for "
+                               f"train.mini_batches={cfg.train.mini_batches}; update skipped on every rank")
+                return None, metrics
+            rounds += 1
 
     def evaluate(self) -> dict:
         """Held-out greedy accuracy without and with the privileged context (rank 0)."""
