@@ -48,7 +48,8 @@ def _loss_case():
             apply_preset("sdpg", beta_base=0.3, alpha=0.0, distill_gate=False, distill_mask_after_divergence=True),
             # bf16 logits at the sampling temperature 0.7, the rho factor capped.
             apply_preset("sdpg", beta_base=0.3, alpha=0.05, temperature=0.7, sg_rho_cap=1.5, vocab_chunk_size=4),
-            apply_preset("sdpg", beta_base=0.3, alpha=0.05, temperature=0.7, teacher_temperature_scaling="student_only")]
+            apply_preset("sdpg", beta_base=0.3, alpha=0.05, temperature=0.7,
+                         teacher_temperature_scaling="student_only")]
     return s, t, batch, cfgs
 
 
