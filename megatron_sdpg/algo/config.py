@@ -3,7 +3,9 @@
 Defaults are the paper's (SDPG, Qwen3-4B): clip (0.2, 0.2), alpha = beta_base = 1e-3,
 T_warm 50, T_decay 350 over 400 steps, positive-advantage gating, URKL reference
 KL, 1/0 rewards, SG[rho] importance factors on the beta and alpha terms
-(appendix A.3), token-mean aggregation, distillation KL clamped at 20.
+(appendix A.3), token-mean aggregation, distillation KL clamped at 20. Switches
+off the paper's path default to it: ``sg_rho_cap`` (None), ``teacher_temperature_scaling``
+(``both``; the authors' code: ``student_only``), ``max_refill_rounds`` (0).
 
 Presets (``apply_preset(name)``) are field overrides of those defaults:
 
