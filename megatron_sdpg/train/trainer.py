@@ -88,6 +88,8 @@ class Trainer:
         payload = None
         if self.rank == 0:
             payload = parts.rollout(problems, seed=cfg.train.seed * 100_003 + step)
+            if payload[0]:  # colocated engines free their memory before any rank starts the passes
+                payload[1].update(parts.release_engines())
         samples, metrics = _broadcast(payload)
         metrics["time/rollout_s"] = time.perf_counter() - t_step
         if not samples:

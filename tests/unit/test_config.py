@@ -31,6 +31,8 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
         (["train.steps=0"], "train.steps", "must be >= 1"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last", "must be >= 1"),
         (["checkpoint.save_every=-1"], "checkpoint.save_every", "must be >= 0"),
+        (["rollout.engine=sglang", "rollout.colocate=true", "rollout.sync_strategy=distributed"],
+         "rollout.sync_strategy", "NCCL cannot join two ranks on one GPU"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field, fragment):

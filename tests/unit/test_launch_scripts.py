@@ -104,6 +104,9 @@ def check_job(tags, *, train_nodes, rollout_nodes, gpus, tp, pp, rollout_tp, col
     assert ov["rollout.urls"] == "[" + ",".join(engine_urls) + "]"
     assert ov["rollout.tp_size"] == str(rollout_tp)
     assert ov["model.hf_dir"] == hf_dir
+    # The trainer releases/resumes colocated engines and syncs them by CUDA IPC; dedicated ones by NCCL.
+    assert ov["rollout.colocate"] == ("true" if colocate else "false")
+    assert ov["rollout.sync_strategy"] == ("tensor" if colocate else "distributed")
     # The batch host's srun steps: one per engine, router, and one trainer step over the training nodes.
     sruns = [c for c in tags["batch"] if c[0] == "srun"]
     trainer_srun = [c for c in sruns if "megatron_sdpg.train" in c]
