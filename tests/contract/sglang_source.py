@@ -59,7 +59,11 @@ def version_problems() -> list[str]:
     return problems
 
 
+@lru_cache(maxsize=None)
 def sglang_dir() -> str:
+    stub = sys.modules.get("sglang")
+    if stub is not None and getattr(stub, "__spec__", None) is None and getattr(stub, "__path__", None):
+        return list(stub.__path__)[0]  # import_light's package stand-in
     spec = importlib.util.find_spec("sglang")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"sglang is not installed: {INSTALL_HINT}")
