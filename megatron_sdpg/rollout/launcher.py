@@ -61,6 +61,19 @@ def engine_options(cfg: RolloutConfig) -> dict[str, Any]:
     return {**implied, **cfg.sglang_args}
 
 
+def engine_flag_problems(server_info: dict[str, Any], cfg: RolloutConfig) -> list[tuple[str, str]]:
+    """What a running SGLang engine lacks for ``cfg``, read from its ``/server_info`` (SGLang's
+    resolved server arguments): ``[(config field, message), ...]``, empty when it has all.
+
+    Engines given by URL were started by someone else; without these flags SGLang
+    silently ignores sampling seeds, or cannot release its memory.
+    """
+    needed = [("deterministic", "enable_deterministic_inference", "SGLang ignores sampling_seed without it"),
+              ("colocate", "enable_memory_saver", "it cannot release its memory for the training passes")]
+    return [(field, f"the engine runs without --{flag.replace('_', '-')}: {why}")
+            for field, flag, why in needed if getattr(cfg, field) and server_info.get(flag) is not True]
+
+
 def cpu_server_command(model_path: str, host: str, port: int, extra: dict[str, Any], python: str = sys.executable) -> list[str]:
     """``python -m megatron_sdpg.rollout.server`` (the CPU server; not for production)."""
     return [python, "-m", "megatron_sdpg.rollout.server", "--hf-dir", model_path, "--host", host, "--port", str(port),

@@ -162,6 +162,16 @@ class TrainerParts:
                 print(f"warning: shutdown step failed: {err}", flush=True)
 
 
+def _check_engine_flags(client, rollout_cfg) -> None:
+    """Refuses SGLang engines that lack a flag the config relies on (seeds, memory release)."""
+    from megatron_sdpg.rollout.launcher import engine_flag_problems
+
+    for url in client.urls:
+        info = client.run(client.aclient.call(url, "GET", "/server_info"))
+        for name, message in engine_flag_problems(info, rollout_cfg):
+            raise ConfigError(f"rollout.{name}", f"{url}: {message}")
+
+
 def _memory_metrics(answers: list, bytes_key: str, bytes_name: str, rss_name: str) -> dict:
     """Sums what the engines' release/resume answers report (SGLang's answers are empty)."""
     reported = [a for a in answers if isinstance(a, dict)]
@@ -278,6 +288,8 @@ def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None
         urls = parts.launcher.start_all()
     client = RolloutClient.from_config(rollout_cfg, urls)
     parts.closers.append(client.close)
+    if rollout_cfg.engine == "sglang":
+        _check_engine_flags(client, rollout_cfg)
     verifier = VerifierPool(cfg.reward.verifier or task.default_verifier, cfg.reward)
     parts.closers.append(verifier.close)
     parts.sync = make_weight_sync(rollout_cfg, client, config_dir=cfg.model.hf_dir)

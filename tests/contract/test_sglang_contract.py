@@ -29,7 +29,7 @@ import torch
 
 from megatron_sdpg.rollout.blocking_client import RolloutClient
 from megatron_sdpg.rollout.config import RolloutConfig, SamplingConfig
-from megatron_sdpg.rollout.launcher import engine_options, router_command, sglang_command
+from megatron_sdpg.rollout.launcher import engine_flag_problems, engine_options, router_command, sglang_command
 from megatron_sdpg.rollout.protocol import parse_prompt_logprobs, parse_sample, sampling_params_json
 from megatron_sdpg.rollout.server import memory
 from megatron_sdpg.testing.distributed import free_port, run_single
@@ -296,6 +296,20 @@ def test_launcher_engine_command_parses_with_sglangs_server_args():
     ns = _server_parser().parse_args(_after_module(
         sglang_command("/m", "127.0.0.1", 1, 1, engine_options(plain)), "sglang.launch_server"))
     assert not ns.enable_memory_saver and not ns.enable_deterministic_inference
+
+
+def test_engine_flags_are_read_back_from_sglangs_server_info():
+    """The trainer checks engines given by URL through /server_info, which SGLang fills from
+    ``ServerArgs.resolved_dict()`` (``build_server_info``)."""
+    server_args = sgl.import_light("sglang.srt.server_args")
+    build = next(n for n in sgl.parse("srt/utils/common.py").body if getattr(n, "name", None) == "build_server_info")
+    assert "server_args.resolved_dict()" in sgl.ast.unparse(build)
+    cfg = RolloutConfig(engine="sglang", model_path="/m", colocate=True, deterministic=True)
+    for flags, missing in [(["--enable-deterministic-inference", "--enable-memory-saver"], []),
+                           (["--enable-memory-saver"], ["deterministic"]), ([], ["deterministic", "colocate"])]:
+        ns = _server_parser().parse_args(["--model-path", "/m", *flags])
+        info = server_args.ServerArgs.from_cli_args(ns).resolved_dict()
+        assert [field for field, _ in engine_flag_problems(info, cfg)] == missing
 
 
 def test_an_unknown_engine_flag_is_refused_by_sglangs_parser():
