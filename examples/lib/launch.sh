@@ -35,8 +35,8 @@
 #   MASTER_PORT     torchrun rendezvous port on the first training node
 #   TRAIN_DATA, EVAL_DATA  comma-separated jsonl/parquet files (data.train_files/eval_files)
 #   PYTHON          the trainer's interpreter on the nodes (default python)
-#   ENGINE_PYTHON   the engines' and router's (default PYTHON; /opt/sglang/bin/python
-#                   with CONTAINER_IMAGE: the Dockerfile keeps SGLang in its own venv)
+#   ENGINE_PYTHON   the engines' and router's (default PYTHON: the Dockerfile's image has one
+#                   Python, one torch and one NCCL for trainer and engines)
 #   CONTAINER_IMAGE, CONTAINER_MOUNTS  run every step in a pyxis/enroot container
 #   HEALTH_TIMEOUT_S, STOP_GRACE_S
 # Arguments of the run script are passed to the trainer as dotted overrides.
@@ -81,11 +81,7 @@ sdpg_defaults() {
     : "${TRAIN_DATA:=}"
     : "${EVAL_DATA:=}"
     : "${DP:=}"
-    if [[ -n $CONTAINER_IMAGE ]]; then
-        : "${ENGINE_PYTHON:=/opt/sglang/bin/python}"
-    else
-        : "${ENGINE_PYTHON:=$PYTHON}"
-    fi
+    : "${ENGINE_PYTHON:=$PYTHON}"
     JOB_ID=${SLURM_JOB_ID:-dryrun}
     : "${RUN_DIR:=$REPO_DIR/runs/$MODEL_NAME-$JOB_ID}"
     : "${LOG_DIR:=$RUN_DIR/logs}"
