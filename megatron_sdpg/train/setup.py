@@ -162,6 +162,18 @@ class TrainerParts:
                 print(f"warning: shutdown step failed: {err}", flush=True)
 
 
+def _weight_group_address(urls: list[str]) -> tuple[str, int]:
+    """Where the engines reach rank 0 for the distributed sync's group: loopback when every engine
+    is on this machine, else this host's name (as the launch scripts name nodes); a free port."""
+    import socket
+    from urllib.parse import urlparse
+
+    from megatron_sdpg.testing.distributed import free_port
+
+    local = {urlparse(u).hostname for u in urls} <= {"127.0.0.1", "localhost", "::1"}
+    return ("127.0.0.1" if local else socket.getfqdn()), free_port()
+
+
 def _check_engine_flags(client, rollout_cfg) -> None:
     """Refuses SGLang engines that lack a flag the config relies on (seeds, memory release)."""
     from megatron_sdpg.rollout.launcher import engine_flag_problems
@@ -292,7 +304,11 @@ def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None
         _check_engine_flags(client, rollout_cfg)
     verifier = VerifierPool(cfg.reward.verifier or task.default_verifier, cfg.reward)
     parts.closers.append(verifier.close)
-    parts.sync = make_weight_sync(rollout_cfg, client, config_dir=cfg.model.hf_dir)
+    address, port = _weight_group_address(urls) if rollout_cfg.sync_strategy == "distributed" else ("", None)
+    parts.sync = make_weight_sync(rollout_cfg, client, config_dir=cfg.model.hf_dir, master_address=address,
+                                  master_port=port)
+    if hasattr(parts.sync, "close"):  # the distributed strategy's group: engines leave it before the client closes
+        parts.closers.append(parts.sync.close)
     parts.rollout_ctx = RolloutContext(client=client, builder=builder, verifier=verifier, tokenizer=tokenizer,
                                        sampling=rollout_cfg.sampling, n_samples=rollout_cfg.n_samples)
     parts.log = MetricsLog(cfg.train.run_dir, cfg.logging, cfg.train.steps, parts.start_step)

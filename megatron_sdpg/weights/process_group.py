@@ -50,9 +50,15 @@ def init_weight_update_group(
     )
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(
-        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
+    if rank == 0:
+        # The host creates the store itself: under torchrun (TORCHELASTIC_USE_AGENT_STORE=True)
+        # ``rendezvous`` would only connect to master_port as a client, and nobody would host it.
+        store = dist.TCPStore(master_address, master_port, world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+    else:
+        store, rank, world_size = next(
+            rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+        )
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(
