@@ -7,7 +7,8 @@ keys under ``PrefixStore(group_name)``, engine rank = ``rank_offset + tp_rank``.
 The trainer must build its side the same way or the rendezvous never meets, so
 this module builds it with the same torch calls (``rendezvous`` and the private
 ``_new_process_group_helper``; torch has no public API for a group outside the
-default world). Used by the trainer's ``DistributedSync`` and by the CPU server.
+default world), except that rank 0 creates the ``TCPStore`` it hosts directly:
+under torchrun ``rendezvous`` would connect to it as a client instead. Used by the trainer's ``DistributedSync`` and by the CPU server.
 """
 
 from __future__ import annotations
