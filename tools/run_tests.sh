@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements/cpu.txt -e '.[dev]'
+# SGLang's own package for the contract tests (tests/contract/), without its GPU dependencies:
+# --no-deps keeps sglang's CUDA torch, flashinfer, ... out of this environment.
+python3 -m pip install -q --no-deps -r requirements/contract.txt
 exec python3 -m pytest -q -p no:cacheprovider "$@"

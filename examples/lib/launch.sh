@@ -24,14 +24,19 @@
 #   TP, PP          trainer tensor/pipeline parallel sizes; DP, if set, must
 #                   equal TRAIN_NODES*GPUS_PER_NODE/(TP*PP)
 #   ROLLOUT_TP      tensor-parallel size of each SGLang engine
-#   COLOCATE=1      engines on the training nodes' GPUs (ROLLOUT_NODES ignored)
+#   COLOCATE=1      engines on the training nodes' GPUs (ROLLOUT_NODES ignored); they get
+#                   --enable-memory-saver, the trainer rollout.colocate=true (release/resume
+#                   around the passes) and rollout.sync_strategy=tensor (CUDA IPC); with
+#                   COLOCATE=0 the trainer gets rollout.colocate=false, sync_strategy=distributed
+#   DETERMINISTIC=1 engines get --enable-deterministic-inference and the trainer
+#                   rollout.deterministic=true: SGLang honours sampling seeds only with it
 #   MEM_FRACTION    SGLang --mem-fraction-static (default 0.85, colocated 0.35)
 #   ENGINE_PORT     first engine port on a node (engine i: ENGINE_PORT+i); ROUTER_PORT;
 #   MASTER_PORT     torchrun rendezvous port on the first training node
 #   TRAIN_DATA, EVAL_DATA  comma-separated jsonl/parquet files (data.train_files/eval_files)
 #   PYTHON          the trainer's interpreter on the nodes (default python)
-#   ENGINE_PYTHON   the engines' and router's (default PYTHON; /opt/sglang/bin/python
-#                   with CONTAINER_IMAGE: the Dockerfile keeps SGLang in its own venv)
+#   ENGINE_PYTHON   the engines' and router's (default PYTHON: the Dockerfile's image has one
+#                   Python, one torch and one NCCL for trainer and engines)
 #   CONTAINER_IMAGE, CONTAINER_MOUNTS  run every step in a pyxis/enroot container
 #   HEALTH_TIMEOUT_S, STOP_GRACE_S
 # Arguments of the run script are passed to the trainer as dotted overrides.
@@ -61,6 +66,7 @@ sdpg_defaults() {
     : "${GPUS_PER_NODE:=8}"
     : "${ROLLOUT_NODES:=0}"
     : "${COLOCATE:=0}"
+    : "${DETERMINISTIC:=0}"
     : "${ROLLOUT_TP:=1}"
     : "${PP:=1}"
     : "${CONVERT:=auto}"
@@ -75,11 +81,7 @@ sdpg_defaults() {
     : "${TRAIN_DATA:=}"
     : "${EVAL_DATA:=}"
     : "${DP:=}"
-    if [[ -n $CONTAINER_IMAGE ]]; then
-        : "${ENGINE_PYTHON:=/opt/sglang/bin/python}"
-    else
-        : "${ENGINE_PYTHON:=$PYTHON}"
-    fi
+    : "${ENGINE_PYTHON:=$PYTHON}"
     JOB_ID=${SLURM_JOB_ID:-dryrun}
     : "${RUN_DIR:=$REPO_DIR/runs/$MODEL_NAME-$JOB_ID}"
     : "${LOG_DIR:=$RUN_DIR/logs}"
@@ -98,6 +100,7 @@ sdpg_validate() {
     [[ -n ${HF_DIR:-} ]] || sdpg_fail "HF_DIR is not set"
     [[ $DRY_RUN == 0 || $DRY_RUN == 1 ]] || sdpg_fail "DRY_RUN must be 0 or 1, got '$DRY_RUN'"
     [[ $COLOCATE == 0 || $COLOCATE == 1 ]] || sdpg_fail "COLOCATE must be 0 or 1, got '$COLOCATE'"
+    [[ $DETERMINISTIC == 0 || $DETERMINISTIC == 1 ]] || sdpg_fail "DETERMINISTIC must be 0 or 1, got '$DETERMINISTIC'"
     [[ $CONVERT == auto || $CONVERT == 0 || $CONVERT == 1 ]] || sdpg_fail "CONVERT must be auto, 0 or 1, got '$CONVERT'"
     sdpg_require_int TRAIN_NODES 1
     sdpg_require_int ROLLOUT_NODES 0
@@ -212,6 +215,7 @@ sdpg_start_engines() {
             local -a argv=("$ENGINE_PYTHON" -m sglang.launch_server --model-path "$HF_DIR" --host 0.0.0.0 --port "$port"
                 --tp-size "$ROLLOUT_TP" --base-gpu-id $((i * ROLLOUT_TP)) --mem-fraction-static "$MEM_FRACTION")
             [[ $COLOCATE == 0 ]] || argv+=(--enable-memory-saver)
+            [[ $DETERMINISTIC == 0 ]] || argv+=(--enable-deterministic-inference)
             sdpg_step 1 "$node" "$LOG_DIR/$node/engine${i}_port$port.log" "${argv[@]}"
             ENGINE_URLS+=("http://$node:$port")
         done
@@ -256,6 +260,14 @@ sdpg_run_trainer() {
         "rollout.engine=sglang" "rollout.urls=[$urls]" "rollout.tp_size=$ROLLOUT_TP"
         "train.run_dir=$RUN_DIR"
     )
+    # Colocated engines give their memory back around the training passes and take the weights by
+    # CUDA IPC (NCCL cannot join two ranks on one GPU); dedicated rollout nodes take them by NCCL.
+    if [[ $COLOCATE == 1 ]]; then
+        overrides+=("rollout.colocate=true" "rollout.sync_strategy=tensor")
+    else
+        overrides+=("rollout.colocate=false" "rollout.sync_strategy=distributed")
+    fi
+    [[ $DETERMINISTIC == 0 ]] || overrides+=("rollout.deterministic=true")
     [[ -z $TRAIN_DATA ]] || overrides+=("data.train_files=[$TRAIN_DATA]")
     [[ -z $EVAL_DATA ]] || overrides+=("data.eval_files=[$EVAL_DATA]")
     sdpg_step 0 "$nodelist" "$LOG_DIR/%N/trainer.log" \

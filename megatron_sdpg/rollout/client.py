@@ -20,6 +20,7 @@ restart) runs once per failure, serialised per engine.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Sequence
@@ -343,8 +344,54 @@ class AsyncRolloutClient:
         ``{"success": false}`` answers come back as ``RequestRejectedError``."""
         return list(await asyncio.gather(*(self.call(u, "POST", path, body, timeout_s=timeout_s) for u in self.urls)))
 
-    async def flush_cache(self) -> None:
-        await asyncio.gather(*(self.call(u, "POST", "/flush_cache", want_json=False) for u in self.urls))
+    async def flush_cache(self, timeout_s: float = 120.0, poll_s: float = 0.05) -> None:
+        """``/flush_cache`` on every engine, asked again until it is done.
+
+        SGLang answers 400 (and flushes nothing) while requests are running or waiting,
+        so a busy engine is asked again, the wait doubling from ``poll_s`` up to 1 s.
+
+        Raises:
+            EngineTimeoutError: An engine still answers busy after ``timeout_s``.
+        """
+        await asyncio.gather(*(self._flush_one(u, timeout_s, poll_s) for u in self.urls))
+
+    async def _flush_one(self, url: str, timeout_s: float, poll_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        wait = poll_s
+        while True:
+            try:
+                await self.call(url, "POST", "/flush_cache", want_json=False)
+                return
+            except RequestRejectedError as e:
+                if time.monotonic() + wait > deadline:
+                    raise EngineTimeoutError(f"{url}/flush_cache: still busy after {timeout_s:.0f}s ({e})") from None
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 1.0)
+
+    async def release_memory_occupation(self, tags: Sequence[str] | None = None,
+                                        timeout_s: float | None = None) -> list[Any]:
+        """``/release_memory_occupation`` on every engine (``tags``: ``weights``, ``kv_cache``,
+        ``cuda_graph``; ``None`` = all): colocated engines free their memory for the training passes.
+        Returns each engine's answer (SGLang's is empty; the CPU server reports its resident memory)."""
+        return await self._memory_call("/release_memory_occupation", tags, timeout_s)
+
+    async def resume_memory_occupation(self, tags: Sequence[str] | None = None,
+                                       timeout_s: float | None = None) -> list[Any]:
+        """``/resume_memory_occupation`` on every engine; released weights come back without their
+        contents (unless SGLang keeps a CPU backup), so a weight update must follow."""
+        return await self._memory_call("/resume_memory_occupation", tags, timeout_s)
+
+    async def _memory_call(self, path: str, tags: Sequence[str] | None, timeout_s: float | None) -> list[Any]:
+        body = {"tags": None if tags is None else list(tags)}
+        answers = await asyncio.gather(*(self.call(u, "POST", path, body, timeout_s=timeout_s, want_json=False)
+                                         for u in self.urls))
+        out = []
+        for text in answers:
+            try:
+                out.append(json.loads(text) if text.strip() else None)
+            except ValueError:
+                out.append(None)
+        return out
 
     async def model_info(self, url: str) -> dict[str, Any]:
         return await self.call(url, "GET", "/model_info")

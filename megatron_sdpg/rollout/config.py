@@ -62,6 +62,13 @@ class RolloutConfig:
         startup_timeout_s: How long a launched engine may take to become healthy.
         sglang_args: Extra SGLang server options, passed through as ``--key value``
             (``True`` gives a bare flag, ``False``/``None`` omit it).
+        colocate: The engines share the trainer's GPUs. Launched SGLang engines get
+            ``--enable-memory-saver``; every step releases the engines' memory (weights,
+            KV cache, CUDA graphs) before the training passes and resumes it before the
+            weight sync (``/release_memory_occupation``, ``/resume_memory_occupation``).
+        deterministic: Launched SGLang engines get ``--enable-deterministic-inference``.
+            SGLang honours ``sampling_seed`` only with it: without it, seeded rollouts are
+            not reproducible. (The CPU server is always deterministic per seed.)
         n_samples: Samples per prompt (a group).
         sampling: Sampling parameters.
         request_timeout_s: Total timeout of one ``/generate`` call.
@@ -89,6 +96,8 @@ class RolloutConfig:
     log_dir: str = "runs/engines"
     startup_timeout_s: float = 600.0
     sglang_args: dict[str, Any] = field(default_factory=dict)
+    colocate: bool = False
+    deterministic: bool = False
     n_samples: int = 4
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     request_timeout_s: float = 600.0
@@ -139,6 +148,12 @@ class RolloutConfig:
             self.post_sync_check_threshold is None or self.post_sync_check_threshold > 0,
             f"{prefix}.post_sync_check_threshold",
             "must be > 0 or null",
+        )
+        require(
+            not (self.colocate and self.engine == "sglang" and self.sync_strategy == "distributed"),
+            f"{prefix}.sync_strategy",
+            "colocated SGLang engines share the trainer's GPUs, and NCCL cannot join two ranks on one GPU: "
+            "use tensor (CUDA IPC) or disk",
         )
         for key in self.sglang_args:
             require(

@@ -50,6 +50,30 @@ def sglang_command(model_path: str, host: str, port: int, tp_size: int, extra: d
             "--tp-size", str(tp_size), *_options(extra)]
 
 
+def engine_options(cfg: RolloutConfig) -> dict[str, Any]:
+    """The SGLang options ``cfg`` implies (memory saver when colocated, deterministic
+    inference when asked for), then ``cfg.sglang_args`` (which may override them)."""
+    implied: dict[str, Any] = {}
+    if cfg.colocate:
+        implied["enable_memory_saver"] = True
+    if cfg.deterministic:
+        implied["enable_deterministic_inference"] = True
+    return {**implied, **cfg.sglang_args}
+
+
+def engine_flag_problems(server_info: dict[str, Any], cfg: RolloutConfig) -> list[tuple[str, str]]:
+    """What a running SGLang engine lacks for ``cfg``, read from its ``/server_info`` (SGLang's
+    resolved server arguments): ``[(config field, message), ...]``, empty when it has all.
+
+    Engines given by URL were started by someone else; without these flags SGLang
+    silently ignores sampling seeds, or cannot release its memory.
+    """
+    needed = [("deterministic", "enable_deterministic_inference", "SGLang ignores sampling_seed without it"),
+              ("colocate", "enable_memory_saver", "it cannot release its memory for the training passes")]
+    return [(field, f"the engine runs without --{flag.replace('_', '-')}: {why}")
+            for field, flag, why in needed if getattr(cfg, field) and server_info.get(flag) is not True]
+
+
 def cpu_server_command(model_path: str, host: str, port: int, extra: dict[str, Any], python: str = sys.executable) -> list[str]:
     """``python -m megatron_sdpg.rollout.server`` (the CPU server; not for production)."""
     return [python, "-m", "megatron_sdpg.rollout.server", "--hf-dir", model_path, "--host", host, "--port", str(port),
@@ -168,7 +192,8 @@ class EngineLauncher:
         for i in range(cfg.num_engines):
             port = cfg.base_port + i
             if cfg.engine == "sglang":
-                cmd = sglang_command(cfg.model_path, cfg.host, port, cfg.tp_size, cfg.sglang_args, i * cfg.tp_size, python)
+                cmd = sglang_command(cfg.model_path, cfg.host, port, cfg.tp_size, engine_options(cfg), i * cfg.tp_size,
+                                     python)
             else:
                 cmd = cpu_server_command(cfg.model_path, cfg.host, port, cfg.sglang_args, python)
             host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host

@@ -8,6 +8,7 @@ and the metrics log exist on global rank 0 only.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -83,6 +84,7 @@ class TrainerParts:
     launcher: Any = None
     log: Any = None
     closers: list = field(default_factory=list)
+    engines_released: bool = False
 
     def beta(self, step: int) -> float:
         """beta(k) of 0-based ``step`` (the schedule counts k from 1)."""
@@ -112,14 +114,43 @@ class TrainerParts:
             "eval/accuracy_with_context": evaluate_through_engine(self.rollout_ctx, problems, True, max_new),
         }
 
+    def release_engines(self) -> dict:
+        """Colocated engines free their memory for the training passes (rank 0; ``{}`` otherwise).
+
+        Returns ``rollout/release_s`` and, where the engines report it (the CPU server),
+        ``rollout/engine_freed_mb`` and ``rollout/engine_rss_released_mb`` (summed over engines).
+        """
+        if not self.cfg.rollout.colocate or self.rollout_ctx is None or self.engines_released:
+            return {}
+        client = self.rollout_ctx.client
+        t0 = time.perf_counter()
+        answers = client.run(client.aclient.release_memory_occupation())
+        self.engines_released = True
+        return {"rollout/release_s": time.perf_counter() - t0,
+                **_memory_metrics(answers, "freed_bytes", "rollout/engine_freed_mb", "rollout/engine_rss_released_mb")}
+
+    def resume_engines(self) -> dict:
+        """Released engines take their memory back (before the weight sync refills the weights)."""
+        if not self.engines_released:
+            return {}
+        client = self.rollout_ctx.client
+        t0 = time.perf_counter()
+        answers = client.run(client.aclient.resume_memory_occupation())
+        self.engines_released = False
+        return {"rollout/resume_s": time.perf_counter() - t0,
+                **_memory_metrics(answers, "allocated_bytes", "rollout/engine_allocated_mb",
+                                  "rollout/engine_rss_resumed_mb")}
+
     def sync_weights(self, version: int) -> dict:
-        """Streams the policy's weights (HF names) to the engines; every rank joins the export."""
+        """Streams the policy's weights (HF names) to the engines; every rank joins the export.
+        Released (colocated) engines are resumed first: their weights come back empty until synced."""
         from megatron_sdpg.weights.export import export_hf_weights
 
         named = export_hf_weights(self.policy.unwrapped(), self.model_cfg, self.groups,
                                   bucket_bytes=int(self.cfg.rollout.sync_bucket_mb * 2**20))
         if dist.get_rank() == 0:
-            return self.sync.sync(named, version=version)
+            resumed = self.resume_engines()
+            return {**resumed, **self.sync.sync(named, version=version)}
         for _ in named:  # the collectives of the export run on every rank
             pass
         return {}
@@ -130,6 +161,39 @@ class TrainerParts:
                 close()
             except Exception as err:  # keep closing the rest
                 print(f"warning: shutdown step failed: {err}", flush=True)
+
+
+def _weight_group_address(urls: list[str]) -> tuple[str, int]:
+    """Where the engines reach rank 0 for the distributed sync's group: loopback when every engine
+    is on this machine, else this host's name (as the launch scripts name nodes); a free port."""
+    import socket
+    from urllib.parse import urlparse
+
+    from megatron_sdpg.testing.distributed import free_port
+
+    local = {urlparse(u).hostname for u in urls} <= {"127.0.0.1", "localhost", "::1"}
+    return ("127.0.0.1" if local else socket.getfqdn()), free_port()
+
+
+def _check_engine_flags(client, rollout_cfg) -> None:
+    """Refuses SGLang engines that lack a flag the config relies on (seeds, memory release)."""
+    from megatron_sdpg.rollout.launcher import engine_flag_problems
+
+    for url in client.urls:
+        info = client.run(client.aclient.call(url, "GET", "/server_info"))
+        for name, message in engine_flag_problems(info, rollout_cfg):
+            raise ConfigError(f"rollout.{name}", f"{url}: {message}")
+
+
+def _memory_metrics(answers: list, bytes_key: str, bytes_name: str, rss_name: str) -> dict:
+    """Sums what the engines' release/resume answers report (SGLang's answers are empty)."""
+    reported = [a for a in answers if isinstance(a, dict)]
+    out = {}
+    if reported and all(bytes_key in a for a in reported):
+        out[bytes_name] = sum(a[bytes_key] for a in reported) / 2**20
+    if reported and all("resident_memory_bytes" in a for a in reported):
+        out[rss_name] = sum(a["resident_memory_bytes"] for a in reported) / 2**20
+    return out
 
 
 def _check_fits(cfg: SDPGConfig, model_cfg: ModelConfig, groups: ParallelGroups, max_prompt: int) -> None:
@@ -237,9 +301,15 @@ def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None
         urls = parts.launcher.start_all()
     client = RolloutClient.from_config(rollout_cfg, urls)
     parts.closers.append(client.close)
+    if rollout_cfg.engine == "sglang":
+        _check_engine_flags(client, rollout_cfg)
     verifier = VerifierPool(cfg.reward.verifier or task.default_verifier, cfg.reward)
     parts.closers.append(verifier.close)
-    parts.sync = make_weight_sync(rollout_cfg, client, config_dir=cfg.model.hf_dir)
+    address, port = _weight_group_address(urls) if rollout_cfg.sync_strategy == "distributed" else ("", None)
+    parts.sync = make_weight_sync(rollout_cfg, client, config_dir=cfg.model.hf_dir, master_address=address,
+                                  master_port=port)
+    if hasattr(parts.sync, "close"):  # the distributed strategy's group: engines leave it before the client closes
+        parts.closers.append(parts.sync.close)
     parts.rollout_ctx = RolloutContext(client=client, builder=builder, verifier=verifier, tokenizer=tokenizer,
                                        sampling=rollout_cfg.sampling, n_samples=rollout_cfg.n_samples)
     parts.log = MetricsLog(cfg.train.run_dir, cfg.logging, cfg.train.steps, parts.start_step)

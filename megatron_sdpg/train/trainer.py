@@ -89,6 +89,9 @@ class Trainer:
         t_step = time.perf_counter()
         need_teacher = parts.needs_teacher(step)
         mbs, metrics = self._rollout_until_every_rank_is_fed(step, need_teacher)
+        if mbs is not None and cfg.rollout.colocate:
+            # Colocated engines free their memory before any rank starts the passes (the broadcast holds them).
+            metrics.update(_broadcast(parts.release_engines() if self.rank == 0 else None))
         metrics["time/rollout_s"] = time.perf_counter() - t_step
         if mbs is None:
             metrics["skipped_updates"] = cfg.train.ppo_epochs * cfg.train.mini_batches

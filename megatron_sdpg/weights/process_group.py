@@ -7,7 +7,8 @@ keys under ``PrefixStore(group_name)``, engine rank = ``rank_offset + tp_rank``.
 The trainer must build its side the same way or the rendezvous never meets, so
 this module builds it with the same torch calls (``rendezvous`` and the private
 ``_new_process_group_helper``; torch has no public API for a group outside the
-default world). Used by the trainer's ``DistributedSync`` and by the CPU server.
+default world), except that rank 0 creates the ``TCPStore`` it hosts directly:
+under torchrun ``rendezvous`` would connect to it as a client instead. Used by the trainer's ``DistributedSync`` and by the CPU server.
 """
 
 from __future__ import annotations
@@ -50,9 +51,15 @@ def init_weight_update_group(
     )
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(
-        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
+    if rank == 0:
+        # The host creates the store itself: under torchrun (TORCHELASTIC_USE_AGENT_STORE=True)
+        # ``rendezvous`` would only connect to master_port as a client, and nobody would host it.
+        store = dist.TCPStore(master_address, master_port, world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+    else:
+        store, rank, world_size = next(
+            rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+        )
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(

@@ -33,6 +33,8 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
         (["parallel.cp=2"], "parallel.cp", "context parallelism (cp=2) is not implemented"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last", "must be >= 1"),
         (["checkpoint.save_every=-1"], "checkpoint.save_every", "must be >= 0"),
+        (["rollout.engine=sglang", "rollout.colocate=true", "rollout.sync_strategy=distributed"],
+         "rollout.sync_strategy", "NCCL cannot join two ranks on one GPU"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field, fragment):

@@ -104,6 +104,9 @@ def check_job(tags, *, train_nodes, rollout_nodes, gpus, tp, pp, rollout_tp, col
     assert ov["rollout.urls"] == "[" + ",".join(engine_urls) + "]"
     assert ov["rollout.tp_size"] == str(rollout_tp)
     assert ov["model.hf_dir"] == hf_dir
+    # The trainer releases/resumes colocated engines and syncs them by CUDA IPC; dedicated ones by NCCL.
+    assert ov["rollout.colocate"] == ("true" if colocate else "false")
+    assert ov["rollout.sync_strategy"] == ("tensor" if colocate else "distributed")
     # The batch host's srun steps: one per engine, router, and one trainer step over the training nodes.
     sruns = [c for c in tags["batch"] if c[0] == "srun"]
     trainer_srun = [c for c in sruns if "megatron_sdpg.train" in c]
@@ -150,12 +153,12 @@ def test_70b_other_layout_colocated_and_existing_checkpoint(tmp_path):
     assert "--mem-fraction-static 0.35" in r.stdout
 
 
-def test_container_runs_engines_from_the_sglang_venv(tmp_path):
+def test_container_runs_engines_and_trainer_in_one_python(tmp_path):
     r = dry_run(SCRIPTS[0], tmp_path, CONTAINER_IMAGE="registry/megatron-sdpg:latest", CONTAINER_MOUNTS="/data:/data")
     assert r.returncode == 0, r.stderr
     tags = parse(r.stdout)
     engines = [c for c in tags["node001"] if "sglang.launch_server" in c]
-    assert engines and all(c[0] == "/opt/sglang/bin/python" for c in engines)
+    assert engines and all(c[0] == "python" for c in engines)  # the image's one Python (same torch and NCCL)
     trainer = [c for c in tags["node001"] if c[0] == "torchrun" and "megatron_sdpg.train" in c]
     assert len(trainer) == 1
     for c in (c for c in tags["batch"] if c[0] == "srun"):

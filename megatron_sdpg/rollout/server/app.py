@@ -22,6 +22,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from megatron_sdpg.rollout.server.generator import BatchGenerator, SampleResult
+from megatron_sdpg.rollout.server.memory import MemoryOccupation, resident_bytes
 from megatron_sdpg.rollout.server.requests import BadRequest, SampleRequest, parse_generate
 from megatron_sdpg.rollout.server.weights import ModelWeights
 from megatron_sdpg.rollout.server.streamed_update import drain, query_options, receive_streamed_update
@@ -341,4 +342,75 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
 
     app = web.Application(client_max_size=max_body_bytes)
     app.add_routes(routes)
+    add_memory_routes(app, state)
     return app
+
+
+# Routes that need the weights in memory: refused between release and resume.
+_NEEDS_WEIGHTS = ("/generate", "/health_generate", "/update_weights_from_disk", "/update_weights_from_tensor",
+                  "/update_weights_from_distributed")
+
+
+def add_memory_routes(app: web.Application, state: ServerState) -> None:
+    """``/release_memory_occupation`` and ``/resume_memory_occupation`` (SGLang's ``tags`` body), and
+    a middleware that refuses generation and weight updates while the weights are released and,
+    as SGLang does, answers ``/flush_cache`` with 400 while ``/generate`` requests are in progress.
+
+    Release waits for the batches queued before it (it runs on the model worker in
+    arrival order); requests arriving after it are refused at once. The answers add
+    ``freed_bytes``/``allocated_bytes`` and the server's ``resident_memory_bytes``
+    to SGLang's (which has no body), for the trainer's metrics.
+    """
+    memory = MemoryOccupation(state.model)
+    released = {"weights": False}  # set when a release is accepted, cleared when a resume has run
+
+    running = {"generate": 0}  # /generate calls in progress (queued or decoding)
+
+    @web.middleware
+    async def refuse_while_released(request: web.Request, handler):
+        if released["weights"] and request.path in _NEEDS_WEIGHTS:
+            if request.content_length:
+                await drain(request.content)
+            message = f"{request.path}: the weights are released; POST /resume_memory_occupation first"
+            return web.Response(status=503) if request.path == "/health_generate" else _error(message)
+        if request.path == "/flush_cache" and running["generate"]:
+            # As SGLang: no flush while requests run or wait; 400, and the caller asks again.
+            return web.Response(text=f"Flush cache failed: {running['generate']} /generate requests in progress.\n",
+                                status=400)
+        if request.path != "/generate":
+            return await handler(request)
+        running["generate"] += 1
+        try:
+            return await handler(request)
+        finally:
+            running["generate"] -= 1
+
+    async def tags(request: web.Request) -> set[str]:
+        body = await _json_body(request) if request.content_length else {}
+        return memory.tags_of(body.get("tags"))
+
+    async def release(request: web.Request) -> web.Response:
+        try:
+            which = await tags(request)
+        except (BadRequest, ValueError) as e:
+            return _error(str(e))
+        if "weights" in which:
+            released["weights"] = True
+        freed = await state.run(lambda: memory.release(which))
+        return web.json_response({"success": True, "message": f"released {sorted(which)}", "freed_bytes": freed,
+                                  "resident_memory_bytes": resident_bytes()})
+
+    async def resume(request: web.Request) -> web.Response:
+        try:
+            which = await tags(request)
+        except (BadRequest, ValueError) as e:
+            return _error(str(e))
+        allocated = await state.run(lambda: memory.resume(which))
+        released["weights"] = memory.weights_released
+        return web.json_response({"success": True, "message": f"resumed {sorted(which)}",
+                                  "allocated_bytes": allocated, "resident_memory_bytes": resident_bytes()})
+
+    app.middlewares.append(refuse_while_released)
+    for method in ("GET", "POST"):
+        app.router.add_route(method, "/release_memory_occupation", release)
+        app.router.add_route(method, "/resume_memory_occupation", resume)
