@@ -14,7 +14,9 @@ malformed answer, aborted sample) is retried with exponential backoff, on
 another engine when there is one, under the same request ids, so a retried
 group replaces its failed attempt and no sample is lost or duplicated. 4xx
 answers are not retried. ``on_engine_failure(url)`` (e.g. a launcher's
-restart) runs once per failure, serialised per engine.
+restart) runs once per failure, serialised per engine; an error it raises fails
+the whole batch (e.g. ``EngineRestartedError``: the batch must be redone once the
+restarted engine has the current weights).
 """
 
 from __future__ import annotations
@@ -289,7 +291,13 @@ class AsyncRolloutClient:
 
             return await self.with_failover(f"group {g} (rids {rids[0]}..)", on)
 
-        groups = await asyncio.gather(*(self._spawn(one_group(g)) for g in range(len(prompts))))
+        tasks = [self._spawn(one_group(g)) for g in range(len(prompts))]
+        try:
+            groups = await asyncio.gather(*tasks)
+        except BaseException:  # the batch has failed: its other groups need not run on
+            for t in tasks:
+                t.cancel()
+            raise
         elapsed = time.perf_counter() - start
         samples = [s for grp in groups for s in grp]
         completion = sum(len(s.output_ids) for s in samples)

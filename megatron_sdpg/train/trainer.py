@@ -85,10 +85,7 @@ class Trainer:
         cfg, parts, algo = self.cfg, self.parts, self.cfg.algorithm
         t_step = time.perf_counter()
         problems = parts.source.next_batch()
-        payload = None
-        if self.rank == 0:
-            payload = parts.rollout(problems, seed=cfg.train.seed * 100_003 + step)
-        samples, metrics = _broadcast(payload)
+        samples, metrics = self._on_rank0(lambda: parts.rollout(problems, seed=cfg.train.seed * 100_003 + step))
         metrics["time/rollout_s"] = time.perf_counter() - t_step
         if not samples:
             self._log_line(f"step {step}: every group was dropped by dynamic sampling; no update")
@@ -139,10 +136,33 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Held-out greedy accuracy without and with the privileged context (rank 0)."""
-        result = None
-        if self.rank == 0:
-            result = self.parts.evaluate(self.cfg.train.eval_n)
-        return _broadcast(result)
+        return self._on_rank0(lambda: self.parts.evaluate(self.cfg.train.eval_n))
+
+    def _on_rank0(self, fn, attempts: int = 3):
+        """``fn()`` on rank 0 (it drives the engines), broadcast to every rank.
+
+        An engine that died and was restarted with its initial weights fails the call
+        (``EngineRestartedError``); every rank then joins a sync of the current weights
+        and ``fn`` runs again from scratch, so no sample is lost, duplicated or drawn
+        from the wrong weights.
+        """
+        from megatron_sdpg.rollout.protocol import EngineRestartedError
+
+        for attempt in range(attempts):
+            result, restarted = None, None
+            if self.rank == 0:
+                try:
+                    result = fn()
+                except EngineRestartedError as err:
+                    if attempt + 1 == attempts:
+                        raise
+                    restarted = str(err)
+            restarted = _broadcast(restarted)
+            if restarted is None:
+                return _broadcast(result)
+            self._log_line(f"{restarted}; syncing it and redoing the batch")
+            self.parts.sync_weights(version=self.parts.synced_version)
+        raise AssertionError("unreachable")
 
     def _log_line(self, message: str) -> None:
         if self.rank == 0:
