@@ -77,13 +77,19 @@ BAD = [  # (raw body, field the answer must name)
 
 
 def test_bad_requests_get_400_and_spare_their_neighbours(url):
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    long_body = {"input_ids": [2, 7], "rid": "hold", "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        hold = pool.submit(call, url, "/generate", long_body, None, 120.0)  # keeps the worker busy ...
+        time.sleep(0.5)  # (ordering only)
         good = [pool.submit(call, url, "/generate", GOOD, None, 120.0) for _ in range(8)]
         bad = [pool.submit(call, url, "/generate", None, raw, 120.0) for raw, _ in BAD]
+        time.sleep(1.0)  # (ordering only) ... so that every request waits in the queue, merged into one batch
+        assert call(url, "/abort_request", {"rid": "hold"}, timeout=30.0)[0] == 200
         good_out = [f.result(timeout=180) for f in good]
         bad_out = [f.result(timeout=180) for f in bad]
+        assert hold.result(timeout=180)[0] == 200
     for status, out in good_out:
-        assert status == 200 and len(out["output_ids"]) == 4
+        assert status == 200 and len(out["output_ids"]) == 4, (status, out)
     assert len({tuple(out["output_ids"]) for _, out in good_out}) == 1  # greedy: all the same
     for (raw, field), (status, out) in zip(BAD, bad_out):
         assert status == 400, (raw[:80], status, out)
