@@ -40,11 +40,11 @@ def models(tmp_path_factory):
 def test_stale_server_on_the_port_is_refused(models):
     a, b, root = models
     stale = start_cpu_server(b, str(root / "stale_logs"))
+    port = int(stale.url.rsplit(":", 1)[1])
+    cfg = RolloutConfig(engine="cpu", model_path=a, base_port=port, log_dir=str(root / "logs"),
+                        startup_timeout_s=120.0, sglang_args={"threads": 1})
+    launcher = EngineLauncher(cfg)
     try:
-        port = int(stale.url.rsplit(":", 1)[1])
-        cfg = RolloutConfig(engine="cpu", model_path=a, base_port=port, log_dir=str(root / "logs"),
-                            startup_timeout_s=120.0, sglang_args={"threads": 1})
-        launcher = EngineLauncher(cfg)
         with pytest.raises(ConfigError) as err:
             launcher.start_all()
         message = str(err.value)
@@ -52,6 +52,7 @@ def test_stale_server_on_the_port_is_refused(models):
         assert not any(e.alive() for e in launcher.engines)
         assert stale.alive() and call(stale.url, "/health", timeout=10.0)[0] == 200  # not ours: left alone
     finally:
+        launcher.stop_all()
         stale.stop(grace_s=2.0)
 
 
