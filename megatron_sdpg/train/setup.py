@@ -123,7 +123,9 @@ class TrainerParts:
             for url in self.launcher.urls if self.launcher is not None else []:
                 if self.launcher.restart_if_dead(url) and self.log is not None:  # it gets these full weights
                     self.log.write(f"engine {url} had died; restarted it before syncing weight version {version}")
-            return self.sync.sync(named, version=version)
+            metrics = self.sync.sync(named, version=version)
+            self.rollout_ctx.client.aclient.expected_weight_version = str(version)  # stale samples now fail
+            return metrics
         for _ in named:  # the collectives of the export run on every rank
             pass
         return {}

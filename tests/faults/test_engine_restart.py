@@ -3,8 +3,8 @@
 A real run (torchrun, one rank, tensor sync, the tiny task model) whose only
 engine is killed right after step 0 (so after its weights were synced): the
 launcher restarts it through the client's failure hook (or before the next
-sync), the trainer syncs the current weights to it and redoes the batch, and the
-run exits 0 with every step's full batch of samples (none lost, none twice) and
+sync), the trainer syncs the current weights to it and redoes the batch (no
+sample from the restarted engine's initial weights is used), and the run exits 0 with every step's full batch of samples (none lost, none twice) and
 the engine at the final weight version.
 """
 
@@ -60,7 +60,10 @@ def test_engine_killed_mid_run_is_restarted_without_losing_samples(tiny_task_mod
             proc.kill()
             proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-5000:]
-    restarts = [line for line in out.splitlines() if "died and was restarted" in line or "had died; restarted it" in line]
+    # Killed during a rollout: restarted, synced again, batch redone; killed during the update: restarted
+    # before the next sync. Never a batch drawn from the restarted engine's initial weights.
+    restarts = [line for line in out.splitlines()
+                if "syncing it and redoing the batch" in line or "had died; restarted it before syncing" in line]
     assert restarts, out[-3000:]
     print("\n".join(restarts))
     pids = [int(p) for p in re.findall(r" pid (\d+)", open(log).read())]
