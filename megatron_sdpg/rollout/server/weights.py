@@ -226,15 +226,17 @@ class StreamedLoad:
         entries: Checked header entries ``(name, dtype, shape, start, end)``.
         data_start: Offset of the data section in the body.
         total_len: Length of the whole body.
-        dirty: The weights' set of partly written parameter names (shared, updated here).
+        dirty: The weights' set of partly written parameter names (shared, updated here;
+            default: a set of its own).
 
     Raises:
         ValueError: Two tensors overlap in the data section.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], entries, data_start: int, total_len: int, dirty: set[str]):
+    def __init__(self, params: dict[str, torch.Tensor], entries, data_start: int, total_len: int,
+                 dirty: set[str] | None = None):
         self.total_len = total_len
-        self.dirty = dirty
+        self.dirty = set() if dirty is None else dirty
         self.names = [e[0] for e in entries]
         self.written: list[tuple[str, torch.Tensor]] = []
         self.pos = data_start
