@@ -139,11 +139,13 @@ def verify_engine(url: str, model_path: str, pid: int | None = None) -> None:
         if server.get("pid") is not None and server["pid"] != pid:
             raise ConfigError("rollout.base_port", f"the engine at {url} is pid {server['pid']}, not the engine "
                                                    f"this run started (pid {pid})")
-    if "weight_fingerprint" in info and os.path.isdir(model_path):
-        want = checkpoint_fingerprint(model_path)
-        if info["weight_fingerprint"] != want:
-            raise ConfigError("rollout.model_path", f"the engine at {url} serves other weights than {model_path} "
-                                                    f"(fingerprint {info['weight_fingerprint']}, the checkpoint's {want})")
+    try:
+        want = checkpoint_fingerprint(model_path) if "weight_fingerprint" in info else None
+    except FileNotFoundError:  # not a safetensors directory (e.g. a hub id for SGLang): nothing to compare
+        want = None
+    if want is not None and info["weight_fingerprint"] != want:
+        raise ConfigError("rollout.model_path", f"the engine at {url} serves other weights than {model_path} "
+                                                f"(fingerprint {info['weight_fingerprint']}, the checkpoint's {want})")
 
 
 def _options(extra: dict[str, Any]) -> list[str]:

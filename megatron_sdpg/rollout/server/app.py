@@ -52,7 +52,10 @@ class ServerState:
         self.limits = limits
         self.weight_group_timeout_s = weight_group_timeout_s
         # Of the checkpoint the weights came from; None once other weights were pushed.
-        self.weight_fingerprint: str | None = checkpoint_fingerprint(model_path)
+        try:
+            self.weight_fingerprint: str | None = checkpoint_fingerprint(model_path)
+        except FileNotFoundError:  # no safetensors files (transformers also loads .bin): nothing to compare
+            self.weight_fingerprint = None
         self.weight_version = "default"
         self.vocab_size = int(model.config.vocab_size)
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
