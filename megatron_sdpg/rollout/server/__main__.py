@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for flag in ("max_n", "max_new_tokens", "max_queued_tokens", "max_batch", "health_timeout_s", "weight_group_timeout_s"):
-        if not getattr(args, flag) > 0:
-            sys.exit(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}")
+        if not getattr(args, flag) > 0:  # (also false for NaN)
+            print(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}", file=sys.stderr)
+            sys.exit(2)
     if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
         sys.exit(f"--hf-dir: {args.hf_dir} has no config.json")
     import torch
