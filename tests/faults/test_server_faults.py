@@ -123,3 +123,18 @@ def test_weight_group_at_dead_address_does_not_block_generation(url):
     assert not joiner.is_alive(), "init_weights_update_group did not answer within 120 s"
     status, out = result["out"]
     assert status == 400 and out["success"] is False, out
+
+
+def test_full_queue_gives_503_naming_the_limit(url):
+    hold = {"input_ids": [2, 7], "rid": "hold", "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True, "n": 8}}
+    more = {"input_ids": [2, 3], "sampling_params": {"max_new_tokens": 3995, "n": 2}}  # 7994 tokens: fits alone
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        held = pool.submit(call, url, "/generate", hold, None, 120.0)  # 8 x 4002 = 32016 of the 40000 tokens
+        time.sleep(0.5)  # (ordering only)
+        try:
+            status, out = call(url, "/generate", more, timeout=60.0)
+        finally:
+            call(url, "/abort_request", {"abort_all": True}, timeout=30.0)
+        assert held.result(timeout=120)[0] == 200
+    assert status == 503 and "--max-queued-tokens 40000" in out["error"]["message"], (status, out)
+    _generate_ok(url)  # the queue drained
