@@ -14,7 +14,9 @@ malformed answer, aborted sample) is retried with exponential backoff, on
 another engine when there is one, under the same request ids, so a retried
 group replaces its failed attempt and no sample is lost or duplicated. 4xx
 answers are not retried. ``on_engine_failure(url)`` (e.g. a launcher's
-restart) runs once per failure, serialised per engine.
+restart) runs once per failure, serialised per engine; an error it raises fails
+the whole batch (e.g. ``EngineRestartedError``: the batch must be redone once the
+restarted engine has the current weights).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from megatron_sdpg.rollout.config import SamplingConfig
 from megatron_sdpg.rollout.protocol import (
     BinaryBody,
     StreamedBody,
+    EngineRestartedError,
     EngineTimeoutError,
     EngineUnavailableError,
     MalformedResponseError,
@@ -92,6 +95,11 @@ class AsyncRolloutClient:
         max_inflight_per_engine: Concurrent requests per engine.
         on_engine_failure: Called with an engine URL after a retryable failure
             there, e.g. to restart it (awaited if async, else run in a thread).
+
+    Attributes:
+        expected_weight_version: When set (by the trainer after each sync), a sample an
+            engine reports under another weight version fails its batch with
+            ``EngineRestartedError`` (e.g. an engine restarted with its initial weights).
     """
 
     def __init__(
@@ -113,6 +121,7 @@ class AsyncRolloutClient:
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.on_engine_failure = on_engine_failure
+        self.expected_weight_version: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -286,11 +295,22 @@ class AsyncRolloutClient:
                 aborted = [s.rid for s in samples if s.finish_reason == "abort"]
                 if aborted:
                     raise EngineUnavailableError(f"{url} aborted {aborted[0]} (e.g. a weight update or shutdown)")
+                want = self.expected_weight_version
+                stale = [s for s in samples if want is not None and s.weight_version not in (None, want)]
+                if stale:
+                    raise EngineRestartedError(f"{url} generated {stale[0].rid} with weight version "
+                                               f"{stale[0].weight_version!r}, not the synced {want!r}")
                 return samples
 
             return await self.with_failover(f"group {g} (rids {rids[0]}..)", on)
 
-        groups = await asyncio.gather(*(self._spawn(one_group(g)) for g in range(len(prompts))))
+        tasks = [self._spawn(one_group(g)) for g in range(len(prompts))]
+        try:
+            groups = await asyncio.gather(*tasks)
+        except BaseException:  # the batch has failed: its other groups need not run on
+            for t in tasks:
+                t.cancel()
+            raise
         elapsed = time.perf_counter() - start
         samples = [s for grp in groups for s in grp]
         completion = sum(len(s.output_ids) for s in samples)

@@ -10,20 +10,142 @@ Each engine gets its own port (``base_port + i``), log file and process
 session; it is stopped through its own PID (SIGTERM to the session it leads,
 SIGKILL after a grace period), never by name. SGLang engine ``i`` uses GPUs
 ``i*tp .. i*tp+tp-1`` of its node (``--base-gpu-id``) unless the options say otherwise.
+
+An engine dies with the process that launched it: it is started with
+``PR_SET_PDEATHSIG`` = SIGKILL (Linux), so a trainer killed by SIGTERM (torchrun,
+scancel, Ctrl-C) or SIGKILL leaves no engine behind holding its port. An engine
+is used only if the launcher started it and it serves ``model_path``: the port
+must be free before the start (else one line names the port), and once healthy
+the engine must report our process's pid (when it reports one), our
+``model_path`` and, when it reports one, the fingerprint of that checkpoint.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import queue
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from megatron_sdpg.config.errors import ConfigError
 from megatron_sdpg.rollout.config import RolloutConfig
+from megatron_sdpg.rollout.fingerprint import checkpoint_fingerprint
+
+_PR_SET_PDEATHSIG = 1
+try:  # loaded before any fork: the child only calls the function
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn``: SIGKILL this child when the thread that forked it exits (see ``_spawn``)."""
+
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+_spawn_jobs: "queue.Queue[tuple[Callable[[], Any], queue.Queue]]" = queue.Queue()
+_spawn_thread: threading.Thread | None = None
+_spawn_lock = threading.Lock()
+
+
+def _spawn(start: Callable[[], subprocess.Popen]) -> subprocess.Popen:
+    """Runs ``start`` on one thread that lasts as long as the process.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, so an
+    engine (re)started from a short-lived thread (the client's failure hook runs in a
+    worker thread) would die with that thread. Forking on a daemon thread that lives
+    until the process exits ties the engine to the process.
+    """
+    global _spawn_thread
+    with _spawn_lock:
+        if _spawn_thread is None:
+            def serve() -> None:
+                while True:
+                    fn, box = _spawn_jobs.get()
+                    try:
+                        box.put((fn(), None))
+                    except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                        box.put((None, e))
+
+            _spawn_thread = threading.Thread(target=serve, name="engine-spawner", daemon=True)
+            _spawn_thread.start()
+    box: queue.Queue = queue.Queue()
+    _spawn_jobs.put((start, box))
+    proc, err = box.get()
+    if err is not None:
+        raise err
+    return proc
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on (or holds) ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _get_json(url: str, timeout_s: float = 10.0) -> dict[str, Any] | None:
+    """The JSON object at ``url``, or ``None`` if it does not answer one."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            out = json.loads(r.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def verify_engine(url: str, model_path: str, pid: int | None = None) -> None:
+    """Checks that the engine at ``url`` is ours and serves ``model_path``.
+
+    Args:
+        url: The engine's base URL.
+        model_path: The checkpoint it must serve.
+        pid: The engine process's pid, checked when the engine reports one (our CPU server).
+
+    Raises:
+        ConfigError: (``rollout.model_path``) another process, another model or other weights.
+    """
+    info = _get_json(url + "/model_info")
+    if info is None:
+        raise ConfigError("rollout.model_path", f"the engine at {url} does not answer /model_info")
+    served = str(info.get("model_path"))
+    same = served == model_path or (os.path.exists(served) and os.path.exists(model_path)
+                                    and os.path.samefile(served, model_path))
+    if not same:
+        raise ConfigError("rollout.model_path", f"the engine at {url} serves {served}, not {model_path}")
+    if pid is not None:
+        server = _get_json(url + "/server_info") or {}
+        if server.get("pid") is not None and server["pid"] != pid:
+            raise ConfigError("rollout.base_port", f"the engine at {url} is pid {server['pid']}, not the engine "
+                                                   f"this run started (pid {pid})")
+    try:
+        want = checkpoint_fingerprint(model_path) if "weight_fingerprint" in info else None
+    except FileNotFoundError:  # not a safetensors directory (e.g. a hub id for SGLang): nothing to compare
+        want = None
+    if want is not None and info["weight_fingerprint"] != want:
+        raise ConfigError("rollout.model_path", f"the engine at {url} serves other weights than {model_path} "
+                                                f"(fingerprint {info['weight_fingerprint']}, the checkpoint's {want})")
 
 
 def _options(extra: dict[str, Any]) -> list[str]:
@@ -112,15 +234,23 @@ class EngineProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
-        """Starts the process in its own session (so its children stop with it)."""
+        """Starts the process in its own session (so its children stop with it), dying with this process.
+
+        Raises:
+            ConfigError: (``rollout.base_port``) the port is taken, e.g. by a stale engine.
+        """
         if self.alive():
             raise RuntimeError(f"{self.url}: already running as pid {self.pid}")
+        where = urllib.parse.urlsplit(self.url)
+        if where.port is not None and port_in_use(where.hostname or "127.0.0.1", where.port):
+            raise ConfigError("rollout.base_port", f"port {where.port} of {self.url} is already in use (a stale "
+                                                   "engine of an earlier run?); stop that process or choose another port")
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
+            self.proc = _spawn(lambda: subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env}, start_new_session=True,
-            )
+                env={**os.environ, **self.env}, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
+            ))
 
     def wait_healthy(self, timeout_s: float) -> None:
         """Polls ``/health`` until it answers 200.
@@ -211,18 +341,26 @@ class EngineLauncher:
                 e.start()
             for e in self.engines:
                 e.wait_healthy(self.cfg.startup_timeout_s)
+                verify_engine(e.url, self.cfg.model_path, e.pid)
         except BaseException:
             self.stop_all()
             raise
         return self.urls
 
-    def restart_if_dead(self, url: str) -> None:
-        """Restarts the engine serving ``url`` if its process has exited (the client's failure hook)."""
+    def restart_if_dead(self, url: str) -> bool:
+        """Restarts the engine serving ``url`` if its process has exited (the client's failure hook).
+
+        Returns:
+            Whether it restarted one (it then serves ``model_path`` again).
+        """
         for e in self.engines:
             if e.url == url.rstrip("/") and not e.alive():
                 e.stop(grace_s=1.0)
                 e.start()
                 e.wait_healthy(self.cfg.startup_timeout_s)
+                verify_engine(e.url, self.cfg.model_path, e.pid)
+                return True
+        return False
 
     def stop_all(self) -> None:
         for e in self.engines:

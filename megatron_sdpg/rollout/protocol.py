@@ -78,6 +78,11 @@ class RequestRejectedError(RolloutError):
     """The engine answered 4xx: the request itself is wrong; retrying will not help."""
 
 
+class EngineRestartedError(RolloutError):
+    """A dead engine was restarted and serves its initial weights, not the synced ones: the
+    caller must sync the current weights again and redo the whole batch (not retried here)."""
+
+
 @dataclass
 class Sample:
     """One generated completion.

@@ -82,6 +82,7 @@ class TrainerParts:
     rollout_ctx: RolloutContext | None = None
     sync: Any = None
     launcher: Any = None
+    synced_version: int | None = None  # the weight version last synced to the engines (None: initial weights)
     log: Any = None
     closers: list = field(default_factory=list)
     engines_released: bool = False
@@ -148,12 +149,31 @@ class TrainerParts:
 
         named = export_hf_weights(self.policy.unwrapped(), self.model_cfg, self.groups,
                                   bucket_bytes=int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        self.synced_version = version
         if dist.get_rank() == 0:
+            for url in self.launcher.urls if self.launcher is not None else []:
+                if self.launcher.restart_if_dead(url) and self.log is not None:  # it gets these full weights
+                    self.log.write(f"engine {url} had died; restarted it before syncing weight version {version}")
             resumed = self.resume_engines()
-            return {**resumed, **self.sync.sync(named, version=version)}
+            metrics = {**resumed, **self.sync.sync(named, version=version)}
+            self.rollout_ctx.client.aclient.expected_weight_version = str(version)  # stale samples now fail
+            return metrics
         for _ in named:  # the collectives of the export run on every rank
             pass
         return {}
+
+    def on_engine_failure(self, url: str) -> None:
+        """The rollout client's failure hook (rank 0): restarts a dead launched engine.
+
+        Raises:
+            EngineRestartedError: It was restarted after a sync, so it serves the initial
+                weights; the trainer syncs again and redoes the batch (``Trainer._on_rank0``).
+        """
+        from megatron_sdpg.rollout.protocol import EngineRestartedError
+
+        if self.launcher is not None and self.launcher.restart_if_dead(url) and self.synced_version is not None:
+            raise EngineRestartedError(f"engine {url} died and was restarted with the initial weights; "
+                                       f"weight version {self.synced_version} must be synced to it again")
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -299,7 +319,7 @@ def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None
         parts.launcher = EngineLauncher(rollout_cfg)
         parts.closers.append(parts.launcher.stop_all)
         urls = parts.launcher.start_all()
-    client = RolloutClient.from_config(rollout_cfg, urls)
+    client = RolloutClient.from_config(rollout_cfg, urls, on_engine_failure=parts.on_engine_failure)
     parts.closers.append(client.close)
     if rollout_cfg.engine == "sglang":
         _check_engine_flags(client, rollout_cfg)

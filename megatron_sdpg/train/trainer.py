@@ -155,11 +155,9 @@ class Trainer:
         samples, metrics, rounds = [], {}, 0
         while True:
             problems = parts.source.next_batch()  # on every rank: the prompt sources stay in step
-            payload = None
-            if self.rank == 0:
-                # Round 0 keeps the step's seed; refills get seeds no other step uses.
-                payload = parts.rollout(problems, seed=cfg.train.seed * 100_003 + step + rounds * 1_000_003)
-            more, more_metrics = _broadcast(payload)
+            # Round 0 keeps the step's seed; refills get seeds no other step uses.
+            seed = cfg.train.seed * 100_003 + step + rounds * 1_000_003
+            more, more_metrics = self._on_rank0(lambda: parts.rollout(problems, seed=seed))
             offset = max((s.group for s in samples), default=-1) + 1
             samples += [replace(s, group=s.group + offset) for s in more]
             dropped = metrics.get("rollout/dropped_groups", 0.0) + more_metrics.get("rollout/dropped_groups", 0.0)
@@ -182,10 +180,33 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Held-out greedy accuracy without and with the privileged context (rank 0)."""
-        result = None
-        if self.rank == 0:
-            result = self.parts.evaluate(self.cfg.train.eval_n)
-        return _broadcast(result)
+        return self._on_rank0(lambda: self.parts.evaluate(self.cfg.train.eval_n))
+
+    def _on_rank0(self, fn, attempts: int = 3):
+        """``fn()`` on rank 0 (it drives the engines), broadcast to every rank.
+
+        An engine that died and was restarted with its initial weights fails the call
+        (``EngineRestartedError``); every rank then joins a sync of the current weights
+        and ``fn`` runs again from scratch, so no sample is lost, duplicated or drawn
+        from the wrong weights.
+        """
+        from megatron_sdpg.rollout.protocol import EngineRestartedError
+
+        for attempt in range(attempts):
+            result, restarted = None, None
+            if self.rank == 0:
+                try:
+                    result = fn()
+                except EngineRestartedError as err:
+                    if attempt + 1 == attempts:
+                        raise
+                    restarted = str(err)
+            restarted = _broadcast(restarted)
+            if restarted is None:
+                return _broadcast(result)
+            self._log_line(f"{restarted}; syncing it and redoing the batch")
+            self.parts.sync_weights(version=self.parts.synced_version)
+        raise AssertionError("unreachable")
 
     def _log_line(self, message: str) -> None:
         if self.rank == 0:

@@ -1,5 +1,6 @@
 """``StreamedLoad``: a safetensors body fed in arbitrary chunks lands bit-identically in the
-parameters (cast where dtypes differ); cut-off, overlong and overlapping bodies are refused."""
+parameters (cast where dtypes differ); cut-off, overlong, overlapping and non-finite bodies are
+refused, the parameters they touched left marked dirty."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _body(named) -> tuple[bytes, list, int]:
 def _sent() -> list[tuple[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     return [("a", torch.randn(5, 7, generator=gen)), ("b", torch.randn(11, generator=gen).bfloat16()),
-            ("c", torch.tensor([1.5, -0.0, float("inf")], dtype=torch.bfloat16)),  # cast into fp32
+            ("c", torch.tensor([1.5, -0.0, 3.0e38], dtype=torch.bfloat16)),  # cast into fp32
             ("d", torch.zeros(0, 2))]
 
 
@@ -70,3 +71,26 @@ def test_overlapping_tensors_are_refused():
     overlapping = [a, ("c", c[1], c[2], a[3], a[3] + (c[4] - c[3]))]
     with pytest.raises(ValueError, match="tensors 'a' and 'c' overlap in the data section"):
         StreamedLoad(_params(), overlapping, data_start, data_start + a[4])
+
+
+def test_non_finite_or_cut_off_body_leaves_its_tensors_dirty():
+    sent = _sent()
+    sent[0] = ("a", torch.full((5, 7), float("nan")))
+    blob, entries, data_start = _body(sent)
+    dirty: set[str] = set()
+    load = StreamedLoad(_params(), entries, data_start, len(blob), dirty)
+    load.feed(blob[data_start:])
+    with pytest.raises(ValueError, match="weight 'a' holds NaN or inf values"):
+        load.finish()
+    assert dirty == {"a", "b", "c", "d"}
+
+    blob, entries, data_start = _body(_sent())
+    load = StreamedLoad(_params(), entries, data_start, len(blob), dirty)
+    load.feed(blob[data_start:-3])
+    with pytest.raises(ValueError, match="ended after"):
+        load.finish()
+    assert dirty == {"a", "b", "c", "d"}
+    load = StreamedLoad(_params(), entries, data_start, len(blob), dirty)
+    load.feed(blob[data_start:])
+    load.finish()  # a complete body of the same tensors heals them
+    assert dirty == set()

@@ -27,12 +27,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--max-batch", type=int, default=256, help="most samples decoded together")
     p.add_argument("--max-body-mb", type=int, default=4096, help="largest accepted request body")
+    p.add_argument("--max-n", type=int, default=1024, help="largest sampling_params.n of a request")
+    p.add_argument("--max-new-tokens", type=int, default=32768, help="largest sampling_params.max_new_tokens")
+    p.add_argument("--max-queued-tokens", type=int, default=1 << 22,
+                   help="most prompt + max_new_tokens tokens queued or running at once")
+    p.add_argument("--health-timeout-s", type=float, default=20.0, help="how long /health_generate waits")
+    p.add_argument("--weight-group-timeout-s", type=float, default=120.0,
+                   help="bound on joining a weight-update group and on each of its broadcasts")
     p.add_argument("--weight-version", default="default")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for flag in ("max_n", "max_new_tokens", "max_queued_tokens", "max_batch", "health_timeout_s", "weight_group_timeout_s"):
+        if not getattr(args, flag) > 0:  # (also false for NaN)
+            print(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}", file=sys.stderr)
+            sys.exit(2)
     if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
         sys.exit(f"--hf-dir: {args.hf_dir} has no config.json")
     import torch
@@ -40,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_sdpg.rollout.server.app import ServerState, build_app
+    from megatron_sdpg.rollout.server.requests import Limits
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -48,9 +60,11 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
     except (OSError, ValueError):
         tokenizer = None  # input_ids only; responses carry "text": null
-    state = ServerState(model, tokenizer, args.hf_dir, seed=args.seed, max_batch=args.max_batch)
+    state = ServerState(model, tokenizer, args.hf_dir, seed=args.seed, max_batch=args.max_batch,
+                        limits=Limits(max_n=args.max_n, max_new_tokens=args.max_new_tokens),
+                        max_queued_tokens=args.max_queued_tokens, weight_group_timeout_s=args.weight_group_timeout_s)
     state.weight_version = args.weight_version
-    app = build_app(state, max_body_bytes=args.max_body_mb * 2**20)
+    app = build_app(state, max_body_bytes=args.max_body_mb * 2**20, health_timeout_s=args.health_timeout_s)
     print(f"cpu rollout server (not for production) on http://{args.host}:{args.port} pid {os.getpid()}", flush=True)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 

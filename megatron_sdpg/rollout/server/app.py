@@ -3,127 +3,60 @@
 Not for production (see the package docstring). aiohttp serves it: the client
 already needs aiohttp, so one well-kept library covers both ends with no
 pydantic/uvicorn stack. All model work (generation and weight updates) runs on
-one worker thread in arrival order, so a weight update never interleaves with a
-running batch (SGLang likewise lets the running batch finish first);
-consecutive ``/generate`` calls waiting in the queue are merged into one batch.
+one worker thread in arrival order (``worker.ModelWorker``), so a weight update
+never interleaves with a running batch (SGLang likewise lets the running batch
+finish first); consecutive ``/generate`` calls waiting in the queue are merged
+into one batch. ``/health`` answers 503 while the worker is dead or the weights
+are half-written (see ``weights``); a request the server cannot serve now
+(queue full, weights half-written) gets 503, a bad one 400 naming the field.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
-import concurrent.futures
-import threading
+import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from aiohttp import web
 
+from megatron_sdpg.rollout.fingerprint import checkpoint_fingerprint
 from megatron_sdpg.rollout.server.generator import BatchGenerator, SampleResult
 from megatron_sdpg.rollout.server.memory import MemoryOccupation, resident_bytes
-from megatron_sdpg.rollout.server.requests import BadRequest, SampleRequest, parse_generate
+from megatron_sdpg.rollout.server.requests import BadRequest, Limits, SampleRequest, parse_generate
 from megatron_sdpg.rollout.server.weights import ModelWeights
+from megatron_sdpg.rollout.server.worker import EngineNotReady, ModelWorker
 from megatron_sdpg.rollout.server.streamed_update import drain, query_options, receive_streamed_update
 from megatron_sdpg.weights.tensor_codec import decode_safetensors
 
 
-@dataclass
-class _Job:
-    fn: Callable[..., Any] | None = None  # a control job
-    reqs: list[SampleRequest] = field(default_factory=list)  # a generate job
-    epoch: int = 0
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-
-class ModelWorker:
-    """The one thread that touches the model.
+class ServerState:
+    """What the routes share: the worker, the weights, the tokenizer and the weight version.
 
     Args:
-        generator: Runs batches.
-        max_batch: Most samples merged into one batch.
+        model: The served ``transformers`` model (loaded from ``model_path``).
+        tokenizer: Its tokenizer, or ``None``.
+        model_path: The checkpoint directory the model was loaded from.
+        seed: Seeds the seeds of unseeded samples.
+        max_batch: Most samples decoded together.
+        limits: Bounds on ``n`` and ``max_new_tokens`` of one request.
+        max_queued_tokens: Most prompt + max_new_tokens tokens queued at once.
+        weight_group_timeout_s: Bound on joining (and each collective of) a weight-update group.
     """
 
-    def __init__(self, generator: BatchGenerator, max_batch: int = 256):
-        self.generator = generator
-        self.max_batch = max_batch
-        self.abort_epoch = 0
-        self.aborted_rids: set[str] = set()
-        self._jobs: collections.deque[_Job] = collections.deque()
-        self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
-        self._thread.start()
-
-    def submit_generate(self, reqs: list[SampleRequest]) -> concurrent.futures.Future:
-        return self._push(_Job(reqs=reqs, epoch=self.abort_epoch))
-
-    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        return self._push(_Job(fn=fn))
-
-    def abort(self, rid: str | None, abort_all: bool) -> None:
-        if abort_all:
-            self.abort_epoch += 1
-        elif rid:
-            self.aborted_rids.add(rid)
-
-    def _push(self, job: _Job) -> concurrent.futures.Future:
-        with self._cv:
-            self._jobs.append(job)
-            self._cv.notify()
-        return job.future
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._jobs:
-                    self._cv.wait()
-                batch = [self._jobs.popleft()]
-                if batch[0].fn is None:
-                    size = len(batch[0].reqs)
-                    while self._jobs and self._jobs[0].fn is None and size + len(self._jobs[0].reqs) <= self.max_batch:
-                        size += len(self._jobs[0].reqs)
-                        batch.append(self._jobs.popleft())
-            if batch[0].fn is not None:
-                self._run_control(batch[0])
-            else:
-                self._run_generate(batch)
-
-    @staticmethod
-    def _run_control(job: _Job) -> None:
-        try:
-            job.future.set_result(job.fn())
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting request
-            job.future.set_exception(e)
-
-    def _run_generate(self, jobs: list[_Job]) -> None:
-        reqs = [r for j in jobs for r in j.reqs]
-        epoch_of = {id(r): j.epoch for j in jobs for r in j.reqs}
-        by_rid = {r.rid: r for r in reqs}
-
-        def aborted(rid: str) -> bool:
-            return rid in self.aborted_rids or epoch_of[id(by_rid[rid])] != self.abort_epoch
-
-        try:
-            results = self.generator.generate(reqs, aborted)
-        except BaseException as e:  # noqa: BLE001
-            for j in jobs:
-                j.future.set_exception(e)
-            return
-        self.aborted_rids.difference_update(by_rid)
-        pos = 0
-        for j in jobs:
-            j.future.set_result(results[pos : pos + len(j.reqs)])
-            pos += len(j.reqs)
-
-
-class ServerState:
-    """What the routes share: the worker, the weights, the tokenizer and the weight version."""
-
-    def __init__(self, model, tokenizer, model_path: str, seed: int, max_batch: int):
+    def __init__(self, model, tokenizer, model_path: str, seed: int, max_batch: int, limits: Limits = Limits(),
+                 max_queued_tokens: int = 1 << 22, weight_group_timeout_s: float = 120.0):
         self.model = model
         self.tokenizer = tokenizer
         self.model_path = model_path
+        self.limits = limits
+        self.weight_group_timeout_s = weight_group_timeout_s
+        # Of the checkpoint the weights came from; None once other weights were pushed.
+        try:
+            self.weight_fingerprint: str | None = checkpoint_fingerprint(model_path)
+        except FileNotFoundError:  # no safetensors files (transformers also loads .bin): nothing to compare
+            self.weight_fingerprint = None
         self.weight_version = "default"
         self.vocab_size = int(model.config.vocab_size)
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
@@ -132,7 +65,14 @@ class ServerState:
         decode = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self.decode = decode
         self.weights = ModelWeights(model)
-        self.worker = ModelWorker(BatchGenerator(model, eos_ids, decode, seed), max_batch=max_batch)
+        self.worker = ModelWorker(BatchGenerator(model, eos_ids, decode, seed), max_batch=max_batch,
+                                  max_queued_tokens=max_queued_tokens, ready=self.weights.not_ready)
+
+    def not_healthy(self) -> str | None:
+        """Why the server cannot serve, or ``None``."""
+        if not self.worker.alive():
+            return "the model worker thread has died"
+        return self.weights.not_ready()
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.wrap_future(self.worker.submit(fn))
@@ -174,25 +114,28 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         body = json.loads(await request.read())  # from bytes: no intermediate str of a large body
     except ValueError as e:
         raise BadRequest(f"body: not valid JSON ({e})") from None
+    except RecursionError:
+        raise BadRequest("body: JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("body: must be a JSON object")
     return body
 
 
-def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
-    """The aiohttp application with SGLang's routes."""
+def build_app(state: ServerState, max_body_bytes: int, health_timeout_s: float = 20.0) -> web.Application:
+    """The aiohttp application with SGLang's routes (``/health_generate`` waits ``health_timeout_s``)."""
     routes = web.RouteTableDef()
     tokenize = None if state.tokenizer is None else (lambda s: state.tokenizer.encode(s, add_special_tokens=False))
 
     @routes.get("/health")
     async def health(_: web.Request) -> web.Response:
-        return web.Response(status=200)
+        reason = state.not_healthy()
+        return web.Response(status=200) if reason is None else web.Response(text=reason + "\n", status=503)
 
     @routes.get("/health_generate")
     async def health_generate(_: web.Request) -> web.Response:
         probe = [SampleRequest(rid=f"HEALTH_CHECK_{time.monotonic_ns()}", input_ids=[0], max_new_tokens=1, top_k=1)]
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(state.worker.submit_generate(probe)), timeout=20.0)
+        try:  # (a timeout cancels the probe; the worker then skips it)
+            await asyncio.wait_for(asyncio.wrap_future(state.worker.submit_generate(probe)), timeout=health_timeout_s)
         except Exception:  # noqa: BLE001 - any failure means unhealthy
             return web.Response(status=503)
         return web.Response(status=200)
@@ -210,6 +153,7 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
             "tokenizer_path": state.model_path if state.tokenizer is not None else None,
             "is_generation": True,
             "weight_version": state.weight_version,
+            "weight_fingerprint": state.weight_fingerprint,
             "model_type": getattr(state.model.config, "model_type", None),
             "architectures": getattr(state.model.config, "architectures", None),
         })
@@ -218,15 +162,17 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
     @routes.get("/get_server_info")
     async def server_info(_: web.Request) -> web.Response:
         return web.json_response({"model_path": state.model_path, "weight_version": state.weight_version,
-                                  "engine": "megatron_sdpg cpu server (not for production)"})
+                                  "pid": os.getpid(), "engine": "megatron_sdpg cpu server (not for production)"})
 
     @routes.route("*", "/generate")
     async def generate(request: web.Request) -> web.Response:
         try:
-            reqs, single = parse_generate(await _json_body(request), state.vocab_size, tokenize)
+            reqs, single = parse_generate(await _json_body(request), state.vocab_size, tokenize, state.limits)
+            results = await asyncio.wrap_future(state.worker.submit_generate(reqs))
         except BadRequest as e:
             return _error(str(e))
-        results = await asyncio.wrap_future(state.worker.submit_generate(reqs))
+        except EngineNotReady as e:
+            return _error(str(e), status=503)
         out = [_sample_json(state, r, res) for r, res in zip(reqs, results)]
         return web.json_response(out[0] if single else out)
 
@@ -260,8 +206,9 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
             fmt = body.get("load_format")
             if fmt not in (None, "auto", "safetensors"):
                 raise ValueError(f"load_format: {fmt!r} not supported (auto or safetensors)")
+            fingerprint = checkpoint_fingerprint(body["model_path"])
             nbytes = state.weights.load_dir(body["model_path"])
-            state.model_path = body["model_path"]
+            state.model_path, state.weight_fingerprint = body["model_path"], fingerprint
             return nbytes
 
         return await _update(request, load)
@@ -275,6 +222,7 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
                 raise ValueError(f"load_format: {options.get('load_format')!r} not supported")
             if options.get("abort_all_requests"):
                 state.worker.abort(None, True)
+            state.weight_fingerprint = None
             nbytes = await receive_streamed_update(
                 request, state.weights, lambda fn: asyncio.wrap_future(state.worker.submit(fn)), max_body_bytes)
         except (BadRequest, ValueError) as e:
@@ -294,6 +242,7 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
             payloads = body["serialized_named_tensors"]
             if not isinstance(payloads, list) or len(payloads) != 1:
                 raise ValueError("serialized_named_tensors: one entry per TP rank; this server has one rank")
+            state.weight_fingerprint = None
             return state.weights.load(decode_safetensors(payloads[0]), require_all=False)
 
         return await _update(request, load)
@@ -303,6 +252,7 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
         def load(body: dict[str, Any]) -> int:
             if body.get("load_format") not in (None,):
                 raise ValueError(f"load_format: {body.get('load_format')!r} not supported")
+            state.weight_fingerprint = None
             return state.weights.receive(body["names"], body["dtypes"], body["shapes"],
                                          body.get("group_name", "weight_update_group"))
 
@@ -312,9 +262,12 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
     async def init_group(request: web.Request) -> web.Response:
         try:
             b = await _json_body(request)
-            await state.run(lambda: state.weights.init_group(
-                b["master_address"], int(b["master_port"]), int(b["rank_offset"]), int(b["world_size"]),
-                b.get("group_name", "weight_update_group"), b.get("backend", "nccl")))
+            # Off the model worker (joining touches no weights), bounded: a trainer that never
+            # comes must not hold up generation.
+            await asyncio.to_thread(
+                state.weights.init_group, b["master_address"], int(b["master_port"]), int(b["rank_offset"]),
+                int(b["world_size"]), b.get("group_name", "weight_update_group"), b.get("backend", "nccl"),
+                state.weight_group_timeout_s)
         except Exception as e:  # noqa: BLE001 - reported to the caller as SGLang does
             return _outcome(False, f"Failed to initialize custom process group: {e}.")
         return _outcome(True, "Succeeded to initialize custom process group.")

@@ -7,11 +7,14 @@ item; ``rid`` is one string (a batch gets ``f"{rid}_{i}"``) or one per item;
 ``n > 1`` repeats every item n times (a single prompt then answers with a list).
 ``temperature == 0`` becomes greedy (``top_k = 1``, temperature 1) and
 ``top_k == -1`` the whole vocabulary, as in SGLang's ``SamplingParams``.
-Anything the server cannot honour is rejected with a message naming the field.
+Anything the server cannot honour is rejected with a message naming the field,
+before any request reaches the model: a bad request never fails the requests it
+would have been batched with. ``Limits`` bounds the work one request may ask for.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +38,23 @@ _TOP_LEVEL = {
 
 class BadRequest(ValueError):
     """A ``/generate`` body the server cannot serve; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Most work one ``/generate`` body may ask for (the server's ``--max-n`` and ``--max-new-tokens``).
+
+    Attributes:
+        max_n: Largest ``sampling_params.n``.
+        max_new_tokens: Largest ``sampling_params.max_new_tokens``.
+    """
+
+    max_n: int = 1024
+    max_new_tokens: int = 32768
+
+
+# torch.Generator.manual_seed accepts exactly this range.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass
@@ -82,7 +102,7 @@ def _per_item(value: Any, num: int, name: str, default: Any) -> list[Any]:
     return [value] * num
 
 
-def _sampling(params: Any, idx: int, vocab_size: int) -> dict[str, Any]:
+def _sampling(params: Any, idx: int, vocab_size: int, limits: Limits) -> dict[str, Any]:
     where = f"sampling_params[{idx}]"
     if params is None:
         params = {}
@@ -101,8 +121,12 @@ def _sampling(params: Any, idx: int, vocab_size: int) -> dict[str, Any]:
         value = params.get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise BadRequest(f"{where}.{key}: must be a {kind.__name__}, got {value!r}")
+        if not math.isfinite(value):  # NaN and Infinity are valid JSON to Python's parser
+            raise BadRequest(f"{where}.{key}: must be finite, got {value!r}")
+        if kind is int and value != int(value):
+            raise BadRequest(f"{where}.{key}: must be an int, got {value!r}")
         return kind(value)
 
     temperature = num("temperature", 1.0, float)
@@ -117,6 +141,9 @@ def _sampling(params: Any, idx: int, vocab_size: int) -> dict[str, Any]:
         raise BadRequest(f"{where}.top_k: must be -1 or >= 1, got {top_k}")
     if max_new < 0:
         raise BadRequest(f"{where}.max_new_tokens: must be >= 0, got {max_new}")
+    if max_new > limits.max_new_tokens:
+        raise BadRequest(f"{where}.max_new_tokens: {max_new} is above the server's limit "
+                         f"--max-new-tokens {limits.max_new_tokens}")
     if temperature < 1e-6:  # SGLang: greedy is temperature 1 with top_k 1
         temperature, top_k = 1.0, 1
     stop = params.get("stop") or []
@@ -128,11 +155,13 @@ def _sampling(params: Any, idx: int, vocab_size: int) -> dict[str, Any]:
     if not isinstance(stop_ids, list) or not all(isinstance(t, int) and 0 <= t < vocab_size for t in stop_ids):
         raise BadRequest(f"{where}.stop_token_ids: must be token ids in [0, {vocab_size})")
     seed = params.get("sampling_seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest(f"{where}.sampling_seed: must be an int, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not _SEED_MIN <= seed <= _SEED_MAX):
+        raise BadRequest(f"{where}.sampling_seed: must be an int in [-2**63, 2**64), got {seed!r}")
     n = num("n", 1, int)
     if n < 1:
         raise BadRequest(f"{where}.n: must be >= 1, got {n}")
+    if n > limits.max_n:
+        raise BadRequest(f"{where}.n: {n} is above the server's limit --max-n {limits.max_n}")
     return dict(
         temperature=temperature,
         top_p=top_p,
@@ -147,13 +176,14 @@ def _sampling(params: Any, idx: int, vocab_size: int) -> dict[str, Any]:
     )
 
 
-def parse_generate(body: Any, vocab_size: int, tokenize=None) -> tuple[list[SampleRequest], bool]:
+def parse_generate(body: Any, vocab_size: int, tokenize=None, limits: Limits = Limits()) -> tuple[list[SampleRequest], bool]:
     """Turns a ``/generate`` body into sample requests.
 
     Args:
         body: The decoded JSON body.
         vocab_size: Token ids must lie in ``[0, vocab_size)``.
         tokenize: ``str -> list[int]`` for ``text`` prompts, or ``None`` without a tokenizer.
+        limits: Bounds on ``n`` and ``max_new_tokens``.
 
     Returns:
         ``(requests, single)``: ``single`` means the response is one object, not a list.
@@ -175,6 +205,8 @@ def parse_generate(body: Any, vocab_size: int, tokenize=None) -> tuple[list[Samp
         if tokenize is None:
             raise BadRequest("text: the server has no tokenizer; send input_ids")
         text = body["text"]
+        if not (isinstance(text, str) or (isinstance(text, list) and text and all(isinstance(t, str) for t in text))):
+            raise BadRequest("text: must be a string or a non-empty list of strings")
         prompts = tokenize(text) if isinstance(text, str) else [tokenize(t) for t in text]
     if not isinstance(prompts, list) or not prompts:
         raise BadRequest("input_ids: must be a non-empty list of token ids or of lists of token ids")
@@ -187,7 +219,7 @@ def parse_generate(body: Any, vocab_size: int, tokenize=None) -> tuple[list[Samp
         if bad:
             raise BadRequest(f"input_ids[{i}]: token id {bad[0]} outside [0, {vocab_size})")
     num = len(batch)
-    params = [_sampling(p, i, vocab_size) for i, p in enumerate(_per_item(body.get("sampling_params"), num, "sampling_params", None))]
+    params = [_sampling(p, i, vocab_size, limits) for i, p in enumerate(_per_item(body.get("sampling_params"), num, "sampling_params", None))]
     n = params[0]["n"]
     if any(p["n"] != n for p in params):
         raise BadRequest("sampling_params.n: must be the same for all items")
@@ -201,6 +233,9 @@ def parse_generate(body: Any, vocab_size: int, tokenize=None) -> tuple[list[Samp
         raise BadRequest("rid: must be a string or a list of strings")
     want_lp = _per_item(body.get("return_logprob"), num, "return_logprob", False)
     start = _per_item(body.get("logprob_start_len"), num, "logprob_start_len", -1)
+    for i, s in enumerate(start):
+        if isinstance(s, bool) or not isinstance(s, int) or s < -1:
+            raise BadRequest(f"logprob_start_len: must be an int >= -1, got {s!r}" + (f" for item {i}" if num > 1 else ""))
     out: list[SampleRequest] = []
     for i in range(num):
         p = dict(params[i])
