@@ -8,6 +8,8 @@
 #   python -m megatron_sdpg.plan --config examples/configs/sdpg_32b.yaml --nodes 2 parallel.tp=8 parallel.pp=1
 #
 # Settings are environment variables (see examples/lib/launch.sh); arguments are trainer overrides.
+# TRAIN_NODES, GPUS_PER_NODE, TP, PP and ROLLOUT_TP default to the config's parallel.nodes,
+# parallel.gpus_per_node, parallel.tp, parallel.pp and rollout.tp_size (what the planner plans).
 #SBATCH --job-name=sdpg-32b
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -28,11 +30,7 @@ fi
 MODEL_NAME=sdpg-32b
 : "${CONFIG:=$REPO_DIR/examples/configs/sdpg_32b.yaml}"
 : "${HF_DIR:=/models/Qwen2.5-32B-Instruct}"
-: "${TRAIN_NODES:=2}"
 : "${ROLLOUT_NODES:=2}"
-: "${TP:=8}"
-: "${PP:=1}"
-: "${ROLLOUT_TP:=4}"
 
 # shellcheck source=examples/lib/launch.sh
 source "$REPO_DIR/examples/lib/launch.sh"

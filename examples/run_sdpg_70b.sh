@@ -8,6 +8,8 @@
 #   python -m megatron_sdpg.plan --config examples/configs/sdpg_70b.yaml --nodes 8 parallel.tp=8 parallel.pp=2
 #
 # Settings are environment variables (see examples/lib/launch.sh); arguments are trainer overrides.
+# TRAIN_NODES, GPUS_PER_NODE, TP, PP and ROLLOUT_TP default to the config's parallel.nodes,
+# parallel.gpus_per_node, parallel.tp, parallel.pp and rollout.tp_size (what the planner plans).
 #SBATCH --job-name=sdpg-70b
 #SBATCH --nodes=12
 #SBATCH --ntasks-per-node=1
@@ -28,11 +30,7 @@ fi
 MODEL_NAME=sdpg-70b
 : "${CONFIG:=$REPO_DIR/examples/configs/sdpg_70b.yaml}"
 : "${HF_DIR:=/models/Llama-3.1-70B-Instruct}"
-: "${TRAIN_NODES:=8}"
 : "${ROLLOUT_NODES:=4}"
-: "${TP:=8}"
-: "${PP:=2}"
-: "${ROLLOUT_TP:=4}"
 
 # shellcheck source=examples/lib/launch.sh
 source "$REPO_DIR/examples/lib/launch.sh"

@@ -9,6 +9,8 @@
 #   python -m megatron_sdpg.plan --config examples/configs/sdpg_8b.yaml --nodes 1 parallel.tp=4
 #
 # Settings are environment variables (see examples/lib/launch.sh); arguments are trainer overrides.
+# TRAIN_NODES, GPUS_PER_NODE, TP, PP and ROLLOUT_TP default to the config's parallel.nodes,
+# parallel.gpus_per_node, parallel.tp, parallel.pp and rollout.tp_size (what the planner plans).
 #SBATCH --job-name=sdpg-8b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -29,11 +31,7 @@ fi
 MODEL_NAME=sdpg-8b
 : "${CONFIG:=$REPO_DIR/examples/configs/sdpg_8b.yaml}"
 : "${HF_DIR:=/models/Llama-3.1-8B-Instruct}"
-: "${TRAIN_NODES:=1}"
 : "${COLOCATE:=1}"
-: "${TP:=4}"
-: "${PP:=1}"
-: "${ROLLOUT_TP:=1}"
 
 # shellcheck source=examples/lib/launch.sh
 source "$REPO_DIR/examples/lib/launch.sh"

@@ -13,7 +13,8 @@
 #     node001 -> 127.0.0.11, node002 -> 127.0.0.12, ... (the whole of 127/8 reaches loopback, so
 #     servers on different "nodes" can listen on the same port, as on a real cluster);
 #   - starts its own munged (own key and socket under the state directory), one slurmctld
-#     and one `slurmd -N nodeNNN` per node, each with its own NodeAddr and Port;
+#     and one `slurmd -N nodeNNN` per node, each with its own NodeAddr and Port, in its own UTS
+#     namespace whose host name is the node's name (so jobs on "node002" see hostname node002);
 #   - waits until every node is idle in partition `sdpg` (the default partition).
 # Each node offers CPUS cores (default 4) and 8 GPUs of a GRES that has no devices behind it,
 # so that the unchanged `#SBATCH --gpus-per-node=8` headers are accepted; on a machine without
@@ -218,7 +219,10 @@ start_slurmds() {
         pid_alive "$STATE/run/slurmd.$name.pid" slurmd && continue
         mkdir -p "$STATE/slurmd/$name"
         say "starting slurmd -N $name (127.0.0.$((NODE_ADDR_BASE + i - 1)), port $((SLURMD_BASE_PORT + i)))"
-        slurmd -N "$name" -f "$CONF_DIR/slurm.conf" || fail "slurmd -N $name did not start (see $STATE/log/slurmd.$name.log)"
+        # Its own UTS namespace, host name = node name: the node's steps see `hostname` = nodeNNN (which
+        # /etc/hosts maps to its address), and srun's %N output patterns name the node, as on a cluster.
+        unshare --uts sh -c 'hostname "$1" && exec slurmd -N "$1" -f "$2"' slurmd-launch "$name" "$CONF_DIR/slurm.conf" ||
+            fail "slurmd -N $name did not start (see $STATE/log/slurmd.$name.log)"
     done
 }
 
@@ -267,6 +271,7 @@ cmd_up() {
     [[ $CPUS =~ ^[0-9]+$ ]] && ((CPUS >= 1)) || fail "CPUS must be an integer >= 1, got '$CPUS'"
     mkdir -p "$STATE/run" "$STATE/log" "$STATE/slurmctld" "$STATE/slurmd"
     install_packages
+    command -v unshare >/dev/null || fail "unshare (util-linux) is needed to give each node its own host name"
     local before
     before=$(configured_nodes)
     if ((before != 0 && before != n)); then

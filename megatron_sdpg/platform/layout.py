@@ -19,6 +19,11 @@ class ParallelConfig:
         ep: Expert-parallel size (MoE models only).
         sequence_parallel: Megatron sequence parallelism (needs TE or apex norms; GPU only).
         use_distributed_optimizer: Shard optimizer state across data-parallel ranks.
+        nodes: Training nodes of the cluster layout this config is written for (0: not
+            set). The Slurm scripts (``TRAIN_NODES`` default) and the planner (``--nodes``
+            default) both read it; the trainer takes its world size from the launcher.
+        gpus_per_node: Trainer ranks per node of that layout (scripts' ``GPUS_PER_NODE``
+            default, planner's ``--gpus-per-node`` default).
     """
 
     tp: int = 1
@@ -28,11 +33,17 @@ class ParallelConfig:
     ep: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    nodes: int = 0
+    gpus_per_node: int = 8
 
     def validate(self, prefix: str = "parallel") -> None:
         for name in ("tp", "pp", "cp", "ep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.nodes < 0:
+            raise ConfigError(f"{prefix}.nodes", f"must be >= 0 (0: not set), got {self.nodes}")
+        if self.gpus_per_node < 1:
+            raise ConfigError(f"{prefix}.gpus_per_node", f"must be >= 1, got {self.gpus_per_node}")
         if self.vpp is not None:
             if self.vpp < 1:
                 raise ConfigError(f"{prefix}.vpp", f"must be >= 1 or null, got {self.vpp}")

@@ -115,10 +115,13 @@ class TrainerParts:
         """Streams the policy's weights (HF names) to the engines; every rank joins the export."""
         from megatron_sdpg.weights.export import export_hf_weights
 
+        from megatron_sdpg.train.probe import post_sync_probe
+
         named = export_hf_weights(self.policy.unwrapped(), self.model_cfg, self.groups,
                                   bucket_bytes=int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        probe = post_sync_probe(self)  # every rank joins its forward; a ProbeCheck on rank 0
         if dist.get_rank() == 0:
-            return self.sync.sync(named, version=version)
+            return self.sync.sync(named, version=version, probe=probe)
         for _ in named:  # the collectives of the export run on every rank
             pass
         return {}
@@ -211,6 +214,26 @@ def _resume(parts: TrainerParts) -> None:
         parts.resumed_from = box[0][1]
 
 
+def _sync_endpoint(rollout_cfg) -> tuple[str, int | None]:
+    """Where rank 0 hosts the distributed weight-update group: (address, port).
+
+    The address is ``rollout.sync_master_address`` (the launch passes the node's name),
+    else this host's name; the port is ``rollout.sync_master_port``, else a free one
+    picked here, on rank 0's node. ``(…, None)`` for the other strategies.
+    """
+    if rollout_cfg.sync_strategy != "distributed":
+        return rollout_cfg.sync_master_address or "127.0.0.1", None
+    import socket
+
+    address = rollout_cfg.sync_master_address or socket.getfqdn()
+    port = rollout_cfg.sync_master_port
+    if not port:
+        from megatron_sdpg.testing.distributed import free_port
+
+        port = free_port()
+    return address, port
+
+
 def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None:
     """Engines (launched unless URLs are given), client, verifier pool, weight sync, metrics log."""
     from dataclasses import replace
@@ -238,7 +261,9 @@ def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None
     parts.closers.append(client.close)
     verifier = VerifierPool(cfg.reward.verifier or task.default_verifier, cfg.reward)
     parts.closers.append(verifier.close)
-    parts.sync = make_weight_sync(rollout_cfg, client, config_dir=cfg.model.hf_dir)
+    address, port = _sync_endpoint(rollout_cfg)
+    parts.sync = make_weight_sync(rollout_cfg, client, config_dir=cfg.model.hf_dir, master_address=address,
+                                  master_port=port)
     parts.rollout_ctx = RolloutContext(client=client, builder=builder, verifier=verifier, tokenizer=tokenizer,
                                        sampling=rollout_cfg.sampling, n_samples=rollout_cfg.n_samples)
     parts.log = MetricsLog(cfg.train.run_dir, cfg.logging, cfg.train.steps, parts.start_step)

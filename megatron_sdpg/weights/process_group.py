@@ -50,9 +50,15 @@ def init_weight_update_group(
     )
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(
-        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
+    if rank == 0:
+        # The host of the group builds its store itself: under torchrun (TORCHELASTIC_USE_AGENT_STORE)
+        # ``rendezvous`` would make every rank, rank 0 included, a client of a store nobody hosts.
+        store = dist.TCPStore(master_address, master_port, world_size, is_master=True, timeout=timeout,
+                              multi_tenant=True)
+    else:
+        store, rank, world_size = next(
+            rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+        )
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(
