@@ -221,6 +221,7 @@ start_slurmds() {
         say "starting slurmd -N $name (127.0.0.$((NODE_ADDR_BASE + i - 1)), port $((SLURMD_BASE_PORT + i)))"
         # Its own UTS namespace, host name = node name: the node's steps see `hostname` = nodeNNN (which
         # /etc/hosts maps to its address), and srun's %N output patterns name the node, as on a cluster.
+        # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments
         unshare --uts sh -c 'hostname "$1" && exec slurmd -N "$1" -f "$2"' slurmd-launch "$name" "$CONF_DIR/slurm.conf" ||
             fail "slurmd -N $name did not start (see $STATE/log/slurmd.$name.log)"
     done
@@ -266,9 +267,9 @@ cmd_up() {
             *) usage ;;
         esac
     done
-    [[ $n =~ ^[0-9]+$ ]] && ((n >= 1 && n <= 99)) || fail "--nodes must be an integer in 1..99, got '$n'"
+    if ! [[ $n =~ ^[0-9]+$ ]] || ((n < 1 || n > 99)); then fail "--nodes must be an integer in 1..99, got '$n'"; fi
     [[ $(id -u) == 0 ]] || fail "must run as root (it installs packages and starts slurmd)"
-    [[ $CPUS =~ ^[0-9]+$ ]] && ((CPUS >= 1)) || fail "CPUS must be an integer >= 1, got '$CPUS'"
+    if ! [[ $CPUS =~ ^[0-9]+$ ]] || ((CPUS < 1)); then fail "CPUS must be an integer >= 1, got '$CPUS'"; fi
     mkdir -p "$STATE/run" "$STATE/log" "$STATE/slurmctld" "$STATE/slurmd"
     install_packages
     command -v unshare >/dev/null || fail "unshare (util-linux) is needed to give each node its own host name"
