@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # SDPG on a Llama-3.1-70B-style model: 8 training nodes (TP 8 x PP 2 x DP 4 = 64 GPUs)
-# and 4 dedicated rollout nodes (8 SGLang engines of TP 4) behind an sglang-router.
+# and 4 dedicated rollout nodes (8 SGLang engines of TP 4); the trainer addresses
+# every engine itself (no router).
 #
 #   sbatch examples/run_sdpg_70b.sh                                  # from the repository root
 #   TRAIN_NODES=16 ROLLOUT_NODES=8 sbatch --nodes=24 examples/run_sdpg_70b.sh train.steps=200
 #   DRY_RUN=1 bash examples/run_sdpg_70b.sh                          # print every node's commands
-#   python -m megatron_sdpg.plan --config examples/configs/sdpg_70b.yaml --nodes 8 parallel.tp=8 parallel.pp=2
+#   python -m megatron_sdpg.plan --config examples/configs/sdpg_70b.yaml            # plans this layout (parallel.nodes)
 #
 # Settings are environment variables (see examples/lib/launch.sh); arguments are trainer overrides.
 # TRAIN_NODES, GPUS_PER_NODE, TP, PP and ROLLOUT_TP default to the config's parallel.nodes,

@@ -280,7 +280,9 @@ sdpg_start_engines() {
             port=$((ENGINE_PORT + i))
             local -a argv
             if [[ $ENGINE == cpu ]]; then
-                argv=("$PYTHON" -m megatron_sdpg.rollout.server --hf-dir "$HF_DIR" --host 0.0.0.0 --port "$port")
+                # Bound to the node's name: virtual nodes of one machine (tools/local_cluster.sh) share
+                # the port space, each on its own loopback address.
+                argv=("$PYTHON" -m megatron_sdpg.rollout.server --hf-dir "$HF_DIR" --host "$node" --port "$port")
             else
                 argv=("$ENGINE_PYTHON" -m sglang.launch_server --model-path "$HF_DIR" --host 0.0.0.0 --port "$port"
                     --tp-size "$ROLLOUT_TP" --base-gpu-id $((i * ROLLOUT_TP)) --mem-fraction-static "$MEM_FRACTION")
