@@ -74,6 +74,7 @@ sdpg_yaml_value() {  # sdpg_yaml_value FILE SECTION.KEY
         /^[^ #][^:]*:/ { current = $0; sub(/:.*/, "", current); next }
         current == section && $0 ~ "^  " key ":" {
             value = $0; sub(/^[^:]*:[ \t]*/, "", value); sub(/[ \t]*#.*$/, "", value)
+            gsub(/^["\047]|["\047]$/, "", value)
             print value; exit
         }' "$1"
 }

@@ -57,7 +57,13 @@ def cluster():
         yield
     finally:
         if not was_up:
-            subprocess.run(["bash", CLUSTER, "down"], capture_output=True, text=True, timeout=300)
+            down = subprocess.run(["bash", CLUSTER, "down"], capture_output=True, text=True, timeout=300)
+            assert down.returncode == 0, down.stdout + down.stderr
+            # Stopped by PID, its configuration and /etc/hosts lines gone; a second `down` is a no-op.
+            assert subprocess.run(["bash", CLUSTER, "status"], capture_output=True).returncode != 0
+            with open("/etc/hosts") as f:
+                assert "local_cluster.sh" not in f.read()
+            assert subprocess.run(["bash", CLUSTER, "down"], capture_output=True).returncode == 0
 
 
 def _job_env(run_dir: str, megatron_dir: str, hf_dir: str) -> dict:
