@@ -7,7 +7,8 @@
 #   sudo bash tools/local_cluster.sh down             # stop the daemons this script started
 #
 # What `up` does (root only):
-#   - installs Debian's slurm-wlm and munge with apt-get when slurmctld is missing;
+#   - installs Debian's Slurm (slurmctld, slurmd, slurm-client: the parts of slurm-wlm it uses)
+#     and munge with apt-get when they are missing;
 #   - writes /etc/slurm/slurm.conf and /etc/slurm/gres.conf (refusing to replace files it did
 #     not write: they carry the marker line below) and one /etc/hosts line per node:
 #     node001 -> 127.0.0.11, node002 -> 127.0.0.12, ... (the whole of 127/8 reaches loopback, so
@@ -93,11 +94,13 @@ install_packages() {
         return 0
     fi
     command -v apt-get >/dev/null || fail "slurmctld is not installed and there is no apt-get to install it"
-    say "installing slurm-wlm and munge with apt-get"
+    # The parts of Debian's slurm-wlm this cluster uses (the metapackage adds every plugin's -dev).
+    local -a packages=(slurmctld slurmd slurm-client munge)
+    say "installing ${packages[*]} with apt-get"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >"$STATE/apt.log" 2>&1 || fail "apt-get update failed (see $STATE/apt.log)"
-    apt-get install -y -qq slurm-wlm munge >>"$STATE/apt.log" 2>&1 ||
-        fail "apt-get install slurm-wlm munge failed (see $STATE/apt.log)"
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >>"$STATE/apt.log" 2>&1 ||
+        fail "apt-get install ${packages[*]} failed (see $STATE/apt.log)"
 }
 
 # write_owned PATH CONTENT: writes PATH atomically unless it exists without our marker.
