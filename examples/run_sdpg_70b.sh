@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # SDPG on a Llama-3.1-70B-style model: 8 training nodes (TP 8 x PP 2 x DP 4 = 64 GPUs)
-# and 4 dedicated rollout nodes (8 SGLang engines of TP 4) behind an sglang-router.
+# and 4 dedicated rollout nodes (8 SGLang engines of TP 4); the trainer addresses
+# every engine itself (no router).
 #
 #   sbatch examples/run_sdpg_70b.sh                                  # from the repository root
 #   TRAIN_NODES=16 ROLLOUT_NODES=8 sbatch --nodes=24 examples/run_sdpg_70b.sh train.steps=200
 #   DRY_RUN=1 bash examples/run_sdpg_70b.sh                          # print every node's commands
-#   python -m megatron_sdpg.plan --config examples/configs/sdpg_70b.yaml --nodes 8 parallel.tp=8 parallel.pp=2
+#   python -m megatron_sdpg.plan --config examples/configs/sdpg_70b.yaml            # plans this layout (parallel.nodes)
 #
 # Settings are environment variables (see examples/lib/launch.sh); arguments are trainer overrides.
+# TRAIN_NODES, GPUS_PER_NODE, TP, PP and ROLLOUT_TP default to the config's parallel.nodes,
+# parallel.gpus_per_node, parallel.tp, parallel.pp and rollout.tp_size (what the planner plans).
 #SBATCH --job-name=sdpg-70b
 #SBATCH --nodes=12
 #SBATCH --ntasks-per-node=1
@@ -28,11 +31,7 @@ fi
 MODEL_NAME=sdpg-70b
 : "${CONFIG:=$REPO_DIR/examples/configs/sdpg_70b.yaml}"
 : "${HF_DIR:=/models/Llama-3.1-70B-Instruct}"
-: "${TRAIN_NODES:=8}"
 : "${ROLLOUT_NODES:=4}"
-: "${TP:=8}"
-: "${PP:=2}"
-: "${ROLLOUT_TP:=4}"
 
 # shellcheck source=examples/lib/launch.sh
 source "$REPO_DIR/examples/lib/launch.sh"

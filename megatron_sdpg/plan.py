@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m megatron_sdpg.plan --config examples/configs/sdpg_70b.yaml --nodes 8 parallel.tp=8 parallel.pp=4
+    python -m megatron_sdpg.plan --config examples/configs/sdpg_70b.yaml     # the layout run_sdpg_70b.sh launches
+    python -m megatron_sdpg.plan --config examples/configs/sdpg_70b.yaml --nodes 16 parallel.pp=2
     python -m megatron_sdpg.plan --config FILE.yaml --world-size 16 --mfu 0.4 model.recompute=false
 
 Prints a table (memory per GPU by term and pipeline stage, the same peak with
@@ -29,8 +30,10 @@ def _parse(argv):
     p.add_argument("--config", help="YAML file (see examples/configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=8 train.micro_batch_size=1")
     p.add_argument("--world-size", type=int, default=0, help="training GPUs (default: nodes x gpus per node)")
-    p.add_argument("--nodes", type=int, default=0, help="training nodes (default: one model replica)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=None,
+                   help="training nodes (default: the config's parallel.nodes, what the Slurm scripts launch; "
+                        "when that is 0, one model replica)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: the config's parallel.gpus_per_node")
     p.add_argument("--gpu-memory-gib", type=float, default=79.6, help="memory of one GPU (H100 80GB: 79.6)")
     p.add_argument("--reserve-gib", type=float, default=5.0, help="kept free: CUDA context, NCCL, fragmentation")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one GPU (H100 SXM: 989)")
@@ -166,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                              peak_tflops=args.peak_tflops, mfu=args.mfu,
                              fused_kernels=not args.local_kernels, fused_optimizer=not args.unfused_optimizer,
                              colocated_engine_fraction=args.colocated_engine_fraction)
-    world = args.world_size or args.nodes * args.gpus_per_node
     try:
         cfg = load_config(args.config, args.overrides)
+        nodes = cfg.parallel.nodes if args.nodes is None else args.nodes
+        per_node = cfg.parallel.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
+        world = args.world_size or nodes * per_node
         plan = make_plan(cfg, world, assume)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

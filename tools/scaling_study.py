@@ -9,7 +9,8 @@ in ``--out``):
 * ``--slurm``: submits ``--script`` once per count of ``--nodes`` with
   ``sbatch`` (``TRAIN_NODES``, ``RUN_DIR`` and the allocation size set per job;
   see ``examples/lib/launch.sh``) and writes ``manifest.json`` with the job ids;
-  nothing is collected until the jobs have finished;
+  nothing is collected until the jobs have finished, unless ``--wait``: then it
+  waits for every job to end (``scontrol show job``) and collects them at once;
 * ``--collect RUN_DIR... | --manifest FILE``: reads finished runs.
 
 Per run, after dropping ``--warmup`` steps: training tokens/s (prompt + completion
@@ -26,6 +27,8 @@ Usage::
     python tools/scaling_study.py --ranks 2 4 --tp 2 --weak
     python tools/scaling_study.py --slurm --nodes 2 4 8 --script examples/run_sdpg_70b.sh --out /shared/scaling
     python tools/scaling_study.py --manifest /shared/scaling/manifest.json
+    python tools/scaling_study.py --slurm --wait --nodes 1 2 --rollout-nodes 1 --config examples/configs/tiny_cluster.yaml \
+        --env ENGINE=cpu --env HF_DIR=/tmp/tiny --label "shared-core CPU, local Slurm: not a scaling result"
     python tools/scaling_study.py --collect 2=runs/a 4=runs/b
 """
 
@@ -185,9 +188,9 @@ def write_json(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def plot(rows: list[dict], out_dir: str, unit: str) -> list[str]:
+def plot(rows: list[dict], out_dir: str, unit: str, label: str = "") -> list[str]:
     """``throughput.png`` (measured and ideal tokens/s vs count, efficiency annotated) and
-    ``step_split.png`` (stacked mean step time per phase). Returns the paths."""
+    ``step_split.png`` (stacked mean step time per phase), ``label`` above both titles. Returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,7 +208,7 @@ def plot(rows: list[dict], out_dir: str, unit: str) -> list[str]:
     ax.set_xticks(counts, [str(c) for c in counts])
     ax.set_xlabel(unit)
     ax.set_ylabel("tokens / s")
-    ax.set_title("throughput (labels: scaling efficiency)")
+    ax.set_title((label + "\n" if label else "") + "throughput (labels: scaling efficiency)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     paths.append(_save(fig, os.path.join(out_dir, "throughput.png")))
@@ -218,7 +221,7 @@ def plot(rows: list[dict], out_dir: str, unit: str) -> list[str]:
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_xlabel(unit)
     ax.set_ylabel("mean step time (s)")
-    ax.set_title("step-time split")
+    ax.set_title((label + "\n" if label else "") + "step-time split", fontsize=9)
     ax.legend(fontsize=8)
     paths.append(_save(fig, os.path.join(out_dir, "step_split.png")))
     plt.close("all")
@@ -232,12 +235,12 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def finish(rows: list[dict], out_dir: str, unit: str) -> list[dict]:
+def finish(rows: list[dict], out_dir: str, unit: str, label: str = "") -> list[dict]:
     """Efficiency, CSV and plots into ``out_dir``; prints one JSON line per count."""
     rows = add_efficiency(rows)
     os.makedirs(out_dir, exist_ok=True)
     write_csv(rows, os.path.join(out_dir, "scaling.csv"))
-    plot(rows, out_dir, unit)
+    plot(rows, out_dir, unit, label)
     for row in rows:
         print(json.dumps({k: row[k] for k in COLUMNS if k != "run_dir"}), flush=True)
     return rows
@@ -354,6 +357,25 @@ def submit_slurm(args) -> dict:
     return manifest
 
 
+def wait_for_jobs(manifest: dict, poll_s: float = 5.0) -> None:
+    """Blocks until every job of ``manifest`` has ended; raises unless each one COMPLETED."""
+    failed = []
+    for job in manifest["jobs"]:
+        while True:
+            proc = subprocess.run(["scontrol", "show", "job", job["job_id"]], capture_output=True, text=True)
+            match = re.search(r"JobState=(\S+)", proc.stdout)
+            if proc.returncode or not match:
+                raise StudyError(f"scontrol show job {job['job_id']}: {(proc.stderr or proc.stdout).strip()[-200:]}")
+            if match.group(1) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"):
+                break
+            time.sleep(poll_s)
+        print(f"# {job['nodes']} nodes: job {job['job_id']} {match.group(1)}", file=sys.stderr, flush=True)
+        if match.group(1) != "COMPLETED":
+            failed.append(f"job {job['job_id']} ({job['nodes']} nodes) {match.group(1)}, see {job['run_dir']}.out")
+    if failed:
+        raise StudyError("; ".join(failed))
+
+
 def collect_manifest(path: str, warmup: int) -> list[dict]:
     """Rows of every job in a ``manifest.json`` (count = training nodes)."""
     try:
@@ -391,6 +413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rollout-nodes", type=int, help="ROLLOUT_NODES of every job (default: the script's)")
     p.add_argument("--colocate", action="store_true", help="COLOCATE=1: engines on the training nodes")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra variable for the jobs")
+    p.add_argument("--wait", action="store_true", help="with --slurm: wait for the jobs, then collect them")
+    p.add_argument("--label", default="", help="a line above both figures' titles (e.g. what the machine was)")
     p.add_argument("--config", default=None, help="training YAML (local default: examples/configs/tiny_cpu.yaml)")
     p.add_argument("--model-dir", default=DEFAULT_MODEL)
     p.add_argument("--steps", type=int, default=6)
@@ -420,8 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.slurm:
             manifest = submit_slurm(args)
-            print(json.dumps({"manifest": os.path.join(os.path.abspath(args.out), "manifest.json"),
-                              "jobs": {j["nodes"]: j["job_id"] for j in manifest["jobs"]}}))
+            path = os.path.join(os.path.abspath(args.out), "manifest.json")
+            print(json.dumps({"manifest": path, "jobs": {j["nodes"]: j["job_id"] for j in manifest["jobs"]}}))
+            if not args.wait:
+                return 0
+            wait_for_jobs(manifest)
+            finish(collect_manifest(path, args.warmup), args.out, "training nodes", args.label)
             return 0
         if args.manifest:
             rows, unit, out = collect_manifest(args.manifest, args.warmup), "training nodes", args.out
@@ -431,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             os.makedirs(args.out, exist_ok=True)
             rows, unit, out = run_local(args), f"CPU ranks (tp {args.tp})", args.out
-        finish(rows, out, unit)
+        finish(rows, out, unit, args.label)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

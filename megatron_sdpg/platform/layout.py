@@ -19,6 +19,11 @@ class ParallelConfig:
         ep: Expert-parallel size (MoE models only).
         sequence_parallel: Megatron sequence parallelism (needs TE or apex norms; GPU only).
         use_distributed_optimizer: Shard optimizer state across data-parallel ranks.
+        nodes: Training nodes of the cluster layout this config is written for (0: not
+            set). The Slurm scripts (``TRAIN_NODES`` default) and the planner (``--nodes``
+            default) both read it; the trainer takes its world size from the launcher.
+        gpus_per_node: Trainer ranks per node of that layout (scripts' ``GPUS_PER_NODE``
+            default, planner's ``--gpus-per-node`` default).
     """
 
     tp: int = 1
@@ -28,6 +33,8 @@ class ParallelConfig:
     ep: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    nodes: int = 0
+    gpus_per_node: int = 8
 
     def validate(self, prefix: str = "parallel") -> None:
         for name in ("tp", "pp", "cp", "ep"):
@@ -38,6 +45,10 @@ class ParallelConfig:
             # the response rows would index full-length logits (silently wrong with TE attention).
             raise ConfigError(f"{prefix}.cp", f"context parallelism (cp={self.cp}) is not implemented: "
                               "sequences are not split per CP rank; set parallel.cp=1")
+        if self.nodes < 0:
+            raise ConfigError(f"{prefix}.nodes", f"must be >= 0 (0: not set), got {self.nodes}")
+        if self.gpus_per_node < 1:
+            raise ConfigError(f"{prefix}.gpus_per_node", f"must be >= 1, got {self.gpus_per_node}")
         if self.vpp is not None:
             if self.vpp < 1:
                 raise ConfigError(f"{prefix}.vpp", f"must be >= 1 or null, got {self.vpp}")

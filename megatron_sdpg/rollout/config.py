@@ -82,6 +82,12 @@ class RolloutConfig:
         sync_bucket_mb: Bucket size of the tensor and distributed strategies.
         sync_dir: Directory the disk strategy writes HF checkpoints into.
         distributed_backend: Backend of the weight-update group (``nccl`` for SGLang).
+        sync_master_address: Address the engines reach the trainer's global rank 0 at,
+            where it hosts the weight-update group (``distributed``). Empty means rank 0's
+            own host name. The Slurm scripts pass ``${oc.env:SLURMD_NODENAME}``: each rank
+            resolves it to its own node's Slurm name, and rank 0's is used.
+        sync_master_port: Port of that group's rendezvous on rank 0's node; 0 means rank 0
+            picks a free one at start-up.
         post_sync_check_threshold: Max |Δ log-prob| allowed by the post-sync probe;
             ``None`` disables the check.
     """
@@ -110,6 +116,8 @@ class RolloutConfig:
     sync_bucket_mb: float = 512.0
     sync_dir: str = "runs/weight_sync"
     distributed_backend: str = "nccl"
+    sync_master_address: str = ""
+    sync_master_port: int = 0
     post_sync_check_threshold: float | None = 1e-3
 
     def validate(self, prefix: str) -> None:
@@ -139,6 +147,8 @@ class RolloutConfig:
         )
         require(self.sync_bucket_mb > 0, f"{prefix}.sync_bucket_mb", "must be > 0")
         require(self.distributed_backend in ("nccl", "gloo"), f"{prefix}.distributed_backend", "must be nccl or gloo")
+        require(0 <= self.sync_master_port <= 65535, f"{prefix}.sync_master_port",
+                f"must be 0 (pick a free port) or a port number, got {self.sync_master_port}")
         require(
             not (self.engine == "cpu" and self.sync_strategy == "distributed" and self.distributed_backend == "nccl"),
             f"{prefix}.distributed_backend",

@@ -147,15 +147,18 @@ class TrainerParts:
         Released (colocated) engines are resumed first: their weights come back empty until synced."""
         from megatron_sdpg.weights.export import export_hf_weights
 
+        from megatron_sdpg.train.probe import post_sync_probe
+
         named = export_hf_weights(self.policy.unwrapped(), self.model_cfg, self.groups,
                                   bucket_bytes=int(self.cfg.rollout.sync_bucket_mb * 2**20))
         self.synced_version = version
+        probe = post_sync_probe(self)  # every rank joins its forward; a ProbeCheck on rank 0
         if dist.get_rank() == 0:
             for url in self.launcher.urls if self.launcher is not None else []:
                 if self.launcher.restart_if_dead(url) and self.log is not None:  # it gets these full weights
                     self.log.write(f"engine {url} had died; restarted it before syncing weight version {version}")
             resumed = self.resume_engines()
-            metrics = {**resumed, **self.sync.sync(named, version=version)}
+            metrics = {**resumed, **self.sync.sync(named, version=version, probe=probe)}
             self.rollout_ctx.client.aclient.expected_weight_version = str(version)  # stale samples now fail
             return metrics
         for _ in named:  # the collectives of the export run on every rank
@@ -181,18 +184,6 @@ class TrainerParts:
                 close()
             except Exception as err:  # keep closing the rest
                 print(f"warning: shutdown step failed: {err}", flush=True)
-
-
-def _weight_group_address(urls: list[str]) -> tuple[str, int]:
-    """Where the engines reach rank 0 for the distributed sync's group: loopback when every engine
-    is on this machine, else this host's name (as the launch scripts name nodes); a free port."""
-    import socket
-    from urllib.parse import urlparse
-
-    from megatron_sdpg.testing.distributed import free_port
-
-    local = {urlparse(u).hostname for u in urls} <= {"127.0.0.1", "localhost", "::1"}
-    return ("127.0.0.1" if local else socket.getfqdn()), free_port()
 
 
 def _check_engine_flags(client, rollout_cfg) -> None:
@@ -296,6 +287,29 @@ def _resume(parts: TrainerParts) -> None:
         parts.resumed_from = box[0][1]
 
 
+def _sync_endpoint(rollout_cfg, urls: list[str]) -> tuple[str, int | None]:
+    """Where rank 0 hosts the distributed weight-update group: (address, port).
+
+    The address is ``rollout.sync_master_address`` (the launch passes the node's name),
+    else loopback when every engine is on this machine, else this host's name; the port
+    is ``rollout.sync_master_port``, else a free one picked here, on rank 0's node.
+    ``(…, None)`` for the other strategies.
+    """
+    if rollout_cfg.sync_strategy != "distributed":
+        return rollout_cfg.sync_master_address or "127.0.0.1", None
+    import socket
+    from urllib.parse import urlparse
+
+    local = {urlparse(u).hostname for u in urls} <= {"127.0.0.1", "localhost", "::1"}
+    address = rollout_cfg.sync_master_address or ("127.0.0.1" if local else socket.getfqdn())
+    port = rollout_cfg.sync_master_port
+    if not port:
+        from megatron_sdpg.testing.distributed import free_port
+
+        port = free_port()
+    return address, port
+
+
 def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None:
     """Engines (launched unless URLs are given), client, verifier pool, weight sync, metrics log."""
     from dataclasses import replace
@@ -325,7 +339,7 @@ def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None
         _check_engine_flags(client, rollout_cfg)
     verifier = VerifierPool(cfg.reward.verifier or task.default_verifier, cfg.reward)
     parts.closers.append(verifier.close)
-    address, port = _weight_group_address(urls) if rollout_cfg.sync_strategy == "distributed" else ("", None)
+    address, port = _sync_endpoint(rollout_cfg, urls)
     parts.sync = make_weight_sync(rollout_cfg, client, config_dir=cfg.model.hf_dir, master_address=address,
                                   master_port=port)
     if hasattr(parts.sync, "close"):  # the distributed strategy's group: engines leave it before the client closes

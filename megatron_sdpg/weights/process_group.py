@@ -55,7 +55,7 @@ def init_weight_update_group(
         # The host creates the store itself: under torchrun (TORCHELASTIC_USE_AGENT_STORE=True)
         # ``rendezvous`` would only connect to master_port as a client, and nobody would host it.
         store = dist.TCPStore(master_address, master_port, world_size, is_master=True, timeout=timeout,
-                              wait_for_workers=False)
+                              wait_for_workers=False, multi_tenant=True)
     else:
         store, rank, world_size = next(
             rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)

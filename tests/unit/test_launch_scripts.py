@@ -87,10 +87,8 @@ def check_job(tags, *, train_nodes, rollout_nodes, gpus, tp, pp, rollout_tp, col
             engine_urls.append(f"http://{host}:{30000 + i}")
     idle = [h for h in tags if h.startswith("node") and h not in rollout_hosts + train_hosts]
     assert not idle, f"commands on nodes outside the job: {idle}"
-    # Router on the first rollout node, in front of every engine.
-    routers = [c for h in tags if h != "batch" for c in tags[h] if "sglang_router.launch_router" in c]
-    assert len(routers) == 1 and routers[0] in tags[rollout_hosts[0]]
-    assert values_after(routers[0], "--worker-urls") == engine_urls
+    # No router: the trainer addresses every engine itself.
+    assert not any("sglang_router.launch_router" in c for h in tags for c in tags[h])
     # Every training node runs the same torchrun, rendezvous on the first one.
     trainers = {h: [c for c in tags[h] if c[0] == "torchrun" and "megatron_sdpg.train" in c] for h in train_hosts}
     assert all(len(v) == 1 for v in trainers.values()), trainers
@@ -104,21 +102,27 @@ def check_job(tags, *, train_nodes, rollout_nodes, gpus, tp, pp, rollout_tp, col
     assert ov["rollout.urls"] == "[" + ",".join(engine_urls) + "]"
     assert ov["rollout.tp_size"] == str(rollout_tp)
     assert ov["model.hf_dir"] == hf_dir
-    # The trainer releases/resumes colocated engines and syncs them by CUDA IPC; dedicated ones by NCCL.
+    # The trainer releases/resumes colocated engines around the training passes.
     assert ov["rollout.colocate"] == ("true" if colocate else "false")
-    assert ov["rollout.sync_strategy"] == ("tensor" if colocate else "distributed")
-    # The batch host's srun steps: one per engine, router, and one trainer step over the training nodes.
+    assert ov["parallel.nodes"] == str(train_nodes) and ov["parallel.gpus_per_node"] == str(gpus)
+    # The distributed sync's group lives on trainer rank 0's node: each rank resolves its own Slurm name.
+    assert ov["rollout.sync_master_address"] == "${oc.env:SLURMD_NODENAME}"
+    assert ov["rollout.sync_master_port"] == "0"
+    # The batch host's srun steps: one per engine and one trainer step over the training nodes.
     sruns = [c for c in tags["batch"] if c[0] == "srun"]
     trainer_srun = [c for c in sruns if "megatron_sdpg.train" in c]
     assert len(trainer_srun) == 1
     assert flag(trainer_srun[0], "--nodes") == str(train_nodes)
     assert flag(trainer_srun[0], "--nodelist") == ",".join(train_hosts)
     assert flag(trainer_srun[0], "--output").endswith("/logs/%N/trainer.log")
-    assert len(sruns) == len(engine_urls) + 1 + 1 + sum("convert_hf_to_megatron" in " ".join(c) for c in sruns)
+    assert len(sruns) == len(engine_urls) + 1 + sum("convert_hf_to_megatron" in " ".join(c) for c in sruns)
     for c in sruns:
         assert flag(c, "--gpus-per-node") == str(gpus)
+        # Every step asks for its CPUs, and for as many tasks as nodes (not the allocation's SLURM_NTASKS).
+        assert int(flag(c, "--cpus-per-task")) >= 1
+        assert flag(c, "--ntasks") == flag(c, "--nodes")
     health = [c[-1] for c in tags["batch"] if c[0] == "curl"]
-    assert health == [u + "/health" for u in engine_urls] + [f"http://{rollout_hosts[0]}:30100/health"]
+    assert health == [u + "/health" for u in engine_urls]
     return first
 
 
@@ -143,14 +147,49 @@ def test_70b_other_layout_colocated_and_existing_checkpoint(tmp_path):
     ckpt = tmp_path / "megatron"
     ckpt.mkdir()
     (ckpt / "megatron_sdpg_model.json").write_text("{}")
-    r = dry_run(SCRIPTS[2], tmp_path, TRAIN_NODES="4", TP="8", PP="4", DP="1", COLOCATE="1", ROLLOUT_TP="8",
-                HF_DIR="/ckpt/llama70b")
+    r = dry_run(SCRIPTS[2], tmp_path, "rollout.sync_strategy=disk", TRAIN_NODES="4", TP="8", PP="4", DP="1",
+                COLOCATE="1", ROLLOUT_TP="8", HF_DIR="/ckpt/llama70b")
     assert r.returncode == 0, r.stderr
     tags = parse(r.stdout)
     check_job(tags, train_nodes=4, rollout_nodes=0, gpus=8, tp=8, pp=4, rollout_tp=8, colocate=True,
               hf_dir="/ckpt/llama70b")
     assert not any("tools/convert_hf_to_megatron.py" in c for cmds in tags.values() for c in cmds)
     assert "--mem-fraction-static 0.35" in r.stdout
+
+
+def test_colocated_engines_on_several_nodes_refuse_the_nccl_sync(tmp_path):
+    r = dry_run(SCRIPTS[2], tmp_path, TRAIN_NODES="4", TP="8", PP="4", COLOCATE="1", ROLLOUT_TP="8")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "rollout.sync_strategy=distributed cannot reach colocated engines" in r.stderr
+
+
+def test_colocated_engines_on_one_node_switch_to_the_tensor_path(tmp_path):
+    with open(os.path.join(REPO, "examples", "configs", "sdpg_8b.yaml")) as f:
+        text = f.read()
+    assert "  sync_strategy: tensor" in text
+    config = tmp_path / "sdpg_8b_distributed.yaml"  # the 8B default colocated, with an NCCL sync asked for
+    config.write_text(text.replace("  sync_strategy: tensor", "  sync_strategy: distributed"))
+    r = dry_run(SCRIPTS[0], tmp_path, CONFIG=str(config))
+    assert r.returncode == 0, r.stderr
+    trainer = [c for c in parse(r.stdout)["node001"] if c[0] == "torchrun" and "megatron_sdpg.train" in c][0]
+    assert overrides_of(trainer)["rollout.sync_strategy"] == "tensor"
+    assert "# weight sync: tensor" in r.stdout
+
+
+def test_cpu_engine_runs_the_project_server(tmp_path):
+    config = os.path.join(REPO, "examples", "configs", "tiny_cluster.yaml")
+    r = dry_run(SCRIPTS[2], tmp_path, CONFIG=config, HF_DIR="/tmp/tiny", ENGINE="cpu", TRAIN_NODES="2",
+                ROLLOUT_NODES="1")
+    assert r.returncode == 0, r.stderr
+    tags = parse(r.stdout)
+    engines = [c for c in tags["node003"] if "megatron_sdpg.rollout.server" in c]
+    assert len(engines) == 1 and flag(engines[0], "--hf-dir") == "/tmp/tiny" and flag(engines[0], "--port") == "30000"
+    trainer = [c for c in tags["node001"] if c[0] == "torchrun" and "megatron_sdpg.train" in c][0]
+    # Layout from tiny_cluster.yaml: one rank per node, TP 1 (the script's GPU defaults do not leak in).
+    assert flag(trainer, "--nproc-per-node") == "1" and flag(trainer, "--nnodes") == "2"
+    ov = overrides_of(trainer)
+    assert ov["rollout.engine"] == "cpu" and ov["parallel.tp"] == "1" and ov["parallel.pp"] == "1"
+    assert "rollout.sync_strategy" not in ov  # the config's own distributed sync, over gloo
 
 
 def test_container_runs_engines_and_trainer_in_one_python(tmp_path):
@@ -163,7 +202,7 @@ def test_container_runs_engines_and_trainer_in_one_python(tmp_path):
     assert len(trainer) == 1
     for c in (c for c in tags["batch"] if c[0] == "srun"):
         assert flag(c, "--container-image") == "registry/megatron-sdpg:latest"
-        assert flag(c, "--container-mounts") == "/data:/data"
+        assert flag(c, "--container-mounts") == f"{REPO}:{REPO},{tmp_path / 'run'}:{tmp_path / 'run'},/data:/data"
 
 
 def test_8b_default_one_node_colocated(tmp_path):
@@ -197,6 +236,8 @@ def test_32b_default_layout(tmp_path):
     (dict(ROLLOUT_TP="3"), "ROLLOUT_TP=3 does not divide GPUS_PER_NODE=8"),
     (dict(TRAIN_NODES="x"), "TRAIN_NODES must be an integer"),
     (dict(CONFIG="/nope.yaml"), "CONFIG: no such file: /nope.yaml"),
+    (dict(ENGINE="vllm"), "ENGINE must be sglang or cpu, got 'vllm'"),
+    (dict(CPUS_PER_TASK="0"), "CPUS_PER_TASK must be >= 1"),
 ])
 def test_bad_settings_fail_with_one_line(tmp_path, env, message):
     r = dry_run(SCRIPTS[2], tmp_path, **env)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -183,3 +184,25 @@ def test_plan_config_error_is_one_line():
     assert [line for line in r.stderr.splitlines() if line.strip()] == [
         "config error: parallel.cp: context parallelism (cp=2) is not implemented: sequences are not split per "
         "CP rank; set parallel.cp=1"]
+
+
+@pytest.mark.parametrize("size", ["8b", "32b", "70b"])
+def test_plan_without_flags_plans_what_the_script_launches(size, tmp_path):
+    """``plan --config`` alone plans the layout ``run_sdpg_<size>.sh`` launches: both read parallel.nodes."""
+    config = os.path.join(CONFIGS, f"sdpg_{size}.yaml")
+    r = run_plan("--config", config)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TP", "PP", "DP", "TRAIN_NODES",
+                                                                     "GPUS_PER_NODE"))}
+    env.update(DRY_RUN="1", RUN_DIR=str(tmp_path / "run"), MEGATRON_DIR=str(tmp_path / "m"))
+    dry = subprocess.run(["bash", os.path.join(REPO, "examples", f"run_sdpg_{size}.sh")], env=env,
+                         capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert dry.returncode == 0, dry.stderr
+    m = re.search(r"^# train: .*\((\d+) nodes x (\d+) GPUs = (\d+) ranks\): tp (\d+) pp (\d+) dp (\d+)$", dry.stdout,
+                  re.M)
+    assert m, dry.stdout
+    nodes, gpus, world, tp, pp, dp = map(int, m.groups())
+    assert summary["layout"] == f"tp{tp} pp{pp} cp1 ep1 dp{dp} (world {world})"
+    if size == "70b":
+        assert (nodes, gpus, dp) == (8, 8, 4) and summary["fits"] is True

@@ -291,6 +291,7 @@ def build_app(state: ServerState, max_body_bytes: int, health_timeout_s: float =
         if b.get("abort_all_requests", True):
             state.worker.abort(None, True)
         state.weight_version = version
+        print(f"weight version: {version}", flush=True)  # the engine's log records every version it serves
         return _outcome(True, f"Weight version updated to {version}", new_version=version)
 
     app = web.Application(client_max_size=max_body_bytes)
