@@ -22,6 +22,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from megatron_sdpg.rollout.server.generator import BatchGenerator, SampleResult
+from megatron_sdpg.rollout.server.openai_chat import add_chat_routes
 from megatron_sdpg.rollout.server.requests import BadRequest, SampleRequest, parse_generate
 from megatron_sdpg.rollout.server.weights import ModelWeights
 from megatron_sdpg.rollout.server.streamed_update import drain, query_options, receive_streamed_update
@@ -341,4 +342,5 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
 
     app = web.Application(client_max_size=max_body_bytes)
     app.add_routes(routes)
+    add_chat_routes(app, state)
     return app
