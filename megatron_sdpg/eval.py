@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--files", nargs="+", default=None, help="prepared benchmark files (instead of --task)")
     parser.add_argument("--base-url", default="", help="--files: engine URL (SGLang / CPU server); default in-process")
     parser.add_argument("--top-p", type=float, default=1.0, help="--files: nucleus sampling mass")
-    parser.add_argument("--chat-template", default="model", help="--files: model, thinking or no_thinking")
+    parser.add_argument("--chat-template", default="model", help="model, thinking or no_thinking (Qwen3)")
     parser.add_argument("--verifier", default="math", help="--files: verifier (math, numeric, module:function)")
     parser.add_argument("--responses-out", default="", help="--files: write every sample to this jsonl")
     parser.add_argument("--request-timeout", type=float, default=3600.0, help="--files: engine request timeout")
@@ -201,7 +201,13 @@ def main(argv: list[str] | None = None) -> dict:
     template = get_template(args.template or meta.get("template", "paper"))
     tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
     model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
-    builder = PromptBuilder(tokenizer, template)
+    from megatron_sdpg.data.prompts import chat_template_kwargs
+
+    try:
+        kwargs = chat_template_kwargs(tokenizer, args.chat_template)
+    except ValueError as e:
+        parser.error(str(e).replace("data.chat_template", "--chat-template"))
+    builder = PromptBuilder(tokenizer, template, template_kwargs=kwargs)
     result = evaluate(
         model, tokenizer, task, args.n, args.samples, args.temperature, args.with_context,
         builder=builder, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,

@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat-template-kwargs", default="", help='JSON, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--verifier", default="math", help="math, numeric, exact_match or module:function")
     p.add_argument("--verifier-timeout", type=float, default=10.0)
+    p.add_argument("--verifier-workers", type=int, default=4, help="verifier processes")
     p.add_argument("--overwrite", action="store_true", help="also regenerate problems that have a solution")
     p.add_argument("--skip-bad-rows", action="store_true", help="leave bad rows untouched instead of failing")
     p.add_argument("--request-timeout", type=float, default=1800.0)
@@ -220,7 +221,7 @@ class Bar:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for name in ("concurrency", "samples_per_problem", "max_tries"):
+    for name in ("concurrency", "samples_per_problem", "max_tries", "verifier_workers"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')}: must be >= 1")
     if args.prompt:
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = Bar(len(problems), covered_before, len(problems) - len(todo), args.no_progress_bar)
     log = ProgressLog(progress_path)
     try:
-        with VerifierPool(args.verifier, RewardConfig(timeout_s=args.verifier_timeout)) as pool:
+        with VerifierPool(args.verifier, RewardConfig(timeout_s=args.verifier_timeout, workers=args.verifier_workers)) as pool:
             accepted, errors, requests = asyncio.run(solve_all(args, todo, render, pool, log, bar))
     except ValueError as e:  # bad verifier name
         return _fail(f"--verifier: {e}")
