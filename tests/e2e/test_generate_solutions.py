@@ -144,3 +144,19 @@ def test_unreachable_endpoint_leaves_problems_for_a_rerun(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["unfinished"], summary["covered"], summary["complete"]) == (1, 0, False)
     assert os.path.exists(str(out) + ".progress.jsonl")
+
+
+def test_torn_progress_line_is_redone_not_fatal(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_solutions", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = tmp_path / "p.progress.jsonl"
+    path.write_bytes(b'{"id": "a", "solution": "x", "tries": 1}\n{"id": "b", "solu')  # killed mid-write
+    assert list(mod.read_progress(str(path))) == ["a"]
+    log = mod.ProgressLog(str(path))
+    log.append({"id": "c", "solution": None, "tries": 2})
+    log.close()
+    assert mod.read_progress(str(path)) == {"a": {"id": "a", "solution": "x", "tries": 1},
+                                            "c": {"id": "c", "solution": None, "tries": 2}}
