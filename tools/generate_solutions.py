@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import os
 import random
@@ -97,13 +98,16 @@ class ProgressLog:
 
     def __init__(self, path: str):
         self.path = path
-        if os.path.exists(path):  # drop a torn tail so the next append starts on a fresh line
-            with open(path, "rb") as f:
-                data = f.read()
-            if data and not data.endswith(b"\n"):
-                with open(path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:  # one writer at a time: a second run on the same --out would redo and interleave
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise RuntimeError(f"{path}: another generate_solutions run is writing it") from None
+        with open(path, "rb") as f:  # drop a torn tail so the next append starts on a fresh line
+            data = f.read()
+        if data and not data.endswith(b"\n"):
+            os.truncate(path, data.rfind(b"\n") + 1)
 
     def append(self, record: dict) -> None:
         os.write(self._fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
@@ -259,12 +263,19 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(problem)
 
     progress_path = args.out + ".progress.jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    try:
+        log = ProgressLog(progress_path)
+    except RuntimeError as e:
+        return _fail(str(e))
     try:
         done = read_progress(progress_path)
     except (json.JSONDecodeError, KeyError) as e:
+        log.close()
         return _fail(f"{progress_path}: not a progress file of this tool ({e})")
     unknown = sorted(set(done) - set(row_of))
     if unknown:
+        log.close()
         return _fail(f"{progress_path}: records problem {unknown[0]!r}, which is not in {args.input}")
     has_solution = {p.id for p in problems if p.context and not args.overwrite}
     todo = [p for p in problems if p.id not in done and p.id not in has_solution]
@@ -275,14 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sdpg.rewards.pool import VerifierPool
 
     bar = Bar(len(problems), covered_before, len(problems) - len(todo), args.no_progress_bar)
-    log = ProgressLog(progress_path)
     try:
-        with VerifierPool(args.verifier, RewardConfig(timeout_s=args.verifier_timeout, workers=args.verifier_workers)) as pool:
+        config = RewardConfig(timeout_s=args.verifier_timeout, workers=args.verifier_workers)
+        with VerifierPool(args.verifier, config) as pool:
             accepted, errors, requests = asyncio.run(solve_all(args, todo, render, pool, log, bar))
     except ValueError as e:  # bad verifier name
+        log.close()
         return _fail(f"--verifier: {e}")
     finally:
-        log.close()
         bar.close()
 
     done = read_progress(progress_path)
@@ -296,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             row["solution"] = ""
         out_rows.append(row)
     write_rows(args.out, out_rows)
+    log.close()  # holds the lock until --out is written
     complete = not errors
     covered = sum(bool(r["solution"]) for r in out_rows)
     summary = {

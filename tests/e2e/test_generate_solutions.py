@@ -160,3 +160,18 @@ def test_torn_progress_line_is_redone_not_fatal(tmp_path):
     log.close()
     assert mod.read_progress(str(path)) == {"a": {"id": "a", "solution": "x", "tries": 1},
                                             "c": {"id": "c", "solution": None, "tries": 2}}
+
+
+def test_second_concurrent_run_is_refused(tmp_path):
+    import fcntl
+
+    inp, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    inp.write_text(json.dumps({"question": "1+1", "answer": "2", "id": "a"}) + "\n")
+    progress = str(out) + ".progress.jsonl"
+    with open(progress, "a") as held:  # stands for a run in progress
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        proc = subprocess.run(_cmd("http://127.0.0.1:9", inp, out, "numeric"), capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"generate_solutions: {progress}: another generate_solutions run is writing it"
+    assert not out.exists()
