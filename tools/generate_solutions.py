@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = read_rows(args.input)
     except BadRowError as e:
         return _fail(str(e))
-    columns = Columns(question="question", answer="answer", context="solution", id="id" if rows and "id" in rows[0] else "")
+    id_key = "id" if rows and "id" in rows[0] else ""
+    columns = Columns(question="question", answer="answer", context="solution", id=id_key)
     problems, row_of = [], {}
     for i, row in enumerate(rows):
         try:

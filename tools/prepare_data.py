@@ -2,8 +2,8 @@
 """Public math datasets (local copies, published layouts) -> the trainer's problem files.
 
     python tools/prepare_data.py --format dapo-math-17k --input dapo-math-17k.parquet --out data/math/train.jsonl
-    python tools/prepare_data.py --format aime --input aime_2024/train-00000-of-00001.parquet --out data/eval/aime24.jsonl
-    python tools/prepare_data.py --format amc --input aimo-validation-amc.parquet --year 2023 --out data/eval/amc23.jsonl
+    python tools/prepare_data.py --format aime --input aime_2024.parquet --out data/eval/aime24.jsonl
+    python tools/prepare_data.py --format amc --input amc.parquet --year 2023 --out data/eval/amc23.jsonl
 
 Writes rows ``{question, answer, solution, source, id}`` (jsonl or parquet, by the
 extension of ``--out``), atomically. Layouts: ``megatron_sdpg/data/layouts.py``.

@@ -71,7 +71,8 @@ def _problem_file(path):
     task = get_task("synthetic", terms=3, digits=2, min_digits=2, response="scratchpad", context="carries")
     with open(path, "w") as f:
         for i, p in enumerate(task.problems("heldout", N_PROBLEMS)):
-            f.write(json.dumps({"question": p.question, "answer": p.answer, "source": "synthetic", "id": f"s{i}"}) + "\n")
+            row = {"question": p.question, "answer": p.answer, "source": "synthetic", "id": f"s{i}"}
+            f.write(json.dumps(row) + "\n")
 
 
 def _cmd(url, inp, out, verifier):
@@ -173,5 +174,6 @@ def test_second_concurrent_run_is_refused(tmp_path):
         proc = subprocess.run(_cmd("http://127.0.0.1:9", inp, out, "numeric"), capture_output=True, text=True,
                               timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"generate_solutions: {progress}: another generate_solutions run is writing it"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"generate_solutions: {progress}: another generate_solutions run is writing it"
     assert not out.exists()
