@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fill a problem file's privileged context (worked solutions) through an OpenAI-compatible chat endpoint.
 
-    python tools/generate_solutions.py --input data/math/train.jsonl --out data/math/train_sol.jsonl \\
+    python tools/generate_solutions.py --input data/math/dapo17k.jsonl --out data/math/train.jsonl \\
         --base-url http://127.0.0.1:30000/v1 --model Qwen/Qwen3-32B --concurrency 64 \\
         --samples-per-problem 4 --max-tries 2
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Public math datasets (local copies, published layouts) -> the trainer's problem files.
 
-    python tools/prepare_data.py --format dapo-math-17k --input dapo-math-17k.parquet --out data/math/train.jsonl
+    python tools/prepare_data.py --format dapo-math-17k --input dapo-math-17k.parquet --out data/math/dapo17k.jsonl
     python tools/prepare_data.py --format aime --input aime_2024.parquet --out data/eval/aime24.jsonl
     python tools/prepare_data.py --format amc --input amc.parquet --year 2023 --out data/eval/amc23.jsonl
 
