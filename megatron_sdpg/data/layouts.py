@@ -31,8 +31,9 @@ skipped, or reported as ``file: row i: reason`` (see ``files.py``).
 from __future__ import annotations
 
 import collections
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from megatron_sdpg.data.files import BadRowError, _text, read_rows
@@ -155,6 +156,27 @@ _CONVERTERS: dict[str, Callable[[dict], dict]] = {
 }
 
 
+def iter_rows(path: str) -> Iterator[dict]:
+    """The rows of a file as dicts; parquet is streamed in record batches (DAPO's 1.79M rows).
+
+    Raises:
+        BadRowError: no such file, or not readable as a table (one line naming the file).
+    """
+    if not path.endswith(".parquet"):
+        yield from read_rows(path)
+        return
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(path):
+        raise BadRowError(f"{path}: no such file")
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=8192)
+        for batch in batches:
+            yield from batch.to_pylist()
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise BadRowError(f"{path}: cannot be read as a table ({type(err).__name__}: {err})") from None
+
+
 def _mentions_year(row: dict, year: str) -> bool:
     return any(year in str(row.get(k, "")) for k in ("url", "id", "ID", "year", "Year", "source"))
 
@@ -182,9 +204,8 @@ def convert_rows(fmt: str, paths: list[str], source: str = "", *, skip_bad_rows:
     convert, source = _CONVERTERS[fmt], source or fmt
     report, out, seen, ids = PrepareReport(), [], set(), set()
     for path in paths:
-        rows = read_rows(path)
-        report.rows += len(rows)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(iter_rows(path)):
+            report.rows += 1
             if year and not _mentions_year(row, year):
                 report.other_year += 1
                 continue
@@ -200,13 +221,13 @@ def convert_rows(fmt: str, paths: list[str], source: str = "", *, skip_bad_rows:
                     raise BadRowError(f"{path}: row {i}: {err}") from None
                 report.skipped[str(err).split(" (")[0].split(":")[0]] += 1
                 continue
-            if fmt == "dapo-math-17k" and _CJK.search(item["question"]):
-                report.non_english += 1
-                continue
             if item["question"] in seen:
                 report.duplicates += 1
                 continue
             seen.add(item["question"])
+            if fmt == "dapo-math-17k" and _CJK.search(item["question"]):
+                report.non_english += 1
+                continue
             row_id = str(item["id"]) if item["id"] is not None else f"{source}-{len(out)}"
             item["id"] = row_id if row_id not in ids else f"{row_id}-{len(out)}"
             ids.add(item["id"])

@@ -104,3 +104,14 @@ def test_write_rows_is_atomic_and_leaves_no_temp(tmp_path):
         write_rows(str(path), [{"question": object()}])
     assert path.read_text() == '{"question": "q", "answer": "1"}\n'
     assert os.listdir(tmp_path) == ["a.jsonl"]
+
+
+def test_unreadable_or_missing_input_is_one_line(tmp_path):
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not a parquet file")
+    with pytest.raises(BadRowError, match=r"junk.parquet: cannot be read as a table"):
+        convert_rows("aime", [str(junk)])
+    with pytest.raises(BadRowError, match=r"nope.parquet: no such file"):
+        convert_rows("aime", [str(tmp_path / "nope.parquet")])
+    with pytest.raises(BadRowError, match=r"unknown format"):
+        convert_rows("olympiad", [str(junk)])
