@@ -223,6 +223,7 @@ def _main_files(args: argparse.Namespace, parser: argparse.ArgumentParser) -> di
 
     from megatron_sdpg.data.prompts import chat_template_kwargs
     from megatron_sdpg.eval_files import FilesEvalSettings, evaluate_files
+    from megatron_sdpg.rollout.protocol import RolloutError
 
     settings = FilesEvalSettings(
         samples=32 if args.samples is None else args.samples,
@@ -243,7 +244,7 @@ def _main_files(args: argparse.Namespace, parser: argparse.ArgumentParser) -> di
         with VerifierPool(args.verifier, RewardConfig()) as pool:
             result = evaluate_files(args.files, builder, pool, settings, engine_url=args.base_url, model=model,
                                     timeout_s=args.request_timeout, responses_out=args.responses_out)
-    except ValueError as e:  # a bad file or row (BadRowError), a bad verifier name
+    except (ValueError, RolloutError) as e:  # a bad file or row (BadRowError), a bad verifier, engine down
         parser.exit(2, f"eval: {e}\n")
     result.update(template=builder.template.name, chat_template=args.chat_template)
     print(json.dumps(result), flush=True)
