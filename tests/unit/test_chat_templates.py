@@ -95,3 +95,16 @@ def test_long_context_is_cut_first_and_counted(tokenizer, mode):
     assert "What is 2+3?" in text and "The correct answer is 5" in text and "Do NOT state" in text
     assert "step 0 add" in text and "step 149 add" not in text and "[...]" in text
     assert text.endswith(full.teacher_text(LONG)[-30:])  # the same chat tail (thinking mode kept)
+
+
+def test_chat_endpoint_prompt_passes_template_kwargs(tokenizer):
+    from megatron_sdpg.rollout.server.openai_chat import chat_prompt_ids
+    from megatron_sdpg.rollout.server.requests import BadRequest
+
+    body = {"messages": [{"role": "user", "content": "What is 2+3?"}]}
+    on = chat_prompt_ids(tokenizer, body)
+    off = chat_prompt_ids(tokenizer, {**body, "chat_template_kwargs": {"enable_thinking": False}})
+    assert tokenizer.decode(on) == "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(off) == tokenizer.decode(on) + "<think>\n\n</think>\n\n"
+    with pytest.raises(BadRequest, match="^chat_template_kwargs:"):
+        chat_prompt_ids(tokenizer, {**body, "chat_template_kwargs": [1]})
