@@ -4,6 +4,13 @@ Usage::
 
     python -m megatron_sdpg.eval --hf-dir artifacts/tiny --task synthetic --n 500
     python -m megatron_sdpg.eval --hf-dir DIR --task synthetic --samples 4 --temperature 1.0 --with-context
+    python -m megatron_sdpg.eval --hf-dir DIR --files data/eval/aime24.jsonl data/eval/amc23.jsonl \
+        --base-url http://127.0.0.1:30000 --chat-template thinking
+
+``--files`` evaluates prepared benchmark files (``tools/prepare_data.py``): mean@k and
+unbiased pass@k per file at the paper's settings by default (32 samples, temperature
+1.0, top-p 1.0, 4096 new tokens), through an engine URL (``--base-url``: SGLang or the
+CPU rollout server) or the model in-process (``megatron_sdpg/eval_files.py``).
 
 Prints one JSON line. With ``--samples 1 --temperature 0`` (the defaults) mean@1 is
 greedy accuracy. ``--with-context`` adds the same metrics under the teacher prompt
@@ -150,15 +157,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory")
-    parser.add_argument("--task", required=True, help="registered task name (e.g. synthetic)")
+    parser.add_argument("--task", default=None, help="registered task name (e.g. synthetic)")
+    parser.add_argument("--files", nargs="+", default=None, help="prepared benchmark files (instead of --task)")
+    parser.add_argument("--base-url", default="", help="--files: engine URL (SGLang / CPU server); default in-process")
+    parser.add_argument("--top-p", type=float, default=1.0, help="--files: nucleus sampling mass")
+    parser.add_argument("--chat-template", default="model", help="model, thinking or no_thinking (Qwen3)")
+    parser.add_argument("--verifier", default="math", help="--files: verifier (math, numeric, module:function)")
+    parser.add_argument("--responses-out", default="", help="--files: write every sample to this jsonl")
+    parser.add_argument("--request-timeout", type=float, default=3600.0, help="--files: engine request timeout")
     parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                         help="task option (JSON value), overrides the model's recorded options")
     parser.add_argument("--template", default=None, help="prompt template (default: recorded, else paper)")
     parser.add_argument("--n", type=int, default=500, help="held-out problems")
-    parser.add_argument("--samples", type=int, default=1, help="k: samples per problem")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--samples", type=int, default=None, help="k: samples per problem (default 1; --files 32)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0; --files 1.0)")
     parser.add_argument("--with-context", action="store_true", help="also evaluate under the teacher prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64; --files 4096")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -166,6 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if (args.task is None) == (args.files is None):
+        parser.error("give exactly one of --task and --files")
+    if args.files is not None:
+        return _main_files(args, parser)
+    args.samples = 1 if args.samples is None else args.samples
+    args.temperature = 0.0 if args.temperature is None else args.temperature
+    args.max_new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
     meta = read_task_metadata(args.hf_dir)
     options = dict(meta.get("task_options", {})) if meta.get("task") == args.task else {}
     for item in args.task_option:
@@ -180,12 +201,52 @@ def main(argv: list[str] | None = None) -> dict:
     template = get_template(args.template or meta.get("template", "paper"))
     tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
     model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
-    builder = PromptBuilder(tokenizer, template)
+    from megatron_sdpg.data.prompts import chat_template_kwargs
+
+    try:
+        kwargs = chat_template_kwargs(tokenizer, args.chat_template)
+    except ValueError as e:
+        parser.error(str(e).replace("data.chat_template", "--chat-template"))
+    builder = PromptBuilder(tokenizer, template, template_kwargs=kwargs)
     result = evaluate(
         model, tokenizer, task, args.n, args.samples, args.temperature, args.with_context,
         builder=builder, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
     )
     result["template"] = template.name
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _main_files(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """``--files``: benchmark files at the paper's sampling settings (``eval_files.py``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_sdpg.data.prompts import chat_template_kwargs
+    from megatron_sdpg.eval_files import FilesEvalSettings, evaluate_files
+    from megatron_sdpg.rollout.protocol import RolloutError
+
+    settings = FilesEvalSettings(
+        samples=32 if args.samples is None else args.samples,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_p=args.top_p, max_new_tokens=4096 if args.max_new_tokens is None else args.max_new_tokens,
+        seed=args.seed, batch_size=args.batch_size,
+    )
+    if settings.samples < 1 or not 0.0 < settings.top_p <= 1.0 or settings.temperature < 0:
+        parser.error("--samples must be >= 1, --top-p in (0, 1], --temperature >= 0")
+    tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+    try:
+        kwargs = chat_template_kwargs(tokenizer, args.chat_template)
+    except ValueError as e:
+        parser.error(str(e).replace("data.chat_template", "--chat-template"))
+    builder = PromptBuilder(tokenizer, get_template(args.template or "paper"), template_kwargs=kwargs)
+    model = None if args.base_url else AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    try:
+        with VerifierPool(args.verifier, RewardConfig()) as pool:
+            result = evaluate_files(args.files, builder, pool, settings, engine_url=args.base_url, model=model,
+                                    timeout_s=args.request_timeout, responses_out=args.responses_out)
+    except (ValueError, RolloutError) as e:  # a bad file or row (BadRowError), a bad verifier, engine down
+        parser.exit(2, f"eval: {e}\n")
+    result.update(template=builder.template.name, chat_template=args.chat_template)
     print(json.dumps(result), flush=True)
     return result
 

@@ -11,7 +11,7 @@ Usage (trainer start-up)::
 from __future__ import annotations
 
 from megatron_sdpg.data.config import DataConfig
-from megatron_sdpg.data.prompts import PromptBuilder
+from megatron_sdpg.data.prompts import PromptBuilder, chat_template_kwargs
 from megatron_sdpg.data.source import PromptSource
 from megatron_sdpg.data.templates import get_template
 
@@ -19,7 +19,8 @@ from megatron_sdpg.data.templates import get_template
 def build_prompt_builder(tokenizer, cfg: DataConfig) -> PromptBuilder:
     """The student / teacher prompt builder for the configured template and limits."""
     template = get_template(cfg.template, cfg.student_template, cfg.teacher_template)
-    return PromptBuilder(tokenizer, template, cfg.max_teacher_prompt_tokens, cfg.context_truncation)
+    kwargs = chat_template_kwargs(tokenizer, cfg.chat_template)
+    return PromptBuilder(tokenizer, template, cfg.max_teacher_prompt_tokens, cfg.context_truncation, kwargs)
 
 
 def build_prompt_source(task, cfg: DataConfig, batch_size: int) -> PromptSource:

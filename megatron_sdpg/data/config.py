@@ -9,6 +9,7 @@ from megatron_sdpg.config.errors import require
 from megatron_sdpg.data.templates import BUILTIN_TEMPLATES, check_custom_template
 
 CONTEXT_TRUNCATION = ("head", "tail", "error")
+CHAT_TEMPLATES = ("model", "thinking", "no_thinking")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class DataConfig:
             ``error`` raises.
         skip_bad_rows: Skip and count bad rows instead of failing on the first one.
         template: ``paper`` (default), ``opsd``, ``hint`` or ``custom``.
+        chat_template: How the tokenizer's own chat template is applied: ``model`` as
+            it comes, ``thinking`` / ``no_thinking`` with ``enable_thinking`` true / false
+            (Qwen3's thinking mode; the template must read ``enable_thinking``).
         student_template: Custom student message (``{question}``, ``{answer}``, ``{context}``).
         teacher_template: Custom privileged block appended to the student message.
         seed: Seed of the training order (and of generated training problems).
@@ -55,6 +59,7 @@ class DataConfig:
     context_truncation: str = "head"
     skip_bad_rows: bool = False
     template: str = "paper"
+    chat_template: str = "model"
     student_template: str = ""
     teacher_template: str = ""
     seed: int = 0
@@ -87,6 +92,11 @@ class DataConfig:
             self.context_truncation in CONTEXT_TRUNCATION,
             f"{prefix}.context_truncation",
             f"{self.context_truncation!r} is not one of {CONTEXT_TRUNCATION}",
+        )
+        require(
+            self.chat_template in CHAT_TEMPLATES,
+            f"{prefix}.chat_template",
+            f"{self.chat_template!r} is not one of {CHAT_TEMPLATES}",
         )
         choices = sorted(BUILTIN_TEMPLATES) + ["custom"]
         require(self.template in choices, f"{prefix}.template", f"{self.template!r} is not one of {choices}")

@@ -29,11 +29,32 @@ class PromptTooLongError(ValueError):
     """A prompt cannot be made to fit its token limit."""
 
 
-def chat_prompt(tokenizer, user_message: str) -> str:
-    """The chat-templated text of one user turn, ending with the assistant header."""
+def chat_prompt(tokenizer, user_message: str, **template_kwargs) -> str:
+    """The chat-templated text of one user turn, ending with the assistant header.
+
+    ``template_kwargs`` go to the chat template (e.g. ``enable_thinking=False``).
+    """
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True, **template_kwargs
     )
+
+
+def chat_template_kwargs(tokenizer, mode: str) -> dict:
+    """Chat-template keywords of ``data.chat_template`` (``model``, ``thinking``, ``no_thinking``).
+
+    Raises:
+        ValueError: a thinking mode was asked of a template that ignores ``enable_thinking``,
+            or the mode is unknown.
+    """
+    if mode == "model":
+        return {}
+    if mode not in ("thinking", "no_thinking"):
+        raise ValueError(f"data.chat_template: {mode!r} is not one of ('model', 'thinking', 'no_thinking')")
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if "enable_thinking" not in (template if isinstance(template, str) else str(template)):
+        raise ValueError(f"data.chat_template: {mode!r} needs a chat template that reads enable_thinking "
+                         "(e.g. Qwen3's); this tokenizer's does not")
+    return {"enable_thinking": mode == "thinking"}
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -49,6 +70,11 @@ class PromptBuilder:
         template: Renders the user messages.
         max_teacher_prompt_tokens: Teacher prompts longer than this get their context cut.
         context_truncation: ``head``, ``tail`` or ``error`` (module docstring).
+        template_kwargs: Chat-template keywords (see ``chat_template_kwargs``).
+
+    Attributes:
+        truncations: Teacher prompts built so far whose context was cut to fit (the
+            trainer reports the per-step count as ``data/teacher_context_truncated``).
     """
 
     def __init__(
@@ -57,15 +83,21 @@ class PromptBuilder:
         template: PromptTemplate,
         max_teacher_prompt_tokens: int = 3072,
         context_truncation: str = "head",
+        template_kwargs: dict | None = None,
     ):
         self.tokenizer = tokenizer
         self.template = template
         self.max_teacher_prompt_tokens = max_teacher_prompt_tokens
         self.context_truncation = context_truncation
+        self.template_kwargs = dict(template_kwargs or {})
+        self.truncations = 0
+
+    def _chat(self, user_message: str) -> str:
+        return chat_prompt(self.tokenizer, user_message, **self.template_kwargs)
 
     def student_text(self, problem: Problem) -> str:
         """The chat-templated student prompt."""
-        return chat_prompt(self.tokenizer, self.template.render_student(problem))
+        return self._chat(self.template.render_student(problem))
 
     def student_ids(self, problem: Problem) -> list[int]:
         """Token ids of the student prompt."""
@@ -80,7 +112,7 @@ class PromptBuilder:
         return self._teacher(problem)[1]
 
     def _teacher(self, problem: Problem) -> tuple[str, list[int]]:
-        text = chat_prompt(self.tokenizer, self.template.render_teacher(problem))
+        text = self._chat(self.template.render_teacher(problem))
         ids = encode(self.tokenizer, text)
         excess = len(ids) - self.max_teacher_prompt_tokens
         if excess <= 0:
@@ -91,6 +123,7 @@ class PromptBuilder:
                 f"max_teacher_prompt_tokens={self.max_teacher_prompt_tokens}"
             )
         text = self._truncated_teacher_text(problem, excess)
+        self.truncations += 1
         return text, encode(self.tokenizer, text)
 
     def _truncated_teacher_text(self, problem: Problem, excess: int) -> str:
@@ -100,12 +133,12 @@ class PromptBuilder:
             kept = ctx_ids[:keep] if self.context_truncation == "head" else ctx_ids[-keep:]
             piece = self.tokenizer.decode(kept)
             context = piece + ELLIPSIS if self.context_truncation == "head" else ELLIPSIS.strip() + " " + piece
-            text = chat_prompt(self.tokenizer, self.template.render_teacher(problem, context=context))
+            text = self._chat(self.template.render_teacher(problem, context=context))
             over = len(encode(self.tokenizer, text)) - self.max_teacher_prompt_tokens
             if over <= 0:
                 return text
             keep -= over
-        text = chat_prompt(self.tokenizer, self.template.render_teacher(problem, context=""))
+        text = self._chat(self.template.render_teacher(problem, context=""))
         if len(encode(self.tokenizer, text)) > self.max_teacher_prompt_tokens:
             raise PromptTooLongError(
                 f"problem {problem.id}: teacher prompt exceeds max_teacher_prompt_tokens="

@@ -48,8 +48,10 @@ def collect_rollouts(ctx: RolloutContext, problems: list[Problem], seed: int, al
     from megatron_sdpg.algo.advantages import group_advantages, overlong_penalty
 
     student = [ctx.builder.student_ids(p) for p in problems]
+    truncated_before = ctx.builder.truncations
     teacher = [ctx.builder.teacher_ids(p) for p in problems]
     groups, metrics = ctx.client.generate(student, n=ctx.n_samples, sampling=ctx.sampling, seed=seed)
+    metrics["data/teacher_context_truncated"] = float(ctx.builder.truncations - truncated_before)
     flat = [o for g in groups for o in g]
     answers = [problems[o.group].answer for o in flat]
     t0 = time.perf_counter()

@@ -63,6 +63,7 @@ def test_three_steps(hf_dir, tmp_path, layout):
         limit = 1e-4 if "train.ppo_epochs=2" not in layout else 0.1
         assert r["rollout_logp_abs_diff"] < limit, r["rollout_logp_abs_diff"]
         assert r["distill_kl"] >= 0 and r["beta"] > 0
+        assert r["data/teacher_context_truncated"] == 0  # the tiny task's contexts fit
 
     synced_dir = os.path.join(run_dir, "weight_sync")
     files = [os.path.join(dp, f) for dp, _, fs in os.walk(synced_dir) for f in fs if f.endswith(".safetensors")]

@@ -24,6 +24,7 @@ from aiohttp import web
 from megatron_sdpg.rollout.fingerprint import checkpoint_fingerprint
 from megatron_sdpg.rollout.server.generator import BatchGenerator, SampleResult
 from megatron_sdpg.rollout.server.memory import MemoryOccupation, resident_bytes
+from megatron_sdpg.rollout.server.openai_chat import add_chat_routes
 from megatron_sdpg.rollout.server.requests import BadRequest, Limits, SampleRequest, parse_generate
 from megatron_sdpg.rollout.server.weights import ModelWeights
 from megatron_sdpg.rollout.server.worker import EngineNotReady, ModelWorker
@@ -297,11 +298,12 @@ def build_app(state: ServerState, max_body_bytes: int, health_timeout_s: float =
     app = web.Application(client_max_size=max_body_bytes)
     app.add_routes(routes)
     add_memory_routes(app, state)
+    add_chat_routes(app, state)
     return app
 
 
 # Routes that need the weights in memory: refused between release and resume.
-_NEEDS_WEIGHTS = ("/generate", "/health_generate", "/update_weights_from_disk", "/update_weights_from_tensor",
+_NEEDS_WEIGHTS = ("/generate", "/v1/chat/completions", "/health_generate", "/update_weights_from_disk", "/update_weights_from_tensor",
                   "/update_weights_from_distributed")
 
 
