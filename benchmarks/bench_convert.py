@@ -80,7 +80,7 @@ def write_synthetic_hf(out_dir: str, config: dict, dtype: torch.dtype, shard_byt
     """Random weights for ``config`` as sharded safetensors; returns (total bytes, largest tensor bytes)."""
     from megatron_sdpg.models.architecture import model_config_from_hf
     from megatron_sdpg.weights import mapping_for
-    from megatron_sdpg.weights.hf_io import ShardedSafetensorsWriter
+    from megatron_sdpg.formats.hf_io import ShardedSafetensorsWriter
 
     os.makedirs(out_dir)
     cfg = dict(config, dtype=str(dtype).removeprefix("torch."))

@@ -112,7 +112,7 @@ def _pieces_payload(blob: bytes):
     be slower than the transport allows)."""
     from aiohttp.payload import Payload
 
-    from megatron_sdpg.weights.safetensors_stream import PIECE_BYTES
+    from megatron_sdpg.formats.safetensors_stream import PIECE_BYTES
 
     class PiecesPayload(Payload):
         def decode(self, encoding="utf-8", errors="strict"):
@@ -194,8 +194,8 @@ def main() -> None:
 
     from megatron_sdpg.rollout.blocking_client import RolloutClient
     from megatron_sdpg.testing.rollout import start_cpu_server
-    from megatron_sdpg.weights.sync import DiskSync, TensorPushSync
-    from megatron_sdpg.weights.sync_disk import write_hf_checkpoint
+    from megatron_sdpg.rollout.sync import DiskSync, TensorPushSync
+    from megatron_sdpg.rollout.sync.disk import write_hf_checkpoint
 
     config = synthetic_config(args.params)
     bucket = int(args.bucket_mb * 2**20)

@@ -3,7 +3,7 @@
 After each weight sync every engine scores a fixed probe sequence
 (``/generate`` with prompt log-probs) and the answers must match the trainer's
 own log-probs of it under the weights just exported
-(:class:`~megatron_sdpg.weights.sync_base.ProbeCheck`). This module computes the
+(:class:`~megatron_sdpg.rollout.sync.base.ProbeCheck`). This module computes the
 trainer's numbers with one forward-only pass of the policy on every rank (the
 pipeline and tensor-parallel collectives need them all); the last pipeline stage
 of data-parallel replica 0, TP rank 0, contributes the values and a global sum
@@ -56,7 +56,7 @@ def post_sync_probe(parts) -> object | None:
     ``None`` everywhere when ``rollout.post_sync_check_threshold`` is null. Every rank
     must call it (collectives).
     """
-    from megatron_sdpg.weights.sync_base import ProbeCheck
+    from megatron_sdpg.rollout.sync.base import ProbeCheck
 
     threshold = parts.cfg.rollout.post_sync_check_threshold
     if threshold is None:

@@ -31,7 +31,7 @@ def weights_loader(model_cfg: ModelConfig, groups: ParallelGroups) -> Callable[[
         from megatron_sdpg.weights.checkpoint import load_megatron_checkpoint
 
         return lambda chunks: load_megatron_checkpoint(chunks, model_cfg.megatron_dir)
-    from megatron_sdpg.weights.hf_io import SafetensorsReader
+    from megatron_sdpg.formats.hf_io import SafetensorsReader
     from megatron_sdpg.weights.load import load_hf_weights_into
 
     return lambda chunks: load_hf_weights_into(chunks, model_cfg, groups, SafetensorsReader(model_cfg.hf_dir))
@@ -319,7 +319,7 @@ def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None
     from megatron_sdpg.rollout.blocking_client import RolloutClient
     from megatron_sdpg.rollout.launcher import EngineLauncher
     from megatron_sdpg.train.metrics_log import MetricsLog
-    from megatron_sdpg.weights.sync import make_weight_sync
+    from megatron_sdpg.rollout.sync import make_weight_sync
 
     cfg = parts.cfg
     os.makedirs(cfg.train.run_dir, exist_ok=True)

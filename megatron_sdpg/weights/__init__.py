@@ -1,4 +1,7 @@
-"""HF <-> Megatron weights: per-family mappings, loading into and exporting from model chunks."""
+"""HF <-> Megatron weights: per-family mappings, loading into and exporting from model chunks, converters.
+
+File formats live in :mod:`megatron_sdpg.formats`; the trainer -> engine sync in :mod:`megatron_sdpg.rollout.sync`.
+"""
 
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.weights.llama import LlamaMapping

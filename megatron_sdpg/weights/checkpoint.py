@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdpg.models.architecture import ModelConfig, RopeScalingConfig
-from megatron_sdpg.weights.hf_io import copy_side_files
+from megatron_sdpg.formats.hf_io import copy_side_files
 
 MODEL_CONFIG_FILE = "megatron_sdpg_model.json"
 HF_SIDE_DIR = "hf"
@@ -153,7 +153,7 @@ def load_megatron_checkpoint(chunks: list, ckpt_dir: str) -> None:
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_sdpg.weights.checkpoint_read import direct_load_strategy
+    from megatron_sdpg.formats.checkpoint_read import direct_load_strategy
 
     sharded = _sharded_state_dict(chunks)
     _merge_in_place(sharded)

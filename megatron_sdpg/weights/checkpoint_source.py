@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sdpg.models.init import full_shape, global_named_parameters
-from megatron_sdpg.weights.checkpoint_read import stored_tensor
-from megatron_sdpg.weights.safetensors_format import TensorEntry, tensor_view
+from megatron_sdpg.formats.checkpoint_read import stored_tensor
+from megatron_sdpg.formats.safetensors_format import TensorEntry, tensor_view
 
 
 class CheckpointSourceUnavailable(Exception):

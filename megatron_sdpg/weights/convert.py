@@ -24,7 +24,7 @@ from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.weights.checkpoint import (HF_SIDE_DIR, load_megatron_checkpoint, read_checkpoint_config,
                                               save_megatron_checkpoint)
 from megatron_sdpg.weights.export_files import write_hf_safetensors
-from megatron_sdpg.weights.hf_io import SafetensorsReader, copy_side_files
+from megatron_sdpg.formats.hf_io import SafetensorsReader, copy_side_files
 from megatron_sdpg.weights.hf_source import HFParamSource
 from megatron_sdpg.weights.verify import PromptReport, compare_with_hf, format_reports
 

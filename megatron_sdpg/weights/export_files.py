@@ -14,7 +14,7 @@ tensors of its own pipeline stage into its own shard files, in parallel:
    collective at all without TP, and no pipeline traffic) or, in the offline
    converter, read whole from the checkpoint files by its writer, split into its HF
    tensors and streamed into the writer's current shard with
-   :class:`~megatron_sdpg.weights.safetensors_format.StreamingSafetensorsWriter`,
+   :class:`~megatron_sdpg.formats.safetensors_format.StreamingSafetensorsWriter`,
    straight from the tensor's memory. A rank holds at most one full parameter
    beyond its own shards at any time.
 """
@@ -32,9 +32,9 @@ from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.models.init import global_named_parameters
 from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.weights import WeightMappingError, mapping_for
-from megatron_sdpg.weights.hf_io import INDEX_FILE
+from megatron_sdpg.formats.hf_io import INDEX_FILE
 from megatron_sdpg.weights.mapping_base import tp_attrs, unshard
-from megatron_sdpg.weights.safetensors_format import StreamingSafetensorsWriter, TensorEntry
+from megatron_sdpg.formats.safetensors_format import StreamingSafetensorsWriter, TensorEntry
 
 
 def _exported_params(chunks: list, mapping) -> list[tuple[str, torch.Tensor]]:

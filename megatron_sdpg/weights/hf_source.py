@@ -34,7 +34,7 @@ class HFParamSource:
         model_cfg: The architecture.
         groups: Process groups of this rank (TP size and rank).
         hf_state: ``{hf_name: tensor}``, e.g. a lazy
-            :class:`~megatron_sdpg.weights.hf_io.SafetensorsReader` (whose ``meta``
+            :class:`~megatron_sdpg.formats.hf_io.SafetensorsReader` (whose ``meta``
             gives shapes without mapping the data).
         progress: A tqdm bar (bytes produced) on this rank.
 

@@ -19,7 +19,7 @@ def load_hf_weights_into(chunks: list, model_cfg: ModelConfig, groups: ParallelG
     """Copies HF weights into this rank's Megatron parameters.
 
     Each rank reads only the HF tensors its parameters are built from (pass a
-    :class:`~megatron_sdpg.weights.hf_io.SafetensorsReader` to read lazily from
+    :class:`~megatron_sdpg.formats.hf_io.SafetensorsReader` to read lazily from
     disk), and copies this rank's TP shard of each fused parameter (QKV per
     query group, ``[gate; up]``, vocabulary padded to the model's padded size)
     straight into it, casting to the parameter dtype: one copy per byte, no

@@ -35,8 +35,8 @@ from megatron_sdpg.rollout.server import memory
 from megatron_sdpg.testing.distributed import free_port, run_single
 from megatron_sdpg.testing.rollout import random_like_state, start_cpu_server
 from megatron_sdpg.testing.tiny_hf import build_tiny_llama, load_hf_model
-from megatron_sdpg.weights.sync import DiskSync, NcclBroadcastSync, TensorPushSync
-from megatron_sdpg.weights.tensor_codec import encode_sglang
+from megatron_sdpg.rollout.sync import DiskSync, NcclBroadcastSync, TensorPushSync
+from megatron_sdpg.formats.tensor_codec import encode_sglang
 from tests.contract import sglang_source as sgl
 from tests.contract.recording_proxy import RecordingProxy
 from tests.unit.test_launch_scripts import SCRIPTS, dry_run, parse

@@ -40,7 +40,7 @@ def _teacher_logits(rank, world_size, hf_dir, pp, inline):
     from megatron_sdpg.train import passes
     from megatron_sdpg.train.batch import plan_microbatches
     from megatron_sdpg.train.step import PolicyModel
-    from megatron_sdpg.weights.hf_io import SafetensorsReader
+    from megatron_sdpg.formats.hf_io import SafetensorsReader
     from megatron_sdpg.weights.load import load_hf_weights_into
 
     groups = init_model_parallel(ParallelConfig(pp=pp), seed=1)

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _exported_mismatches(exported: dict, hf_dir: str) -> list[str]:
-    from megatron_sdpg.weights.hf_io import SafetensorsReader
+    from megatron_sdpg.formats.hf_io import SafetensorsReader
 
     ref = SafetensorsReader(hf_dir)
     bad = sorted(set(ref) ^ set(exported))
@@ -43,7 +43,7 @@ def _all_layouts(rank, world_size, hf_dirs, tokens, workdir):
     from megatron_sdpg.weights.checkpoint_source import CheckpointParamSource, CheckpointSourceUnavailable
     from megatron_sdpg.weights.convert import VerifyConfig, hf_model_config, hf_to_megatron, megatron_to_hf
     from megatron_sdpg.weights.export import export_hf_weights
-    from megatron_sdpg.weights.hf_io import SafetensorsReader
+    from megatron_sdpg.formats.hf_io import SafetensorsReader
     from megatron_sdpg.weights.hf_source import HFParamSource
     from megatron_sdpg.weights.load import load_hf_weights_into
     from megatron_sdpg.weights.verify import megatron_logits
@@ -172,7 +172,7 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_pp2(converted):
 def test_round_trip_files_bit_identical_and_config_equivalent(tiny, converted):
     from transformers import AutoModelForCausalLM
 
-    from megatron_sdpg.weights.hf_io import INDEX_FILE, SafetensorsReader
+    from megatron_sdpg.formats.hf_io import INDEX_FILE, SafetensorsReader
 
     dirs, tokens, ref = tiny
     result, work = converted
@@ -195,7 +195,7 @@ def test_round_trip_files_bit_identical_and_config_equivalent(tiny, converted):
 
 
 def test_direct_export_from_a_tp2_checkpoint_at_tp1_pp2_is_bit_identical(tiny, converted):
-    from megatron_sdpg.weights.hf_io import SafetensorsReader
+    from megatron_sdpg.formats.hf_io import SafetensorsReader
 
     dirs, _, _ = tiny
     _, work = converted
@@ -204,7 +204,7 @@ def test_direct_export_from_a_tp2_checkpoint_at_tp1_pp2_is_bit_identical(tiny, c
 
 
 def test_a_checkpoint_the_direct_reader_refuses_exports_through_dist_checkpointing(tiny, converted):
-    from megatron_sdpg.weights.hf_io import SafetensorsReader
+    from megatron_sdpg.formats.hf_io import SafetensorsReader
 
     dirs, _, _ = tiny
     result, work = converted
@@ -218,7 +218,7 @@ def test_a_checkpoint_the_direct_reader_refuses_exports_through_dist_checkpointi
 def test_export_at_tp2_pp2_writes_every_tensor_once_bit_identical_with_a_correct_index(tiny, converted):
     from safetensors import safe_open
 
-    from megatron_sdpg.weights.hf_io import INDEX_FILE
+    from megatron_sdpg.formats.hf_io import INDEX_FILE
 
     dirs, _, _ = tiny
     _, work = converted

@@ -18,7 +18,7 @@ from megatron_sdpg.rollout.protocol import EngineTimeoutError, RequestRejectedEr
 from megatron_sdpg.rollout.server.memory import resident_bytes
 from megatron_sdpg.testing.rollout import random_like_state, reference_logprobs, start_cpu_server
 from megatron_sdpg.testing.tiny_hf import build_tiny_llama, load_hf_model
-from megatron_sdpg.weights.sync import TensorPushSync, WeightSyncError
+from megatron_sdpg.rollout.sync import TensorPushSync, WeightSyncError
 
 TOL = 1e-4
 BUSY_TOKENS = 400  # decoding them keeps the engine busy for seconds

@@ -19,8 +19,8 @@ from megatron_sdpg.rollout.protocol import RequestRejectedError, StreamedBody
 from megatron_sdpg.testing.distributed import free_port, run_single
 from megatron_sdpg.testing.rollout import random_like_state, reference_logprobs, start_cpu_server
 from megatron_sdpg.testing.tiny_hf import build_tiny_llama, load_hf_model
-from megatron_sdpg.weights.safetensors_stream import SafetensorsStream
-from megatron_sdpg.weights.sync import (
+from megatron_sdpg.formats.safetensors_stream import SafetensorsStream
+from megatron_sdpg.rollout.sync import (
     DiskSync,
     NcclBroadcastSync,
     ProbeCheck,

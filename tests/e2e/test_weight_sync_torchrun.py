@@ -17,7 +17,7 @@ from megatron_sdpg.rollout.blocking_client import RolloutClient
 from megatron_sdpg.testing.distributed import free_port, run_single
 from megatron_sdpg.testing.rollout import random_like_state, start_cpu_server
 from megatron_sdpg.testing.tiny_hf import build_tiny_llama, load_hf_model
-from megatron_sdpg.weights.sync import NcclBroadcastSync
+from megatron_sdpg.rollout.sync import NcclBroadcastSync
 
 
 def _sync_as_torchrun_worker(rank, world_size, url, state, port):

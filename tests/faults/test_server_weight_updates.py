@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from megatron_sdpg.testing.rollout import random_like_state, start_cpu_server
 from megatron_sdpg.testing.tiny_hf import build_tiny_llama, load_hf_model
-from megatron_sdpg.weights.tensor_codec import safetensors_blob
+from megatron_sdpg.formats.tensor_codec import safetensors_blob
 from tests.faults.httpcall import call
 
 PROBE = {"input_ids": [[2, 5, 6], [2, 9]], "return_logprob": True,

@@ -18,9 +18,9 @@ from megatron_sdpg.rollout.launcher import cpu_server_command, sglang_command
 from megatron_sdpg.rollout.protocol import group_request_json, sampling_params_json
 from megatron_sdpg.rollout.server.generator import _filtered_probs
 from megatron_sdpg.rollout.server.requests import BadRequest, parse_generate
-from megatron_sdpg.weights.sync_base import iter_buckets
-from megatron_sdpg.weights.sync_disk import write_hf_checkpoint
-from megatron_sdpg.weights.tensor_codec import (
+from megatron_sdpg.rollout.sync.base import iter_buckets
+from megatron_sdpg.rollout.sync.disk import write_hf_checkpoint
+from megatron_sdpg.formats.tensor_codec import (
     decode_safetensors,
     decode_safetensors_blob,
     encode_safetensors,
@@ -185,7 +185,7 @@ def test_model_weights_load_dir_reads_into_parameters_and_casts(tmp_path):
     from types import SimpleNamespace
 
     from megatron_sdpg.rollout.server.weights import ModelWeights
-    from megatron_sdpg.weights.sync_disk import write_hf_checkpoint
+    from megatron_sdpg.rollout.sync.disk import write_hf_checkpoint
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False).bfloat16())
     model.config = SimpleNamespace(tie_word_embeddings=False)

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_sdpg.weights.export_files import plan_shards, shard_file_name
-from megatron_sdpg.weights.hf_io import SafetensorsReader
-from megatron_sdpg.weights.safetensors_format import StreamingSafetensorsWriter, TensorEntry, read_header
+from megatron_sdpg.formats.hf_io import SafetensorsReader
+from megatron_sdpg.formats.safetensors_format import StreamingSafetensorsWriter, TensorEntry, read_header
 
 
 def _tensors() -> dict[str, torch.Tensor]:

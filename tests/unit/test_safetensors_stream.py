@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 
-from megatron_sdpg.weights.safetensors_stream import SafetensorsStream
-from megatron_sdpg.weights.tensor_codec import decode_safetensors_blob
+from megatron_sdpg.formats.safetensors_stream import SafetensorsStream
+from megatron_sdpg.formats.tensor_codec import decode_safetensors_blob
 
 
 def _special(dtype: torch.dtype) -> torch.Tensor:

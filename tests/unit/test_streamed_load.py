@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megatron_sdpg.rollout.server.weights import StreamedLoad
-from megatron_sdpg.weights.safetensors_stream import SafetensorsStream
-from megatron_sdpg.weights.tensor_codec import parse_safetensors_header
+from megatron_sdpg.formats.safetensors_stream import SafetensorsStream
+from megatron_sdpg.formats.safetensors_format import parse_safetensors_header
 
 
 def _params() -> dict[str, torch.Tensor]:

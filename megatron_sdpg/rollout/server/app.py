@@ -29,7 +29,7 @@ from megatron_sdpg.rollout.server.requests import BadRequest, Limits, SampleRequ
 from megatron_sdpg.rollout.server.weights import ModelWeights
 from megatron_sdpg.rollout.server.worker import EngineNotReady, ModelWorker
 from megatron_sdpg.rollout.server.streamed_update import drain, query_options, receive_streamed_update
-from megatron_sdpg.weights.tensor_codec import decode_safetensors
+from megatron_sdpg.formats.tensor_codec import decode_safetensors
 
 
 class ServerState:

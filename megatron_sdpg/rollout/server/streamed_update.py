@@ -20,7 +20,7 @@ from aiohttp import web
 
 from megatron_sdpg.rollout.server.requests import BadRequest
 from megatron_sdpg.rollout.server.weights import ModelWeights
-from megatron_sdpg.weights.tensor_codec import parse_safetensors_header
+from megatron_sdpg.formats.safetensors_format import parse_safetensors_header
 
 
 

@@ -23,9 +23,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdpg.rollout.fingerprint import safetensors_files  # noqa: F401 - re-exported
-from megatron_sdpg.weights.safetensors_format import byte_view
-from megatron_sdpg.weights.tensor_codec import parse_safetensors_header
-from megatron_sdpg.weights.process_group import destroy_weight_update_group, init_weight_update_group, torch_dtype
+from megatron_sdpg.formats.safetensors_format import byte_view, parse_safetensors_header
+from megatron_sdpg.rollout.process_group import destroy_weight_update_group, init_weight_update_group, torch_dtype
 
 
 class ModelWeights:

@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from megatron_sdpg.rollout.blocking_client import RolloutClient
 from megatron_sdpg.rollout.protocol import RolloutError
-from megatron_sdpg.weights.process_group import destroy_weight_update_group, init_weight_update_group
-from megatron_sdpg.weights.sync_base import ProbeCheck, WeightSync, WeightSyncError, dtype_name, iter_buckets, tensor_bytes
+from megatron_sdpg.rollout.process_group import destroy_weight_update_group, init_weight_update_group
+from megatron_sdpg.rollout.sync.base import ProbeCheck, WeightSync, WeightSyncError, dtype_name, iter_buckets, tensor_bytes
 
 
 class NcclBroadcastSync(WeightSync):

@@ -18,7 +18,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 
-from megatron_sdpg.weights.safetensors_format import byte_view
+from megatron_sdpg.formats.safetensors_format import byte_view
 
 
 class DirectFileSystemReader(FileSystemReader):

@@ -7,9 +7,9 @@ Usage::
 
 Strategies:
 
-* ``disk`` -> ``DiskSync`` (``sync_disk.py``): atomic HF safetensors dir + ``/update_weights_from_disk``.
-* ``tensor`` -> ``TensorPushSync`` (``sync_tensor.py``): buckets through ``/update_weights_from_tensor``.
-* ``distributed`` -> ``NcclBroadcastSync`` (``sync_distributed.py``): ``/init_weights_update_group``
+* ``disk`` -> ``DiskSync`` (``disk.py``): atomic HF safetensors dir + ``/update_weights_from_disk``.
+* ``tensor`` -> ``TensorPushSync`` (``tensor.py``): buckets through ``/update_weights_from_tensor``.
+* ``distributed`` -> ``NcclBroadcastSync`` (``distributed.py``): ``/init_weights_update_group``
   then per bucket ``/update_weights_from_distributed`` + broadcast (NCCL, or gloo on CPU).
 """
 
@@ -17,16 +17,16 @@ from __future__ import annotations
 
 from megatron_sdpg.rollout.blocking_client import RolloutClient
 from megatron_sdpg.rollout.config import RolloutConfig
-from megatron_sdpg.weights.sync_base import (  # noqa: F401 - re-exported
+from megatron_sdpg.rollout.sync.base import (  # noqa: F401 - re-exported
     ProbeCheck,
     WeightSync,
     WeightSyncError,
     WeightSyncMismatchError,
     iter_buckets,
 )
-from megatron_sdpg.weights.sync_disk import DiskSync, write_hf_checkpoint  # noqa: F401
-from megatron_sdpg.weights.sync_distributed import NcclBroadcastSync  # noqa: F401
-from megatron_sdpg.weights.sync_tensor import TensorPushSync  # noqa: F401
+from megatron_sdpg.rollout.sync.disk import DiskSync, write_hf_checkpoint  # noqa: F401
+from megatron_sdpg.rollout.sync.distributed import NcclBroadcastSync  # noqa: F401
+from megatron_sdpg.rollout.sync.tensor import TensorPushSync  # noqa: F401
 
 
 def make_weight_sync(cfg: RolloutConfig, client: RolloutClient, config_dir: str | None = None,

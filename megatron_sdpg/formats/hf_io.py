@@ -6,7 +6,7 @@ file (no copy), mapped on demand and unmapped once the tensor is dropped, so no
 file pages stay mapped (and resident) after use. The writer collects tensors into
 shards of at most ``max_shard_bytes`` and writes ``model.safetensors.index.json``
 the way ``transformers`` does (the streaming, pre-planned writer the converters
-use is :mod:`megatron_sdpg.weights.safetensors_format`).
+use is :mod:`megatron_sdpg.formats.safetensors_format`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from safetensors.torch import save_file
 
-from megatron_sdpg.weights.safetensors_format import TensorEntry, read_header, tensor_view
+from megatron_sdpg.formats.safetensors_format import TensorEntry, read_header, tensor_view
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -18,9 +18,9 @@ from typing import Iterable
 import torch
 
 from megatron_sdpg.rollout.blocking_client import RolloutClient
-from megatron_sdpg.weights.sync_base import ProbeCheck, WeightSync, tensor_bytes
-from megatron_sdpg.weights.hf_io import copy_side_files
-from megatron_sdpg.weights.safetensors_stream import SafetensorsStream
+from megatron_sdpg.rollout.sync.base import ProbeCheck, WeightSync, tensor_bytes
+from megatron_sdpg.formats.hf_io import copy_side_files
+from megatron_sdpg.formats.safetensors_stream import SafetensorsStream
 
 
 def write_hf_checkpoint(named: Iterable[tuple[str, torch.Tensor]], final_dir: str, shard_bytes: int,

@@ -17,15 +17,21 @@ when the tensor is dropped.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from megatron_sdpg.weights.tensor_codec import SAFETENSORS_DTYPES, parse_safetensors_header
-
+# safetensors dtype strings (the format's spec) -> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 DTYPES = SAFETENSORS_DTYPES
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
@@ -195,3 +201,77 @@ def tensor_view(path: str, data_start: int, entry: TensorEntry) -> torch.Tensor:
         mm = mmap.mmap(f.fileno(), begin - aligned + entry.nbytes, access=mmap.ACCESS_COPY, offset=aligned)
     flat = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=begin - aligned)
     return flat.view(entry.dtype).view(entry.shape)
+
+
+def parse_safetensors_header(first8: bytes | memoryview, read_header: Callable[[int], bytes | memoryview],
+                             total_len: int, what: str) -> tuple[list[tuple[str, torch.dtype, list[int], int, int]], int]:
+    """Parses and checks a safetensors header (dtype known, offsets inside the data, sizes matching shapes).
+
+    Args:
+        first8: The blob's first 8 bytes (the header length).
+        read_header: Returns the ``n``-byte JSON header that follows them.
+        total_len: The blob's (file's) length in bytes.
+        what: Names the input in error messages.
+
+    Returns:
+        ``([(name, dtype, shape, start, end), ...], data_start)``; offsets are relative to
+        ``data_start``, the byte where the data section begins.
+
+    Raises:
+        ValueError: Not a safetensors blob, or an inconsistent header.
+    """
+    if total_len < 8 or len(first8) < 8:
+        raise ValueError(f"{what}: payload too short for safetensors")
+    (header_len,) = struct.unpack("<Q", first8[:8])
+    if header_len > total_len - 8 or header_len < 2:
+        raise ValueError(
+            f"{what}: not a safetensors blob (header length {header_len} does not fit a {total_len}-byte "
+            "payload); the CPU server does not accept SGLang's pickled (MultiprocessingSerializer) "
+            "tensors, send safetensors bytes"
+        )
+    raw = bytes(read_header(header_len))
+    if raw[:1] != b"{":
+        raise ValueError(
+            f"{what}: not a safetensors blob; the CPU server does not accept "
+            "SGLang's pickled (MultiprocessingSerializer) tensors, send safetensors bytes"
+        )
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{what}: bad safetensors header (the header is not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{what}: bad safetensors header (not a JSON object)")
+    base = 8 + header_len
+    data_len = total_len - base
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, start, end = _header_entry(name, info, what)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= end <= data_len or end - start != math.prod(shape) * itemsize:
+            raise ValueError(f"{what}: tensor {name!r} has offsets {start}..{end}, inconsistent with "
+                             f"shape {shape} {info['dtype']} and a {data_len}-byte data section "
+                             "(it does not match its shape or the file size)")
+        entries.append((name, dtype, shape, start, end))
+    return entries, base
+
+
+def _header_entry(name: str, info: object, what: str) -> tuple[torch.dtype, list[int], int, int]:
+    """``(dtype, shape, start, end)`` of one header entry, each field checked by name."""
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{what}: bad safetensors header entry for {name!r}: {problem}")
+
+    if not isinstance(info, dict):
+        raise bad(f"expected an object, got {type(info).__name__}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise bad(f"no {key!r}")
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise bad(f"unknown dtype {info['dtype']!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets):
+        raise bad(f"data_offsets {offsets!r} is not a pair of integers")
+    return SAFETENSORS_DTYPES[info["dtype"]], shape, offsets[0], offsets[1]

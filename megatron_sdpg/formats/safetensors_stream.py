@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from megatron_sdpg.weights.safetensors_format import DTYPE_NAMES, TensorEntry, byte_view, encode_header
+from megatron_sdpg.formats.safetensors_format import DTYPE_NAMES, TensorEntry, byte_view, encode_header
 
 PIECE_BYTES = 4 * 2**20  # pieces of an HTTP body: big enough for few syscalls, small enough to keep buffers hot
 

@@ -24,9 +24,9 @@ import torch
 
 from megatron_sdpg.rollout.blocking_client import RolloutClient
 from megatron_sdpg.rollout.protocol import RequestRejectedError, StreamedBody
-from megatron_sdpg.weights.sync_base import ProbeCheck, WeightSync, WeightSyncError, iter_buckets, tensor_bytes
-from megatron_sdpg.weights.safetensors_stream import SafetensorsStream
-from megatron_sdpg.weights.tensor_codec import encode_sglang
+from megatron_sdpg.rollout.sync.base import ProbeCheck, WeightSync, WeightSyncError, iter_buckets, tensor_bytes
+from megatron_sdpg.formats.safetensors_stream import SafetensorsStream
+from megatron_sdpg.formats.tensor_codec import encode_sglang
 
 ENCODINGS = ("safetensors", "sglang")
 _TENSOR_ROUTE = "/update_weights_from_tensor"
