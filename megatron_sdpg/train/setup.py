@@ -194,21 +194,20 @@ def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
                          heldout=heldout, pad_id=pad_id, needs_ref_log_probs=needs_ref)
     if cfg.checkpoint.resume:
         _resume(parts)
+    elif dist.get_rank() == 0:
+        from megatron_sdpg.train.checkpoint import start_new_run
+
+        start_new_run(cfg.train.run_dir)
     if dist.get_rank() == 0:
         _start_rank0_services(parts, tokenizer, builder, task)
     return parts
 
 
 def _resume(parts: TrainerParts) -> None:
-    """Loads the latest complete checkpoint of the run directory, if any (every rank agrees on it)."""
-    from megatron_sdpg.train.checkpoint import latest_checkpoint, load_checkpoint
+    """Loads the latest loadable complete checkpoint of the run directory, if any (every rank agrees on it)."""
+    from megatron_sdpg.train.checkpoint import resume_latest
 
-    found = latest_checkpoint(parts.cfg.train.run_dir) if dist.get_rank() == 0 else None
-    box = [found]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        parts.start_step = load_checkpoint(parts, box[0][1])
-        parts.resumed_from = box[0][1]
+    parts.start_step, parts.resumed_from = resume_latest(parts)
 
 
 def _start_rank0_services(parts: TrainerParts, tokenizer, builder, task) -> None:
