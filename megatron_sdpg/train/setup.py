@@ -115,10 +115,15 @@ class TrainerParts:
         """Streams the policy's weights (HF names) to the engines; every rank joins the export."""
         from megatron_sdpg.weights.export import export_hf_weights
 
+        from megatron_sdpg.train.probe import build_probe
+
+        # The post-sync probe (rollout.post_sync_check_threshold): the trainer's log-probs of a fixed sequence.
+        probe = build_probe(self.policy, self.groups, self.model_cfg.vocab_size, self.pad_id,
+                            self.cfg.rollout.post_sync_check_threshold)
         named = export_hf_weights(self.policy.unwrapped(), self.model_cfg, self.groups,
                                   bucket_bytes=int(self.cfg.rollout.sync_bucket_mb * 2**20))
         if dist.get_rank() == 0:
-            return self.sync.sync(named, version=version)
+            return self.sync.sync(named, version=version, probe=probe)
         for _ in named:  # the collectives of the export run on every rank
             pass
         return {}
