@@ -39,6 +39,7 @@ class SDPGConfig:
         from megatron_sdpg.platform.layout import ParallelLayout
 
         _require_finite(self, "")
+        self.parallel.validate("parallel")  # first: the model's checks divide by tp and pp
         if world_size is not None:
             ParallelLayout.resolve(self.parallel, world_size)
         for f in fields(self):

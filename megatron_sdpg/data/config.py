@@ -65,8 +65,17 @@ class DataConfig:
         from megatron_sdpg.data.tasks import TASK_NAMES
 
         require(self.task in TASK_NAMES, f"{prefix}.task", f"unknown task {self.task!r}; choose from {sorted(TASK_NAMES)}")
+        if self.task != "files":
+            from megatron_sdpg.data.tasks import get_task
+
+            try:  # builds nothing but the options
+                get_task(self.task, **dict(self.task_options))
+            except (TypeError, ValueError) as err:
+                require(False, f"{prefix}.task_options", str(err).splitlines()[0])
         if self.task == "files":
             require(bool(self.train_files), f"{prefix}.train_files", "the files task needs at least one training file")
+            require(bool(self.eval_files), f"{prefix}.eval_files",
+                    "the files task needs at least one held-out file (train.eval_n problems are evaluated)")
             for name in ("train_files", "eval_files"):
                 for path in getattr(self, name):
                     require(

@@ -27,12 +27,17 @@ from megatron_sdpg.train.step import PolicyModel
 def weights_loader(model_cfg: ModelConfig, groups: ParallelGroups) -> Callable[[list], None]:
     """Loads the starting weights: a converted Megatron checkpoint if given, else the HF files."""
     if model_cfg.megatron_dir:
-        from megatron_sdpg.weights.checkpoint import load_megatron_checkpoint
+        from megatron_sdpg.weights.checkpoint import check_megatron_dir, load_megatron_checkpoint
 
+        check_megatron_dir(model_cfg.megatron_dir, model_cfg)  # one line for a missing/corrupt/other model's dir
         return lambda chunks: load_megatron_checkpoint(chunks, model_cfg.megatron_dir)
-    from megatron_sdpg.weights.hf_io import SafetensorsReader
+    from megatron_sdpg.weights.hf_io import CorruptCheckpointError, SafetensorsReader
     from megatron_sdpg.weights.load import load_hf_weights_into
 
+    try:
+        SafetensorsReader(model_cfg.hf_dir)  # the index and headers, so missing/truncated files fail in one line
+    except (FileNotFoundError, CorruptCheckpointError) as err:
+        raise ConfigError("model.hf_dir", str(err)) from None
     return lambda chunks: load_hf_weights_into(chunks, model_cfg, groups, SafetensorsReader(model_cfg.hf_dir))
 
 
@@ -171,7 +176,11 @@ def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
         raise ConfigError("model.hf_dir", "an HF model directory is needed (tokenizer, architecture, weights)")
     model_cfg = resolve_model_config(cfg.model)
     model_cfg.validate("model", tp=groups.layout.tp, pp=groups.layout.pp, vpp=groups.layout.vpp)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.hf_dir", f"cannot load the tokenizer of {cfg.model.hf_dir!r}: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     builder = build_prompt_builder(tokenizer, cfg.data)
     task = build_task(cfg.data, prompt_length=lambda p: len(builder.student_ids(p)))
     source = build_prompt_source(task, cfg.data, batch_size=cfg.train.prompts_per_step)

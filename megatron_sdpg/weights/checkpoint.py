@@ -163,6 +163,35 @@ def check_checkpoint_files(ckpt_dir: str) -> None:
             raise CorruptCheckpointError(f"{common}: unreadable ({type(err).__name__})") from None
 
 
+# The fields that make two checkpoints the same model (dtype and paths may differ).
+_ARCHITECTURE_FIELDS = ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                        "num_attention_heads", "kv_heads", "kv_channels", "tie_word_embeddings")
+
+
+def check_megatron_dir(ckpt_dir: str, model_cfg: ModelConfig, field: str = "model.megatron_dir") -> None:
+    """Checks before any load that ``ckpt_dir`` is a whole converted checkpoint of ``model_cfg``'s model.
+
+    Raises:
+        ConfigError: (``field``) missing directory, not a checkpoint of this project,
+            another model's checkpoint (architecture differs from ``model.hf_dir``'s),
+            or missing/truncated files.
+    """
+    from megatron_sdpg.config.errors import ConfigError
+
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(field, f"{ckpt_dir!r} is not a directory")
+    try:
+        stored = read_checkpoint_config(ckpt_dir)
+        check_checkpoint_files(ckpt_dir)
+    except (FileNotFoundError, CorruptCheckpointError) as err:
+        raise ConfigError(field, str(err)) from None
+    diffs = [f"{name} {getattr(stored, name)} != {getattr(model_cfg, name)}" for name in _ARCHITECTURE_FIELDS
+             if getattr(stored, name) != getattr(model_cfg, name)]
+    if diffs:
+        raise ConfigError(field, f"{ckpt_dir!r} holds another model than model.hf_dir {model_cfg.hf_dir!r} "
+                          f"({', '.join(diffs)})")
+
+
 def read_checkpoint_config(ckpt_dir: str) -> ModelConfig:
     """The :class:`ModelConfig` stored with a checkpoint.
 
