@@ -9,6 +9,7 @@
   new run's checkpoints (the old run's higher step numbers used to outrank them),
   the checkpoint a later resume loads is the new run's, and ``metrics.jsonl`` holds
   the new run only.
+* The post-sync probe runs after every sync (``sync/probe_max_abs_diff`` per step).
 * :func:`checkpoint_problem` names a deleted shard, a truncated ``.distcp`` and an
   empty ``trainer_state.json``.
 """
@@ -51,6 +52,9 @@ def test_corrupt_latest_checkpoint_is_skipped_then_resume_false_starts_a_new_run
     _train(hf_dir, run, "train.steps=3", "checkpoint.keep_last=3")
     ckpts = os.path.join(run, "checkpoints")
     assert [s for s, _ in complete_checkpoints(run)] == [1, 2, 3]
+    # The post-sync probe ran after every sync: the trainer's Megatron log-probs of the probe vs the engine's.
+    steps = [r for r in read_metrics(run) if not r.get("final")]
+    assert len(steps) == 3 and all(0 <= r["sync/probe_max_abs_diff"] < 1e-4 for r in steps), steps
 
     open(os.path.join(ckpts, "step_3", "trainer_state.json"), "w").close()
     distcp = [n for n in os.listdir(os.path.join(ckpts, "step_2", "dist")) if n.endswith(".distcp")][0]
