@@ -168,7 +168,7 @@ def _check_args(args) -> None:
 
 
 def _load_inputs(args):
-    """``(task, template, tokenizer, model)`` from the command line; EvalInputError names what is wrong."""
+    """``(task, template, tokenizer, builder, model)`` from the command line; EvalInputError names what is wrong."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_sdpg.data.tasks import get_task
@@ -188,16 +188,35 @@ def _load_inputs(args):
     except (TypeError, ValueError) as err:
         raise EvalInputError(f"--task {args.task} / --task-option: {str(err).splitlines()[0]}") from None
     try:
+        task.problems("heldout", args.n)  # enough problems for --n, before loading the model
+    except ConfigError as err:
+        raise EvalInputError(f"--n: {str(err).split(': ', 1)[-1]}") from None
+    try:
         template = get_template(args.template or meta.get("template", "paper"))
     except ValueError as err:
         raise EvalInputError(f"--template: {err}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
-        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, JSON errors...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise EvalInputError(f"--hf-dir: cannot load the model from {args.hf_dir!r} ({type(err).__name__}: {first})") from None
-    return task, template, tokenizer, model
+        raise EvalInputError(f"--hf-dir: cannot load the tokenizer from {args.hf_dir!r} ({_first_line(err)})") from None
+    builder = PromptBuilder(tokenizer, template)
+    try:  # before the model loads: e.g. a tokenizer without a chat template
+        problem = task.problems("heldout", 1)[0]
+        builder.student_text(problem)
+        builder.teacher_text(problem)
+    except ValueError as err:
+        raise EvalInputError(f"--hf-dir: cannot build prompts with the tokenizer of {args.hf_dir!r} "
+                             f"({_first_line(err)})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    except Exception as err:
+        raise EvalInputError(f"--hf-dir: cannot load the model from {args.hf_dir!r} ({_first_line(err)})") from None
+    return task, template, tokenizer, builder, model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -224,12 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         _check_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        task, template, tokenizer, model = _load_inputs(args)
-        builder = PromptBuilder(tokenizer, template)
-        try:
-            task.problems("heldout", args.n)  # enough problems for --n
-        except ConfigError as err:
-            raise EvalInputError(f"--n: {str(err).split(': ', 1)[-1]}") from None
+        task, template, tokenizer, builder, model = _load_inputs(args)
     except ValueError as err:  # EvalInputError
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
