@@ -69,3 +69,12 @@ def test_trainer_names_the_bad_row_in_one_line(tiny_task_model, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert errors == [f"data error: {data}: row 1: not UTF-8 text: byte 0xff at offset 18 of the line"], proc.stderr
+
+
+def test_a_split_with_no_usable_rows_is_named(tmp_path):
+    from megatron_sdpg.data.tasks.files import FilesTask
+
+    path = _write(tmp_path / "all_bad.jsonl", [BAD_LINES[0][0]])
+    task = FilesTask([path], [path], Columns(), skip_bad_rows=True)
+    with pytest.raises(BadRowError, match=r"all_bad\.jsonl: no usable rows for split 'train'"):
+        task.problems("train")
