@@ -281,8 +281,10 @@ def resume_latest(parts) -> tuple[int, str | None]:
             try:
                 start = load_checkpoint(parts, path)
                 loaded = True
-            except Exception as err:  # every rank learns whether all of them loaded
-                problem, loaded = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", False
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as err:  # torch's CheckpointException is a BaseException
+                problem, loaded = _describe(err), False
             if _agree(loaded):
                 if rank == 0:
                     _set_aside(skipped)
@@ -295,6 +297,17 @@ def resume_latest(parts) -> tuple[int, str | None]:
         raise ConfigError("checkpoint.resume", f"no complete checkpoint in {checkpoint_root(run_dir)} loads "
                           f"(newest: {candidates[0][1]}); move them away or use another train.run_dir")
     return 0, None
+
+
+def _describe(err: BaseException) -> str:
+    """One line for a failed load (the first rank's own error inside torch's ``CheckpointException``)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = sorted(failures.items())[0][1]  # WRAPPED_EXCEPTION: (exception, traceback)
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        err = inner if isinstance(inner, BaseException) else err
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _set_aside(paths: list[str]) -> None:

@@ -1,9 +1,10 @@
 """Run-directory faults under torchrun (2 ranks, gloo, the CPU rollout server).
 
-* A corrupt latest checkpoint (an empty ``trainer_state.json``; a truncated
-  ``.distcp`` in the one before) is named in one line per checkpoint and skipped:
-  both ranks resume from the newest complete one and finish with exit 0; the
-  corrupt ones are renamed ``step_N.corrupt``, not deleted.
+* Corrupt latest checkpoints (step 4: a ``.distcp`` of the right size that does not
+  unpickle, found only by the load itself on both ranks; step 3: an empty
+  ``trainer_state.json``; step 2: a deleted shard) are each named in one line and
+  skipped: both ranks resume from step 1 and finish with exit 0; the corrupt ones
+  are renamed ``step_N.corrupt``, not deleted.
 * ``checkpoint.resume=false`` in that used run directory starts a new run: the old
   run's files move to ``previous_runs/1/`` (nothing deleted), ``keep_last`` keeps the
   new run's checkpoints (the old run's higher step numbers used to outrank them),
@@ -49,31 +50,38 @@ def _step_of(path):
 def test_corrupt_latest_checkpoint_is_skipped_then_resume_false_starts_a_new_run(tiny_task_model, tmp_path):
     hf_dir = tiny_task_model[0]
     run = str(tmp_path / "run")
-    _train(hf_dir, run, "train.steps=3", "checkpoint.keep_last=3")
+    _train(hf_dir, run, "train.steps=4", "checkpoint.keep_last=4")
     ckpts = os.path.join(run, "checkpoints")
-    assert [s for s, _ in complete_checkpoints(run)] == [1, 2, 3]
+    assert [s for s, _ in complete_checkpoints(run)] == [1, 2, 3, 4]
     # The post-sync probe ran after every sync: the trainer's Megatron log-probs of the probe vs the engine's.
     steps = [r for r in read_metrics(run) if not r.get("final")]
-    assert len(steps) == 3 and all(0 <= r["sync/probe_max_abs_diff"] < 1e-4 for r in steps), steps
+    assert len(steps) == 4 and all(0 <= r["sync/probe_max_abs_diff"] < 1e-4 for r in steps), steps
 
+    def distcp(step):
+        d = os.path.join(ckpts, f"step_{step}", "dist")
+        return os.path.join(d, sorted(n for n in os.listdir(d) if n.endswith(".distcp"))[-1])
+
+    with open(distcp(4), "r+b") as f:  # whole-sized but unreadable: only the load itself finds it (on both ranks)
+        f.write(bytes(4096))
     open(os.path.join(ckpts, "step_3", "trainer_state.json"), "w").close()
-    distcp = [n for n in os.listdir(os.path.join(ckpts, "step_2", "dist")) if n.endswith(".distcp")][0]
-    os.truncate(os.path.join(ckpts, "step_2", "dist", distcp), 100)
-    proc = _train(hf_dir, run, "train.steps=3", "checkpoint.keep_last=3")
+    os.remove(distcp(2))
+    proc = _train(hf_dir, run, "train.steps=4", "checkpoint.keep_last=4")
     out = proc.stdout
+    assert f"checkpoint {os.path.join(ckpts, 'step_4')} is corrupt" in out and "UnpicklingError" in out, out
     assert f"checkpoint {os.path.join(ckpts, 'step_3')} is corrupt" in out and "trainer_state.json" in out, out
-    assert f"checkpoint {os.path.join(ckpts, 'step_2')} is corrupt" in out and "truncated" in out, out
-    assert out.count("is corrupt and is skipped") == 2, out  # one line each, not one per rank
+    assert f"checkpoint {os.path.join(ckpts, 'step_2')} is corrupt" in out and "missing" in out, out
+    assert out.count("is corrupt and is skipped") == 3, out  # one line each, not one per rank
     assert f"resumed from {os.path.join(ckpts, 'step_1')} at step 1" in out, out
-    assert os.path.isdir(os.path.join(ckpts, "step_3.corrupt")) and os.path.isdir(os.path.join(ckpts, "step_2.corrupt"))
-    assert [s for s, _ in complete_checkpoints(run)] == [1, 2, 3]
+    for step in (2, 3, 4):
+        assert os.path.isdir(os.path.join(ckpts, f"step_{step}.corrupt"))
+    assert [s for s, _ in complete_checkpoints(run)] == [1, 2, 3, 4]
 
     # Starting over in the used directory: the old run is moved aside, the new one keeps its checkpoints.
     old_metrics = read_metrics(run)
     proc = _train(hf_dir, run, "train.steps=2", "checkpoint.resume=false", "checkpoint.keep_last=2")
     moved = os.path.join(run, "previous_runs", "1")
     assert f"moved its files" in proc.stdout and moved in proc.stdout, proc.stdout
-    assert [s for s, _ in complete_checkpoints(moved)] == [1, 2, 3]
+    assert [s for s, _ in complete_checkpoints(moved)] == [1, 2, 3, 4]
     assert read_metrics(moved) == old_metrics
     found = complete_checkpoints(run)
     assert [s for s, _ in found] == [1, 2], found
