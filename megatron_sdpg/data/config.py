@@ -74,8 +74,6 @@ class DataConfig:
                 require(False, f"{prefix}.task_options", str(err).splitlines()[0])
         if self.task == "files":
             require(bool(self.train_files), f"{prefix}.train_files", "the files task needs at least one training file")
-            require(bool(self.eval_files), f"{prefix}.eval_files",
-                    "the files task needs at least one held-out file (train.eval_n problems are evaluated)")
             for name in ("train_files", "eval_files"):
                 for path in getattr(self, name):
                     require(
@@ -83,6 +81,8 @@ class DataConfig:
                         f"{prefix}.{name}",
                         f"{path!r} is neither .jsonl/.json nor .parquet",
                     )
+            require(bool(self.eval_files), f"{prefix}.eval_files",
+                    "the files task needs at least one held-out file (train.eval_n problems are evaluated)")
             require(bool(self.question_key), f"{prefix}.question_key", "must not be empty")
             require(bool(self.answer_key), f"{prefix}.answer_key", "must not be empty")
         require(self.train_size >= 1, f"{prefix}.train_size", f"must be >= 1, got {self.train_size}")
