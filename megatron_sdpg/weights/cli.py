@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -53,6 +54,7 @@ def run_cli(args: argparse.Namespace, out_dir: str, precheck: Callable[[], None]
     if args.verify:
         verify = VerifyConfig(prompts=args.verify_prompts, new_tokens=args.verify_tokens,
                               max_abs_tol=args.max_abs_tol, kl_tol=args.kl_tol)
+    started = False
     try:
         for flag in ("tp", "pp"):
             value = getattr(args, flag)
@@ -61,11 +63,14 @@ def run_cli(args: argparse.Namespace, out_dir: str, precheck: Callable[[], None]
         check_output_dir(out_dir, args.overwrite, in_dir, out_flag, in_flag)
         precheck()
         _, world = init_distributed()
+        started = True
         pp = args.pp if args.pp is not None else max(world // max(args.tp, 1), 1)
         groups = init_model_parallel(ParallelConfig(tp=args.tp, pp=pp, use_distributed_optimizer=False), seed=0)
         reports = convert(groups, verify)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Checks before the processes start are the same on every rank: rank 0 says it once.
+        if started or os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         if dist.is_initialized():
             shutdown()
         return 2
