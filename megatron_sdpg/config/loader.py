@@ -61,6 +61,9 @@ def _parse_overrides(overrides: Sequence[str]):
 def _preset_name(file_cfg, cli_cfg) -> tuple[str | None, str | None]:
     """``(preset name, where it was named: "command line" or "file")``."""
     for layer, where in ((cli_cfg, "command line"), (file_cfg, "file")):
+        section = layer.get("algorithm")
+        if section is not None and not isinstance(section, DictConfig):
+            raise ConfigError("algorithm", f"must be a mapping of fields, got {section!r} ({where})")
         value = OmegaConf.select(layer, "algorithm.preset", default=None)
         if value is not None:
             return value, where

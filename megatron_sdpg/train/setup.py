@@ -118,9 +118,8 @@ class TrainerParts:
 
     def sync_weights(self, version: int) -> dict:
         """Streams the policy's weights (HF names) to the engines; every rank joins the export."""
-        from megatron_sdpg.weights.export import export_hf_weights
-
         from megatron_sdpg.train.probe import build_probe
+        from megatron_sdpg.weights.export import export_hf_weights
 
         # The post-sync probe (rollout.post_sync_check_threshold): the trainer's log-probs of a fixed sequence.
         probe = build_probe(self.policy, self.groups, self.model_cfg.vocab_size, self.pad_id,

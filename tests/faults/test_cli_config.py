@@ -61,13 +61,15 @@ def test_train_cli_config_faults_are_one_line(capsys, extra, field):
     _one_line(capsys, field)
 
 
-def test_yaml_whose_top_level_is_a_list(tmp_path, capsys):
+@pytest.mark.parametrize("text, field, needle", [("- train\n- model\n", "--config", "top level must be a mapping"),
+                                                 ("algorithm: [1]\n", "algorithm", "must be a mapping of fields")])
+def test_yaml_of_the_wrong_shape(tmp_path, capsys, text, field, needle):
     from megatron_sdpg.train.cli import main
 
-    path = tmp_path / "list.yaml"
-    path.write_text("- train\n- model\n")
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
     assert main(["--config", str(path)]) == 2
-    assert "top level must be a mapping" in _one_line(capsys, "--config")
+    assert needle in _one_line(capsys, field)
 
 
 @pytest.mark.parametrize("override, field", [("parallel.tp=0", "parallel.tp"), ("parallel.pp=0", "parallel.pp")])
