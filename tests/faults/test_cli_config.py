@@ -108,3 +108,20 @@ def test_run_tiny_cpu_header_example_trains_grpo():
     assert "model.hf_dir=\"$MODEL_DIR\" model.megatron_dir=\"$MEGATRON_DIR\"" in script
     cfg = load_config(CONFIG, fixed + example, world_size=2)
     assert cfg.algorithm.preset == "grpo" and cfg.algorithm.beta_base == 0.0
+
+
+@pytest.mark.parametrize("option, needle", [("terms=99", "terms=99 must be in [2, 8]"),
+                                            ("bogus=1", "unknown option(s) ['bogus']"),
+                                            ("terms=abc", "terms='abc' must be an integer")])
+def test_make_tiny_model_synthetic_task_options(tmp_path, capsys, option, needle):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_model", os.path.join(ROOT, "tools", "make_tiny_model.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--out", str(tmp_path / "m"), "--task-option", option])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --task synthetic / --task-option: ") and needle in err
+    assert not (tmp_path / "m").exists()
