@@ -39,7 +39,7 @@ def run(preset: str, model_dir: str, steps: int, run_dir: str, extra: list[str])
            "-m", "megatron_sdpg.train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
            f"model.hf_dir={model_dir}", f"train.run_dir={run_dir}", f"train.steps={steps}", "train.eval_n=8",
            "train.eval_every=0", f"algorithm.preset={preset}",
-           # The YAML sets SDPG's beta; the baseline must have none (the file outranks the preset).
+           # Explicit beta whatever the YAML or the preset say (the baseline has none).
            f"algorithm.beta_base={0.0 if preset == 'grpo' else 0.1}",
            f"rollout.base_port={_free_port()}", "logging.progress_bar=false", *extra]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}

@@ -2,8 +2,9 @@
 
 Each method is one real trainer run (``torchrun -m megatron_sdpg.train``, 2 ranks, the tiny
 model, ``examples/configs/tiny_cpu.yaml``) with explicit ``algorithm.*`` overrides: the YAML
-file sets SDPG's beta/alpha/gate/windows and outranks a preset named on the command line
-(preset < file < CLI), so every method names every field it depends on. All methods share
+file sets SDPG's beta/alpha/gate/windows; a preset named on the command line outranks the file
+for the fields it sets (file < preset < other CLI values), and every method names every field it
+depends on anyway. All methods share
 the steps, prompts x samples, seed list and one learning rate (``--lr``): "hyperparameters
 tuned equally" here means one shared lr/batch chosen before the comparison, not a per-method
 sweep.

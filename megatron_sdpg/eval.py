@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from megatron_sdpg.config.errors import ConfigError
 from megatron_sdpg.data.prompts import PromptBuilder
 from megatron_sdpg.data.templates import get_template
 from megatron_sdpg.rewards.config import RewardConfig
@@ -140,20 +141,100 @@ def evaluate(
     return result
 
 
+class EvalInputError(ValueError):
+    """A bad command-line value or an unreadable input of ``python -m megatron_sdpg.eval`` (one line, exit 2)."""
+
+
 def read_task_metadata(hf_dir: str) -> dict:
     """``sdpg_task.json`` of a model directory (task, options, template), or {}."""
     path = os.path.join(hf_dir, TASK_METADATA)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as err:  # JSON or UTF-8
+        raise EvalInputError(f"{path}: not valid JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("task_options", {}), dict):
+        raise EvalInputError(f"{path}: expected an object with a task_options object")
+    return meta
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """The command line (see the module docstring)."""
+def _check_args(args) -> None:
+    import math
+
+    if not os.path.isdir(args.hf_dir):
+        raise EvalInputError(f"--hf-dir: {args.hf_dir!r} is not a directory")
+    for name in ("n", "samples", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise EvalInputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        raise EvalInputError(f"--threads: must be >= 0, got {args.threads}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise EvalInputError(f"--temperature: must be a finite number >= 0, got {args.temperature}")
+
+
+def _load_inputs(args):
+    """``(task, template, tokenizer, builder, model)`` from the command line; EvalInputError names what is wrong."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_sdpg.data.tasks import get_task
+
+    meta = read_task_metadata(args.hf_dir)
+    options = dict(meta.get("task_options", {})) if meta.get("task") == args.task else {}
+    for item in args.task_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EvalInputError(f"--task-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    try:
+        task = get_task(args.task, **options)
+    except (TypeError, ValueError) as err:
+        raise EvalInputError(f"--task {args.task} / --task-option: {str(err).splitlines()[0]}") from None
+    try:
+        task.problems("heldout", args.n)  # enough problems for --n, before loading the model
+    except ConfigError as err:
+        raise EvalInputError(f"--n: {str(err).split(': ', 1)[-1]}") from None
+    try:
+        template = get_template(args.template or meta.get("template", "paper"))
+    except ValueError as err:
+        raise EvalInputError(f"--template: {err}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, JSON errors...
+        raise EvalInputError(f"--hf-dir: cannot load the tokenizer from {args.hf_dir!r} ({_first_line(err)})") from None
+    from megatron_sdpg.data.prompts import chat_template_kwargs
+
+    try:
+        kwargs = chat_template_kwargs(tokenizer, args.chat_template)
+    except ValueError as err:
+        raise EvalInputError(str(err).replace("data.chat_template", "--chat-template")) from None
+    builder = PromptBuilder(tokenizer, template, template_kwargs=kwargs)
+    try:  # before the model loads: e.g. a tokenizer without a chat template
+        problem = task.problems("heldout", 1)[0]
+        builder.student_text(problem)
+        builder.teacher_text(problem)
+    except ValueError as err:
+        raise EvalInputError(f"--hf-dir: cannot build prompts with the tokenizer of {args.hf_dir!r} "
+                             f"({_first_line(err)})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    except Exception as err:
+        raise EvalInputError(f"--hf-dir: cannot load the model from {args.hf_dir!r} ({_first_line(err)})") from None
+    return task, template, tokenizer, builder, model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command line (see the module docstring); a bad input exits 2 with one line."""
+    import sys
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory")
@@ -178,36 +259,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if (args.task is None) == (args.files is None):
         parser.error("give exactly one of --task and --files")
+    if args.threads:
+        torch.set_num_threads(max(args.threads, 1))
     if args.files is not None:
         return _main_files(args, parser)
     args.samples = 1 if args.samples is None else args.samples
     args.temperature = 0.0 if args.temperature is None else args.temperature
     args.max_new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
-    meta = read_task_metadata(args.hf_dir)
-    options = dict(meta.get("task_options", {})) if meta.get("task") == args.task else {}
-    for item in args.task_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--task-option {item!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    task = get_task(args.task, **options)
-    template = get_template(args.template or meta.get("template", "paper"))
-    tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
-    from megatron_sdpg.data.prompts import chat_template_kwargs
-
     try:
-        kwargs = chat_template_kwargs(tokenizer, args.chat_template)
-    except ValueError as e:
-        parser.error(str(e).replace("data.chat_template", "--chat-template"))
-    builder = PromptBuilder(tokenizer, template, template_kwargs=kwargs)
+        _check_args(args)
+        task, template, tokenizer, builder, model = _load_inputs(args)
+    except ValueError as err:  # EvalInputError
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     result = evaluate(
         model, tokenizer, task, args.n, args.samples, args.temperature, args.with_context,
         builder=builder, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
@@ -233,13 +299,20 @@ def _main_files(args: argparse.Namespace, parser: argparse.ArgumentParser) -> di
     )
     if settings.samples < 1 or not 0.0 < settings.top_p <= 1.0 or settings.temperature < 0:
         parser.error("--samples must be >= 1, --top-p in (0, 1], --temperature >= 0")
-    tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, JSON errors...
+        parser.exit(2, f"error: --hf-dir: cannot load the tokenizer from {args.hf_dir!r} ({_first_line(err)})\n")
     try:
         kwargs = chat_template_kwargs(tokenizer, args.chat_template)
+        template = get_template(args.template or "paper")
     except ValueError as e:
-        parser.error(str(e).replace("data.chat_template", "--chat-template"))
-    builder = PromptBuilder(tokenizer, get_template(args.template or "paper"), template_kwargs=kwargs)
-    model = None if args.base_url else AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+        parser.exit(2, "error: " + str(e).replace("data.chat_template", "--chat-template") + "\n")
+    builder = PromptBuilder(tokenizer, template, template_kwargs=kwargs)
+    try:
+        model = None if args.base_url else AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    except Exception as err:
+        parser.exit(2, f"error: --hf-dir: cannot load the model from {args.hf_dir!r} ({_first_line(err)})\n")
     try:
         with VerifierPool(args.verifier, RewardConfig()) as pool:
             result = evaluate_files(args.files, builder, pool, settings, engine_url=args.base_url, model=model,

@@ -32,10 +32,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def precheck() -> None:
         from megatron_sdpg.weights.convert import hf_model_config
+        from megatron_sdpg.formats.hf_io import SafetensorsReader
 
         hf_model_config(args.hf_dir, args.dtype).validate("model", tp=args.tp)
+        reader = SafetensorsReader(args.hf_dir)  # a malformed index or a truncated file fails here, in one line
+        for name in reader:
+            reader.meta(name)
 
-    return run_cli(args, args.megatron_dir, precheck, convert, lambda: args.dtype)
+    return run_cli(args, args.megatron_dir, precheck, convert, lambda: args.dtype, in_dir=args.hf_dir,
+                   out_flag="--megatron-dir", in_flag="--hf-dir")
 
 
 if __name__ == "__main__":

@@ -40,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.dtype or read_checkpoint_config(args.megatron_dir).params_dtype
 
     def precheck() -> None:
-        from megatron_sdpg.weights.checkpoint import read_checkpoint_config
+        from megatron_sdpg.weights.checkpoint import check_checkpoint_files, read_checkpoint_config
 
         read_checkpoint_config(args.megatron_dir).validate("model", tp=args.tp)
+        check_checkpoint_files(args.megatron_dir)  # a deleted shard or a truncated .distcp fails here, in one line
 
-    return run_cli(args, args.hf_dir, precheck, convert, dtype_of)
+    return run_cli(args, args.hf_dir, precheck, convert, dtype_of, in_dir=args.megatron_dir,
+                   out_flag="--hf-dir", in_flag="--megatron-dir")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,12 @@ def main(argv=None) -> dict:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    task = get_task(args.task, **options)
+    try:
+        task = get_task(args.task, **options)
+        task.problems("heldout", args.report_n)  # enough held-out problems for the report
+    except (TypeError, ValueError) as err:
+        print(f"error: --task {args.task} / --task-option: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     tokenizer = build_tokenizer(tokenizer_corpus(task))
     model = build_model(args.size, tokenizer, seed=args.seed)
     builder = PromptBuilder(tokenizer, get_template(args.template))

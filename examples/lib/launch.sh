@@ -20,7 +20,7 @@
 #   HF_DIR          HF model directory (weights, tokenizer, config.json: the
 #                   trainer reads the architecture from it at run time)
 #   MEGATRON_DIR    converted checkpoint; converted from HF_DIR when absent
-#                   (CONVERT=auto), always (CONVERT=1, replaces it) or never (0)
+#                   (CONVERT=auto), always (CONVERT=1, replaces an earlier conversion) or never (0)
 #   RUN_DIR         outputs; LOG_DIR (default RUN_DIR/logs) gets one folder per node
 #   TRAIN_NODES, GPUS_PER_NODE   default: the config's parallel.nodes and
 #                   parallel.gpus_per_node (the layout the planner plans). Without
@@ -268,7 +268,7 @@ sdpg_convert() {
                 return 0
             fi
             [[ ! -e $MEGATRON_DIR ]] ||
-                sdpg_fail "MEGATRON_DIR=$MEGATRON_DIR exists but has no megatron_sdpg_model.json (not a converted checkpoint; CONVERT=1 replaces it)"
+                sdpg_fail "MEGATRON_DIR=$MEGATRON_DIR exists but has no megatron_sdpg_model.json (not a converted checkpoint; the converter replaces only its own output: remove it or choose another MEGATRON_DIR)"
             ;;
     esac
     echo "# weights: converting $HF_DIR -> $MEGATRON_DIR"

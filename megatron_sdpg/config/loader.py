@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_sdpg.config.errors import ConfigError
@@ -30,26 +30,55 @@ def _load_yaml(path: str):
     if not os.path.isfile(path):
         raise ConfigError("--config", f"no such file: {path}")
     try:
-        return OmegaConf.load(path)
+        cfg = OmegaConf.load(path)
     except Exception as err:  # yaml errors come in several types
         raise ConfigError("--config", f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError("--config", f"{path}: the top level must be a mapping of sections (train:, model:, ...), "
+                          f"got a {type(cfg).__name__.replace('Config', '').lower()}")
+    return cfg
 
 
-def _preset_layer(file_cfg, cli_cfg):
-    """The algorithm preset's values, placed under the file and CLI layers."""
+def _parse_overrides(overrides: Sequence[str]):
+    """The command line's ``a.b.c=value`` items as one config; a value that does not parse names its key."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like a.b.c=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise _as_config_error(err, "command line") from None
+        except Exception as err:  # YAML errors in the value, e.g. an unquoted {placeholder}
+            key, value = item.split("=", 1)
+            raise ConfigError(key, f"cannot parse the value {value!r} on the command line "
+                              f"({str(err).splitlines()[0]}); quote it as YAML, e.g. {key}='\"{value}\"'") from None
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise _as_config_error(err, "command line") from None
+
+
+def _preset_name(file_cfg, cli_cfg) -> tuple[str | None, str | None]:
+    """``(preset name, where it was named: "command line" or "file")``."""
+    for layer, where in ((cli_cfg, "command line"), (file_cfg, "file")):
+        section = layer.get("algorithm")
+        if section is not None and not isinstance(section, DictConfig):
+            raise ConfigError("algorithm", f"must be a mapping of fields, got {section!r} ({where})")
+        value = OmegaConf.select(layer, "algorithm.preset", default=None)
+        if value is not None:
+            return value, where
+    return None, None
+
+
+def _preset_layer(name):
+    """The algorithm preset's values as a config layer."""
     try:
         from megatron_sdpg.algo.config import PRESETS
     except ImportError:
         return OmegaConf.create({})
-    name = None
-    for layer in (cli_cfg, file_cfg):
-        value = OmegaConf.select(layer, "algorithm.preset", default=None)
-        if value is not None:
-            name = value
-            break
     if name is None:
         return OmegaConf.create({})
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError("algorithm.preset", f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return OmegaConf.create({"algorithm": dict(PRESETS[name])})
 
@@ -58,7 +87,9 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), world_si
     """Loads, merges and validates a configuration.
 
     Precedence (lowest first): dataclass defaults, algorithm preset, YAML file,
-    command-line ``a.b.c=value`` overrides.
+    command-line ``a.b.c=value`` overrides. A preset named on the command line
+    ranks above the YAML file instead (``algorithm.preset=grpo`` sets grpo's
+    fields even where the file gives them; other command-line values still win).
 
     Args:
         path: YAML file, or None for defaults.
@@ -68,16 +99,14 @@ def load_config(path: str | None = None, overrides: Sequence[str] = (), world_si
     Raises:
         ConfigError: unknown key, wrong type or impossible value, naming the field.
     """
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "override must look like a.b.c=value")
+    cli_cfg = _parse_overrides(overrides)
     file_cfg = _load_yaml(path) if path else OmegaConf.create({})
-    try:
-        cli_cfg = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise _as_config_error(err, "command line") from None
     schema = OmegaConf.structured(SDPGConfig)
-    layers = [(_preset_layer(file_cfg, cli_cfg), "preset"), (file_cfg, path or "defaults"), (cli_cfg, "command line")]
+    name, where = _preset_name(file_cfg, cli_cfg)
+    preset = (_preset_layer(name), f"preset {name}")
+    file_layer = (file_cfg, path or "defaults")
+    layers = [file_layer, preset] if where == "command line" else [preset, file_layer]
+    layers.append((cli_cfg, "command line"))
     merged = schema
     for layer, source in layers:
         try:

@@ -38,6 +38,8 @@ class SDPGConfig:
         """
         from megatron_sdpg.platform.layout import ParallelLayout
 
+        _require_finite(self, "")
+        self.parallel.validate("parallel")  # first: the model's checks divide by tp and pp
         if world_size is not None:
             ParallelLayout.resolve(self.parallel, world_size)
         for f in fields(self):
@@ -69,3 +71,18 @@ class SDPGConfig:
         if sampling.temperature > 0 and abs(algo.temperature - sampling.temperature) > 1e-12:
             raise ConfigError("algorithm.temperature", f"{algo.temperature} differs from rollout.sampling.temperature "
                               f"{sampling.temperature}: training log-probs must use the sampling temperature")
+
+
+def _require_finite(obj, prefix: str) -> None:
+    """Refuses a NaN or infinite number anywhere in the configuration (no setting means one)."""
+    import dataclasses
+    import math
+
+    items = ((f.name, getattr(obj, f.name)) for f in fields(obj)) if dataclasses.is_dataclass(obj) else (
+        obj.items() if isinstance(obj, dict) else enumerate(obj))
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(path, f"must be a finite number, got {value}")
+        if dataclasses.is_dataclass(value) or isinstance(value, (dict, list, tuple)):
+            _require_finite(value, path)

@@ -53,7 +53,9 @@ class CheckpointConfig:
     Attributes:
         save_every: Save after every this many steps and after the last step (0 = never).
         keep_last: Complete checkpoints kept in ``run_dir/checkpoints`` (older ones are deleted).
-        resume: Continue from the latest complete checkpoint in ``run_dir/checkpoints`` if there is one.
+        resume: Continue from the latest complete (and not corrupt) checkpoint in ``run_dir/checkpoints``
+            if there is one. False starts a new run at step 0: an earlier run's files in ``run_dir`` are
+            moved (not deleted) to ``run_dir/previous_runs/<k>/``.
     """
 
     save_every: int = 0

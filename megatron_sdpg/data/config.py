@@ -70,6 +70,13 @@ class DataConfig:
         from megatron_sdpg.data.tasks import TASK_NAMES
 
         require(self.task in TASK_NAMES, f"{prefix}.task", f"unknown task {self.task!r}; choose from {sorted(TASK_NAMES)}")
+        if self.task != "files":
+            from megatron_sdpg.data.tasks import get_task
+
+            try:  # builds nothing but the options
+                get_task(self.task, **dict(self.task_options))
+            except (TypeError, ValueError) as err:
+                require(False, f"{prefix}.task_options", str(err).splitlines()[0])
         if self.task == "files":
             require(bool(self.train_files), f"{prefix}.train_files", "the files task needs at least one training file")
             for name in ("train_files", "eval_files"):
@@ -79,6 +86,8 @@ class DataConfig:
                         f"{prefix}.{name}",
                         f"{path!r} is neither .jsonl/.json nor .parquet",
                     )
+            require(bool(self.eval_files), f"{prefix}.eval_files",
+                    "the files task needs at least one held-out file (train.eval_n problems are evaluated)")
             require(bool(self.question_key), f"{prefix}.question_key", "must not be empty")
             require(bool(self.answer_key), f"{prefix}.answer_key", "must not be empty")
         require(self.train_size >= 1, f"{prefix}.train_size", f"must be >= 1, got {self.train_size}")

@@ -59,17 +59,52 @@ def _format(path: str) -> str:
     raise BadRowError(f"{path}: unknown file type (expected .jsonl, .json or .parquet)")
 
 
-def read_rows(path: str) -> list[dict]:
-    """All rows of a jsonl/parquet file as dicts (missing keys become None)."""
-    import datasets
+def read_rows(path: str) -> list[dict | ValueError]:
+    """All rows of a jsonl/json/parquet file as dicts (missing keys become None).
 
+    JSON Lines are read line by line: a line that is not UTF-8, not JSON or not an
+    object comes back as a ``ValueError`` saying why, in its row's place, so that it
+    is named by row (or skipped and counted with ``skip_bad_rows``) like any bad row.
+    """
     if not os.path.isfile(path):
         raise BadRowError(f"{path}: no such file")
+    if _format(path) == "json":
+        return _read_json_rows(path)
+    import datasets
+
     try:
         table = datasets.load_dataset(_format(path), data_files=path, split="train")
+        return table.to_list()
     except Exception as err:
-        raise BadRowError(f"{path}: cannot be read as a table ({type(err).__name__}: {err})") from err
-    return table.to_list()
+        raise BadRowError(f"{path}: cannot be read as a table ({type(err).__name__}: {err})") from None
+
+
+def _read_json_rows(path: str) -> list[dict | ValueError]:
+    import json
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.lstrip().startswith(b"["):  # one JSON array of objects
+        try:
+            rows = json.loads(data.decode("utf-8"))
+        except ValueError as err:
+            raise BadRowError(f"{path}: cannot be read as a JSON array ({type(err).__name__}: {err})") from None
+        return [row if isinstance(row, dict) else ValueError(f"not a JSON object: {type(row).__name__}")
+                for row in rows]
+    rows: list[dict | ValueError] = []
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            rows.append(ValueError(f"not UTF-8 text: byte {err.object[err.start]:#04x} at offset {err.start} of the line"))
+            continue
+        except ValueError as err:
+            rows.append(ValueError(f"not valid JSON: {err}"))
+            continue
+        rows.append(row if isinstance(row, dict) else ValueError(f"not a JSON object: {type(row).__name__}"))
+    return rows
 
 
 def _text(value, what: str, allow_numbers: bool) -> str:
@@ -135,11 +170,14 @@ def load_problem_file(
     """
     rows = read_rows(path)
     report = LoadReport(path=path, rows=len(rows))
-    if rows and columns.question not in rows[0]:
-        raise BadRowError(f"{path}: no column {columns.question!r} (columns: {sorted(rows[0])})")
+    dicts = [row for row in rows if isinstance(row, dict)]
+    if dicts and not any(columns.question in row for row in dicts):
+        raise BadRowError(f"{path}: no column {columns.question!r} (columns: {sorted(dicts[0])})")
     problems = []
     for i, row in enumerate(rows):
         try:
+            if isinstance(row, ValueError):
+                raise row
             problem = row_to_problem(row, columns, f"{os.path.basename(path)}:{i}")
             if prompt_length is not None and max_prompt_tokens is not None:
                 n = prompt_length(problem)

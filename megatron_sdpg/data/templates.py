@@ -134,6 +134,10 @@ def check_custom_template(fmt: str) -> str | None:
     unknown = used - _FIELDS
     if unknown:
         return f"unknown field(s) {sorted(unknown)}; allowed: {sorted(_FIELDS)}"
+    try:  # conversions and format specs are checked only when rendering
+        fmt.format(**{name: "x" for name in _FIELDS})
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as err:
+        return f"cannot be rendered ({type(err).__name__}: {err})"
     return None
 
 

@@ -31,6 +31,10 @@ HF_SIDE_FILES = (
 )
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's (HF or Megatron) files are missing, truncated or unreadable; the message names the file."""
+
+
 class SafetensorsReader(Mapping):
     """A read-only ``{name: tensor}`` view of an HF directory's safetensors files.
 
@@ -40,6 +44,7 @@ class SafetensorsReader(Mapping):
 
     Raises:
         FileNotFoundError: no safetensors weights in ``hf_dir``.
+        CorruptCheckpointError: a malformed index or a truncated/malformed safetensors header.
     """
 
     def __init__(self, hf_dir: str):
@@ -47,8 +52,12 @@ class SafetensorsReader(Mapping):
         self._headers: dict[str, tuple[int, dict[str, TensorEntry]]] = {}
         index = os.path.join(hf_dir, INDEX_FILE)
         if os.path.isfile(index):
-            with open(index) as f:
-                self.weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
+            try:
+                with open(index) as f:
+                    self.weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise CorruptCheckpointError(f"{index}: malformed safetensors index ({type(err).__name__}: "
+                                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
         elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
             self.weight_map = {k: SINGLE_FILE for k in self._header(SINGLE_FILE)[1]}
         else:
@@ -59,7 +68,10 @@ class SafetensorsReader(Mapping):
             path = os.path.join(self.hf_dir, file_name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path!r} is named by {INDEX_FILE} but does not exist")
-            self._headers[file_name] = read_header(path)
+            try:
+                self._headers[file_name] = read_header(path)
+            except ValueError as err:  # names the file (and tensor)
+                raise CorruptCheckpointError(str(err)) from None
         return self._headers[file_name]
 
     def _entry(self, name: str) -> tuple[str, int, TensorEntry]:

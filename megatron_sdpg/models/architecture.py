@@ -126,8 +126,14 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError("model.hf_dir", f"no config.json in {hf_dir!r}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except ValueError as err:  # JSON or UTF-8
+        raise ConfigError("model.hf_dir", f"{path} is not valid JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError("model.hf_dir", f"{path} must hold a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def model_config_from_hf(hf: dict[str, Any], hf_dir: str | None = None, **overrides: Any) -> ModelConfig:
@@ -148,6 +154,23 @@ def model_config_from_hf(hf: dict[str, Any], hf_dir: str | None = None, **overri
             f"unsupported HF model_type {model_type!r} in {hf_dir or 'config'}; "
             f"supported: {sorted(SUPPORTED_ARCHITECTURES)}",
         )
+    try:
+        cfg = _architecture_from_hf(hf, model_type, hf_dir)
+    except ConfigError:
+        raise
+    except KeyError as err:
+        raise ConfigError("model.hf_dir", f"{hf_dir or 'config'}: config.json has no {err}") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ConfigError("model.hf_dir", f"{hf_dir or 'config'}: bad value in config.json ({err})") from None
+    known = {f.name for f in fields(ModelConfig)}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ConfigError(f"model.{key}", "unknown field")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _architecture_from_hf(hf: dict[str, Any], model_type: str, hf_dir: str | None) -> ModelConfig:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = RopeScalingConfig()
@@ -163,7 +186,7 @@ def model_config_from_hf(hf: dict[str, Any], hf_dir: str | None = None, **overri
         raise ConfigError("model.hf_dir", f"unsupported rope type {rope_type!r} in {hf_dir or 'config'}")
     if model_type == "qwen2" and hf.get("use_sliding_window"):
         raise ConfigError("model.hf_dir", "Qwen2 sliding-window attention is not supported")
-    cfg = ModelConfig(
+    return ModelConfig(
         hf_dir=hf_dir,
         arch=SUPPORTED_ARCHITECTURES[model_type],
         vocab_size=int(hf["vocab_size"]),
@@ -180,12 +203,6 @@ def model_config_from_hf(hf: dict[str, Any], hf_dir: str | None = None, **overri
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
     )
-    known = {f.name for f in fields(ModelConfig)}
-    for key, value in overrides.items():
-        if key not in known:
-            raise ConfigError(f"model.{key}", "unknown field")
-        setattr(cfg, key, value)
-    return cfg
 
 
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:

@@ -13,6 +13,13 @@ A checkpoint after ``N`` completed steps holds
 Writing is atomic: everything goes into ``step_N.tmp/``, which rank 0 renames to
 ``step_N/`` after every rank has finished (a barrier). A crash mid-write leaves
 a ``.tmp`` directory that is never loaded and the previous checkpoints intact.
+
+Resuming (:func:`resume_latest`) checks the newest complete checkpoint's files
+first (``trainer_state.json``, the ``dist/`` items named by its metadata); a
+corrupt one is named in one line, renamed ``step_N.corrupt`` (never deleted)
+and the previous complete one is loaded instead, on every rank alike.
+Starting over in a used run directory (``checkpoint.resume=false``) moves the
+earlier run's files to ``previous_runs/<k>/`` (:func:`start_new_run`).
 """
 
 from __future__ import annotations
@@ -169,7 +176,9 @@ def save_checkpoint(parts, steps_done: int) -> str:
         if os.path.isdir(final):  # a re-run of the same step: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for _, old in complete_checkpoints(cfg.train.run_dir)[:-cfg.checkpoint.keep_last]:
+        # Only this timeline's checkpoints (steps up to this one) are pruned: a higher step is not this run's.
+        ours = [c for c in complete_checkpoints(cfg.train.run_dir) if c[0] <= steps_done]
+        for _, old in ours[:-cfg.checkpoint.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
@@ -203,3 +212,143 @@ def load_checkpoint(parts, path: str) -> int:
     if state["world_size"] == dist.get_world_size() and os.path.isfile(rng_path):
         _set_rng_state(torch.load(rng_path, weights_only=False))
     return int(state["step"])
+
+
+STATE_KEYS = ("step", "scheduler", "source", "world_size")
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the complete checkpoint at ``path`` cannot be loaded, or None when its files are whole.
+
+    Reads ``trainer_state.json`` and the ``dist/`` metadata only (no tensor data).
+    """
+    from megatron_sdpg.weights.checkpoint import check_checkpoint_files
+    from megatron_sdpg.formats.hf_io import CorruptCheckpointError
+
+    state_path = os.path.join(path, STATE_FILE)
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:
+        return f"{state_path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty'})"
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        return f"{state_path}: missing {missing}"
+    try:
+        check_checkpoint_files(os.path.join(path, "dist"))
+    except CorruptCheckpointError as err:
+        return str(err)
+    return None
+
+
+def _agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank (any backend)."""
+    flags: list = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, ok)
+    return all(flags)
+
+
+def resume_latest(parts) -> tuple[int, str | None]:
+    """Loads the newest loadable complete checkpoint of the run directory (a collective).
+
+    Rank 0 lists the complete checkpoints, newest first, and checks each one's
+    files; a corrupt one is named in one line and skipped. If loading the chosen
+    one still fails on any rank, every rank moves on to the next older one
+    together (the load overwrites all restored state). Skipped checkpoints are
+    renamed ``step_N.corrupt`` (kept for inspection, never loaded or pruned).
+
+    Returns:
+        ``(start step, checkpoint path or None)``.
+
+    Raises:
+        ConfigError: (``checkpoint.resume``) complete checkpoints exist but none loads.
+    """
+    from megatron_sdpg.config.errors import ConfigError
+
+    run_dir = parts.cfg.train.run_dir
+    rank = dist.get_rank()
+    candidates = list(reversed(complete_checkpoints(run_dir))) if rank == 0 else None
+    box = [candidates]
+    dist.broadcast_object_list(box, src=0)
+    candidates = box[0]
+    skipped: list[str] = []
+    for _, path in candidates:
+        problem = checkpoint_problem(path) if rank == 0 else None
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+        if problem is None:
+            try:
+                start = load_checkpoint(parts, path)
+                loaded = True
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as err:  # torch's CheckpointException is a BaseException
+                problem, loaded = _describe(err), False
+            if _agree(loaded):
+                if rank == 0:
+                    _set_aside(skipped)
+                return start, path
+            problem = problem or "the load failed on another rank"
+        if rank == 0:
+            print(f"warning: checkpoint {path} is corrupt and is skipped: {problem}", flush=True)
+        skipped.append(path)
+    if candidates:
+        raise ConfigError("checkpoint.resume", f"no complete checkpoint in {checkpoint_root(run_dir)} loads "
+                          f"(newest: {candidates[0][1]}); move them away or use another train.run_dir")
+    return 0, None
+
+
+def _describe(err: BaseException) -> str:
+    """One line for a failed load (the first rank's own error inside torch's ``CheckpointException``)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = sorted(failures.items())[0][1]  # WRAPPED_EXCEPTION: (exception, traceback)
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        err = inner if isinstance(inner, BaseException) else err
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _set_aside(paths: list[str]) -> None:
+    for path in paths:
+        target = path + ".corrupt"
+        k = 1
+        while os.path.exists(target):
+            target, k = f"{path}.corrupt{k}", k + 1
+        os.replace(path, target)
+        print(f"warning: renamed the corrupt checkpoint {path} to {target}", flush=True)
+
+
+# What a run writes into its run directory (``start_new_run`` moves these aside).
+RUN_FILES = (CHECKPOINT_DIR, "metrics.jsonl", "summary.json", "config.yaml", "weight_sync", "engines", "plots",
+             "wandb")
+PREVIOUS_RUNS = "previous_runs"
+
+
+def start_new_run(run_dir: str) -> str | None:
+    """Makes ``run_dir`` ready for a new run from step 0 (rank 0, ``checkpoint.resume=false``).
+
+    A run directory belongs to one run: an earlier run's files (:data:`RUN_FILES`)
+    are moved, never deleted, to ``run_dir/previous_runs/<k>/``, so ``keep_last``
+    cannot prune the new run's checkpoints for the old run's higher step numbers,
+    a later resume continues the new run, and ``metrics.jsonl`` holds one run.
+
+    Returns:
+        The directory the earlier run was moved to, or None when there was none.
+    """
+    present = [name for name in RUN_FILES if os.path.lexists(os.path.join(run_dir, name))]
+    if not present:
+        return None
+    root = os.path.join(run_dir, PREVIOUS_RUNS)
+    os.makedirs(root, exist_ok=True)
+    k = 1
+    while os.path.exists(os.path.join(root, str(k))):
+        k += 1
+    target = os.path.join(root, str(k))
+    os.makedirs(target)
+    for name in present:
+        os.replace(os.path.join(run_dir, name), os.path.join(target, name))
+    print(f"checkpoint.resume=false: train.run_dir {run_dir} held an earlier run; moved its files "
+          f"({', '.join(present)}) to {target} and starting a new run at step 0", flush=True)
+    return target

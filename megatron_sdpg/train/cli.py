@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {err}", file=sys.stderr, flush=True)
         return 2
 
+    from megatron_sdpg.data.files import BadRowError
     from megatron_sdpg.platform.distributed import init_distributed, init_model_parallel, shutdown
     from megatron_sdpg.train.trainer import Trainer
+    from megatron_sdpg.rollout.sync.base import WeightSyncError
 
     init_distributed()
     trainer = None
@@ -45,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         groups = init_model_parallel(cfg.parallel, seed=cfg.train.seed)
         trainer = Trainer(cfg, groups)
         summary = trainer.run()
-    except ConfigError as err:
+    except (ConfigError, BadRowError) as err:
+        # Raised alike on every rank (the same config and files): rank 0 says it once, every rank exits 2.
         if rank == 0:
-            print(f"config error: {err}", file=sys.stderr, flush=True)
+            kind = "config error" if isinstance(err, ConfigError) else "data error"
+            print(f"{kind}: {err}", file=sys.stderr, flush=True)
+        return 2
+    except WeightSyncError as err:
+        # Rank 0's alone (it drives the engines); the launcher stops the other ranks when it exits.
+        print(f"weight sync error: {err}", file=sys.stderr, flush=True)
         return 2
     finally:
         if trainer is not None:

@@ -28,12 +28,17 @@ from megatron_sdpg.train.step import PolicyModel
 def weights_loader(model_cfg: ModelConfig, groups: ParallelGroups) -> Callable[[list], None]:
     """Loads the starting weights: a converted Megatron checkpoint if given, else the HF files."""
     if model_cfg.megatron_dir:
-        from megatron_sdpg.weights.checkpoint import load_megatron_checkpoint
+        from megatron_sdpg.weights.checkpoint import check_megatron_dir, load_megatron_checkpoint
 
+        check_megatron_dir(model_cfg.megatron_dir, model_cfg)  # one line for a missing/corrupt/other model's dir
         return lambda chunks: load_megatron_checkpoint(chunks, model_cfg.megatron_dir)
-    from megatron_sdpg.formats.hf_io import SafetensorsReader
+    from megatron_sdpg.formats.hf_io import CorruptCheckpointError, SafetensorsReader
     from megatron_sdpg.weights.load import load_hf_weights_into
 
+    try:
+        SafetensorsReader(model_cfg.hf_dir)  # the index and headers, so missing/truncated files fail in one line
+    except (FileNotFoundError, CorruptCheckpointError) as err:
+        raise ConfigError("model.hf_dir", str(err)) from None
     return lambda chunks: load_hf_weights_into(chunks, model_cfg, groups, SafetensorsReader(model_cfg.hf_dir))
 
 
@@ -145,14 +150,15 @@ class TrainerParts:
     def sync_weights(self, version: int) -> dict:
         """Streams the policy's weights (HF names) to the engines; every rank joins the export.
         Released (colocated) engines are resumed first: their weights come back empty until synced."""
+        from megatron_sdpg.train.probe import build_probe
         from megatron_sdpg.weights.export import export_hf_weights
 
-        from megatron_sdpg.train.probe import post_sync_probe
-
+        # The post-sync probe (rollout.post_sync_check_threshold): the trainer's log-probs of a fixed sequence.
+        probe = build_probe(self.policy, self.groups, self.model_cfg.vocab_size, self.pad_id,
+                            self.cfg.rollout.post_sync_check_threshold)
         named = export_hf_weights(self.policy.unwrapped(), self.model_cfg, self.groups,
                                   bucket_bytes=int(self.cfg.rollout.sync_bucket_mb * 2**20))
         self.synced_version = version
-        probe = post_sync_probe(self)  # every rank joins its forward; a ProbeCheck on rank 0
         if dist.get_rank() == 0:
             for url in self.launcher.urls if self.launcher is not None else []:
                 if self.launcher.restart_if_dead(url) and self.log is not None:  # it gets these full weights
@@ -242,7 +248,11 @@ def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
         raise ConfigError("model.hf_dir", "an HF model directory is needed (tokenizer, architecture, weights)")
     model_cfg = resolve_model_config(cfg.model)
     model_cfg.validate("model", tp=groups.layout.tp, pp=groups.layout.pp, vpp=groups.layout.vpp)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.hf_dir", f"cannot load the tokenizer of {cfg.model.hf_dir!r}: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     builder = build_prompt_builder(tokenizer, cfg.data)
     task = build_task(cfg.data, prompt_length=lambda p: len(builder.student_ids(p)))
     source = build_prompt_source(task, cfg.data, batch_size=cfg.train.prompts_per_step)
@@ -270,21 +280,20 @@ def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
                          heldout=heldout, pad_id=pad_id, needs_ref_log_probs=needs_ref)
     if cfg.checkpoint.resume:
         _resume(parts)
+    elif dist.get_rank() == 0:
+        from megatron_sdpg.train.checkpoint import start_new_run
+
+        start_new_run(cfg.train.run_dir)
     if dist.get_rank() == 0:
         _start_rank0_services(parts, tokenizer, builder, task)
     return parts
 
 
 def _resume(parts: TrainerParts) -> None:
-    """Loads the latest complete checkpoint of the run directory, if any (every rank agrees on it)."""
-    from megatron_sdpg.train.checkpoint import latest_checkpoint, load_checkpoint
+    """Loads the latest loadable complete checkpoint of the run directory, if any (every rank agrees on it)."""
+    from megatron_sdpg.train.checkpoint import resume_latest
 
-    found = latest_checkpoint(parts.cfg.train.run_dir) if dist.get_rank() == 0 else None
-    box = [found]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        parts.start_step = load_checkpoint(parts, box[0][1])
-        parts.resumed_from = box[0][1]
+    parts.start_step, parts.resumed_from = resume_latest(parts)
 
 
 def _sync_endpoint(rollout_cfg, urls: list[str]) -> tuple[str, int | None]:

@@ -50,8 +50,15 @@ class OptimizerConfig:
     lr_decay_style: str = "constant"
 
     def validate(self, prefix: str = "optimizer") -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        for name in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{prefix}.{name}", f"must be a finite number, got {getattr(self, name)}")
+        if not 0 < self.lr <= 1:
+            raise ConfigError(f"{prefix}.lr", f"must be > 0 and at most 1, got {self.lr}")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"{prefix}.adam_eps", f"must be > 0, got {self.adam_eps}")
+        if not 0 <= self.weight_decay <= 1:
+            raise ConfigError(f"{prefix}.weight_decay", f"must be in [0, 1], got {self.weight_decay}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"{prefix}.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
         for name in ("adam_beta1", "adam_beta2"):

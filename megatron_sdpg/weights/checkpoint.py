@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdpg.models.architecture import ModelConfig, RopeScalingConfig
-from megatron_sdpg.formats.hf_io import copy_side_files
+from megatron_sdpg.formats.hf_io import CorruptCheckpointError, copy_side_files
 
 MODEL_CONFIG_FILE = "megatron_sdpg_model.json"
 HF_SIDE_DIR = "hf"
@@ -126,23 +126,98 @@ def write_checkpoint_metadata(ckpt_dir: str, model_cfg: ModelConfig, hf_side_dir
         copy_side_files(hf_side_dir, os.path.join(ckpt_dir, HF_SIDE_DIR))
 
 
+def check_checkpoint_files(ckpt_dir: str) -> None:
+    """Checks that a ``dist_checkpointing`` directory is whole, reading only its metadata.
+
+    Every stored item named by ``.metadata`` must lie inside its file: a deleted
+    shard or a truncated ``.distcp`` is found here, before any rank starts a
+    collective load (so every rank reaches the same verdict from the same files).
+
+    Raises:
+        CorruptCheckpointError: naming the directory and the first bad file.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not os.path.isdir(ckpt_dir):
+        raise CorruptCheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+    try:
+        metadata = FileSystemReader(ckpt_dir).read_metadata()
+    except Exception as err:  # a missing, empty or truncated .metadata fails in several ways
+        raise CorruptCheckpointError(f"{os.path.join(ckpt_dir, '.metadata')}: unreadable checkpoint metadata "
+                                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            raise CorruptCheckpointError(f"{path}: missing (named by the checkpoint's .metadata)")
+        size = os.path.getsize(path)
+        if size < end:
+            raise CorruptCheckpointError(f"{path}: truncated ({size} bytes, the checkpoint's .metadata needs {end})")
+    common = os.path.join(ckpt_dir, "common.pt")
+    if os.path.exists(common):
+        try:
+            torch.load(common, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise CorruptCheckpointError(f"{common}: unreadable ({type(err).__name__})") from None
+
+
+# The fields that make two checkpoints the same model (dtype and paths may differ).
+_ARCHITECTURE_FIELDS = ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                        "num_attention_heads", "kv_heads", "kv_channels", "tie_word_embeddings")
+
+
+def check_megatron_dir(ckpt_dir: str, model_cfg: ModelConfig, field: str = "model.megatron_dir") -> None:
+    """Checks before any load that ``ckpt_dir`` is a whole converted checkpoint of ``model_cfg``'s model.
+
+    Raises:
+        ConfigError: (``field``) missing directory, not a checkpoint of this project,
+            another model's checkpoint (architecture differs from ``model.hf_dir``'s),
+            or missing/truncated files.
+    """
+    from megatron_sdpg.config.errors import ConfigError
+
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(field, f"{ckpt_dir!r} is not a directory")
+    try:
+        stored = read_checkpoint_config(ckpt_dir)
+        check_checkpoint_files(ckpt_dir)
+    except (FileNotFoundError, CorruptCheckpointError) as err:
+        raise ConfigError(field, str(err)) from None
+    diffs = [f"{name} {getattr(stored, name)} != {getattr(model_cfg, name)}" for name in _ARCHITECTURE_FIELDS
+             if getattr(stored, name) != getattr(model_cfg, name)]
+    if diffs:
+        raise ConfigError(field, f"{ckpt_dir!r} holds another model than model.hf_dir {model_cfg.hf_dir!r} "
+                          f"({', '.join(diffs)})")
+
+
 def read_checkpoint_config(ckpt_dir: str) -> ModelConfig:
     """The :class:`ModelConfig` stored with a checkpoint.
 
     Raises:
         FileNotFoundError: ``ckpt_dir`` is not a checkpoint written by this project.
+        CorruptCheckpointError: the file is not a valid model description.
     """
     path = os.path.join(ckpt_dir, MODEL_CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{ckpt_dir!r} has no {MODEL_CONFIG_FILE}: not a megatron_sdpg checkpoint")
-    with open(path) as f:
-        raw = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except ValueError as err:  # JSON or UTF-8
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown ModelConfig fields {unknown}")
-    raw["rope_scaling"] = RopeScalingConfig(**raw.get("rope_scaling", {}))
-    return ModelConfig(**raw)
+        raise CorruptCheckpointError(f"{path}: unknown ModelConfig fields {unknown}")
+    try:
+        raw["rope_scaling"] = RopeScalingConfig(**(raw.get("rope_scaling") or {}))
+        return ModelConfig(**raw)
+    except TypeError as err:
+        raise CorruptCheckpointError(f"{path}: {err}") from None
 
 
 def load_megatron_checkpoint(chunks: list, ckpt_dir: str) -> None:

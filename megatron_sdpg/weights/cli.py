@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
 from megatron_sdpg.config.errors import ConfigError
-from megatron_sdpg.weights.convert import OutputExistsError, VerifyConfig, check_output_dir, print_verification
+from megatron_sdpg.weights.convert import (ConversionPathError, OutputExistsError, VerifyConfig, check_output_dir,
+                                           print_verification)
+from megatron_sdpg.formats.hf_io import CorruptCheckpointError
 from megatron_sdpg.weights.mapping_base import WeightMappingError
 
 # Errors the user can fix; printed as one line with exit status 2 (others keep their traceback).
-USER_ERRORS = (ConfigError, WeightMappingError, OutputExistsError, FileNotFoundError)
+USER_ERRORS = (ConfigError, WeightMappingError, OutputExistsError, FileNotFoundError, ConversionPathError,
+               CorruptCheckpointError, NotADirectoryError)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +33,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace, out_dir: str, precheck: Callable[[], None], convert: Callable,
-            dtype_of: Callable[[], str]) -> int:
+            dtype_of: Callable[[], str], in_dir: str | None = None, out_flag: str = "output",
+            in_flag: str = "input") -> int:
     """Checks the inputs, starts distributed, runs ``convert(groups, verify_cfg)``, prints the verdict.
 
     ``precheck`` validates what can be validated without processes (config,
-    architecture, TP against the heads) so bad input fails fast.
+    architecture, TP against the heads, the input files) so bad input fails fast.
+    ``in_dir`` is the input, which the output may neither be, enclose nor lie in
+    (``out_flag``/``in_flag`` name the two in messages).
 
     Returns:
         0 on success, 1 when verification fails, 2 for a user error (printed as one line).
@@ -47,15 +54,23 @@ def run_cli(args: argparse.Namespace, out_dir: str, precheck: Callable[[], None]
     if args.verify:
         verify = VerifyConfig(prompts=args.verify_prompts, new_tokens=args.verify_tokens,
                               max_abs_tol=args.max_abs_tol, kl_tol=args.kl_tol)
+    started = False
     try:
-        check_output_dir(out_dir, args.overwrite)
+        for flag in ("tp", "pp"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{flag}", f"must be >= 1, got {value}")
+        check_output_dir(out_dir, args.overwrite, in_dir, out_flag, in_flag)
         precheck()
         _, world = init_distributed()
+        started = True
         pp = args.pp if args.pp is not None else max(world // max(args.tp, 1), 1)
         groups = init_model_parallel(ParallelConfig(tp=args.tp, pp=pp, use_distributed_optimizer=False), seed=0)
         reports = convert(groups, verify)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Checks before the processes start are the same on every rank: rank 0 says it once.
+        if started or os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         if dist.is_initialized():
             shutdown()
         return 2

@@ -67,10 +67,57 @@ class VerifyConfig:
                 self.kl_tol if self.kl_tol is not None else 1e-6)
 
 
-def check_output_dir(path: str, overwrite: bool) -> None:
-    """Raises :class:`OutputExistsError` when ``path`` exists and ``overwrite`` is off."""
+# Written into every conversion's output: ``--overwrite`` replaces only a directory that has it
+# (or a checkpoint's ``megatron_sdpg_model.json``, written by conversions before the marker existed).
+CONVERSION_MARKER = ".megatron_sdpg_conversion"
+
+
+class ConversionPathError(ValueError):
+    """The input and output paths of a conversion overlap, or the output is not a conversion's to replace."""
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or lies under it (both resolved)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(path: str, overwrite: bool, input_dir: str | None = None, output_flag: str = "output",
+                     input_flag: str = "input") -> None:
+    """Refuses an output that would destroy something the conversion did not create.
+
+    Args:
+        path: The output directory.
+        overwrite: ``--overwrite`` was given.
+        input_dir: The conversion's input, which must neither be, enclose nor lie
+            inside the output (or its ``.incomplete`` staging directory).
+        output_flag, input_flag: How the two paths are named in messages.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is off.
+        ConversionPathError: the paths overlap; ``path`` is a file; or ``overwrite``
+            would delete a non-empty directory no conversion wrote.
+    """
+    out = os.path.realpath(path)
+    if input_dir is not None:
+        inp = os.path.realpath(input_dir)
+        staging = out.rstrip(os.sep) + ".incomplete"
+        if _inside(inp, out) or _inside(out, inp) or _inside(inp, staging):
+            raise ConversionPathError(f"{output_flag}: {path!r} overlaps the input {input_flag} {input_dir!r} "
+                                      "(the same directory, or one inside the other); choose a separate output")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConversionPathError(f"{output_flag}: {path!r} is an existing file, not a directory")
     if os.path.exists(path) and not overwrite:
         raise OutputExistsError(f"output directory {path!r} already exists (pass --overwrite to replace it)")
+    if os.path.isdir(path) and os.listdir(path) and not _written_by_conversion(path):
+        raise ConversionPathError(f"{output_flag}: {path!r} was not written by a conversion (no {CONVERSION_MARKER}); "
+                                  "--overwrite replaces only a previous conversion's output: remove it yourself "
+                                  "or choose another directory")
+
+
+def _written_by_conversion(path: str) -> bool:
+    from megatron_sdpg.weights.checkpoint import MODEL_CONFIG_FILE
+
+    return any(os.path.isfile(os.path.join(path, name)) for name in (CONVERSION_MARKER, MODEL_CONFIG_FILE))
 
 
 def _staging_dir(out_dir: str) -> str:
@@ -87,6 +134,8 @@ def _publish(staging: str, out_dir: str) -> None:
     """Renames the finished staging directory to ``out_dir`` (rank 0), replacing an old one."""
     dist.barrier()
     if dist.get_rank() == 0:
+        with open(os.path.join(staging, CONVERSION_MARKER), "w") as f:
+            f.write("written by megatron_sdpg's converters; --overwrite may replace this directory\n")
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -115,7 +164,7 @@ def hf_to_megatron(hf_dir: str, megatron_dir: str, groups: ParallelGroups, dtype
     Returns:
         The verification reports on rank 0 (None without ``verify`` or elsewhere).
     """
-    check_output_dir(megatron_dir, overwrite)
+    check_output_dir(megatron_dir, overwrite, hf_dir)
     cfg = hf_model_config(hf_dir, dtype)
     cfg.validate("model", tp=groups.layout.tp, pp=groups.layout.pp, vpp=groups.layout.vpp)
     chunks = build_model_chunks(cfg, groups, init_weights=False)
@@ -148,7 +197,7 @@ def megatron_to_hf(megatron_dir: str, hf_dir: str, groups: ParallelGroups, dtype
     Returns:
         The verification reports on rank 0 (None without ``verify`` or elsewhere).
     """
-    check_output_dir(hf_dir, overwrite)
+    check_output_dir(hf_dir, overwrite, megatron_dir)
     cfg = read_checkpoint_config(megatron_dir)
     cfg.validate("model", tp=groups.layout.tp, pp=groups.layout.pp, vpp=groups.layout.vpp)
     out_dtype = dtype or cfg.params_dtype

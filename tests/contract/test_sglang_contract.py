@@ -325,14 +325,13 @@ def test_launch_script_commands_parse_with_sglangs_parsers(tmp_path, env):
     tags = parse(r.stdout)
     engines = [c for h in tags if h != "batch" for c in tags[h] if "sglang.launch_server" in c]
     routers = [c for h in tags if h != "batch" for c in tags[h] if "sglang_router.launch_router" in c]
-    assert engines and len(routers) == 1
+    # No router: the trainer addresses every engine itself (the distributed sync joins each one's ranks).
+    assert engines and routers == []
     for argv in engines:
         ns = _server_parser().parse_args(_after_module(argv, "sglang.launch_server"))
         assert ns.enable_memory_saver == (env.get("COLOCATE", "1") == "1")
         assert ns.enable_deterministic_inference == (env.get("DETERMINISTIC") == "1")
         assert ns.port >= 30000 and ns.mem_fraction_static > 0
-    ns = _router_parser().parse_args(_after_module(routers[0], "sglang_router.launch_router"))
-    assert len(ns.worker_urls) == len(engines) and ns.port == 30100
 
 
 def test_router_command_parses_with_sglang_routers_args():

@@ -96,7 +96,7 @@ def test_file_level_errors(tmp_path):
     with pytest.raises(BadRowError, match=r"cols\.jsonl: no column 'question'"):
         load_problem_file(path, Columns())
     (tmp_path / "broken.jsonl").write_text('{"question": "q", "answer": "1"}\n{not json\n')
-    with pytest.raises(BadRowError, match=r"broken\.jsonl: cannot be read"):
+    with pytest.raises(BadRowError, match=r"broken\.jsonl: row 1: not valid JSON"):
         load_problem_file(str(tmp_path / "broken.jsonl"), Columns())
 
 

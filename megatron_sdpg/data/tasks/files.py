@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from megatron_sdpg.data.files import Columns, load_problem_files
+from megatron_sdpg.data.files import BadRowError, Columns, load_problem_files
 from megatron_sdpg.data.problem import Problem
 
 
@@ -56,6 +56,9 @@ class FilesTask:
         if split not in self._cache:
             self._cache[split] = load_problem_files(self.files[split], self._columns, **self._load_kwargs)
         found = self._cache[split]
+        if not found:
+            raise BadRowError(f"{', '.join(self.files[split])}: no usable rows for split {split!r} "
+                              "(empty, or every row was skipped as bad)")
         if n is not None and n > len(found):
             raise ValueError(f"files task: split {split!r} has {len(found)} problems, {n} requested")
         return found if n is None else found[:n]

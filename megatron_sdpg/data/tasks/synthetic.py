@@ -21,7 +21,7 @@ seed)`` draws ``n`` distinct questions of that bucket from a seeded generator.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -54,6 +54,10 @@ class SyntheticOptions:
 
     def problems_with_options(self) -> str | None:
         """A one-line description of what is wrong, or None."""
+        for name in ("terms", "digits", "min_digits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"{name}={value!r} must be an integer"
         if not 2 <= self.terms <= 8:
             return f"terms={self.terms} must be in [2, 8]"
         if not 1 <= self.min_digits <= self.digits <= 6:
@@ -105,6 +109,10 @@ class SyntheticTask:
     generated = True
 
     def __init__(self, **options):
+        known = {f.name for f in fields(SyntheticOptions)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"synthetic task: unknown option(s) {unknown}; known: {sorted(known)}")
         self.options = SyntheticOptions(**options)
         problem = self.options.problems_with_options()
         if problem:
@@ -127,6 +135,14 @@ class SyntheticTask:
         low, high = 10 ** (opts.min_digits - 1), 10**opts.digits
         if opts.min_digits == 1:
             low = 0
+        share = {"heldout": _HELDOUT_BUCKETS, "valid": _VALID_BUCKETS}.get(split, _BUCKETS - _HELDOUT_BUCKETS - _VALID_BUCKETS)
+        expected = (high - low) ** opts.terms * share / _BUCKETS
+        if n > 1.2 * expected + 100:  # far beyond the split's size: fail now, not after a long search
+            from megatron_sdpg.config.errors import ConfigError
+
+            raise ConfigError("data.train_size" if split == "train" else "train.eval_n",
+                              f"synthetic task: split {split!r} has fewer than {n} distinct questions with {opts} "
+                              f"(about {int(expected)})")
         seen: set[str] = set()
         out: list[Problem] = []
         budget = 50 * n + 10_000
@@ -142,7 +158,10 @@ class SyntheticTask:
                 if len(out) == n:
                     break
             if budget <= 0 and len(out) < n:
-                raise ValueError(f"synthetic task: split {split!r} has fewer than {n} distinct questions with {opts}")
+                from megatron_sdpg.config.errors import ConfigError
+
+                raise ConfigError("data.train_size" if split == "train" else "train.eval_n",
+                                  f"synthetic task: split {split!r} has fewer than {n} distinct questions with {opts}")
         return out
 
     def make_problem(self, pid: str, operands: list[int]) -> Problem:

@@ -132,18 +132,25 @@ class WeightSync(abc.ABC):
                 raise WeightSyncError(f"{url} reports weight_version {got!r} after syncing version {version!r}")
 
     def check_probe(self, probe: ProbeCheck) -> float:
-        """Max |Δ log-prob| over engines and positions; raises above ``probe.threshold``."""
+        """Max |Δ log-prob| over engines and positions; raises above ``probe.threshold``.
+
+        A NaN or infinite log-prob on either side (e.g. NaN weights) fails the
+        check, and its difference is reported as nan/inf, never as 0.
+        """
         want = torch.tensor(list(probe.logprobs), dtype=torch.float64)
         worst = 0.0
         for url in self.client.urls:
             got = torch.tensor(self.client.prompt_logprobs(url, probe.token_ids), dtype=torch.float64)
             diff = (got - want).abs()
-            i = int(diff.argmax())
-            if float(diff[i]) > probe.threshold:
+            bad = ~torch.isfinite(diff)
+            i = int(bad.nonzero()[0, 0]) if bool(bad.any()) else int(diff.argmax())
+            value = float(diff[i])
+            if bool(bad.any()) or value > probe.threshold:
                 raise WeightSyncMismatchError(
-                    f"post-sync check failed on {url}: max |engine - trainer| log-prob = {float(diff[i]):.3g} "
+                    f"post-sync check failed on {url}: max |engine - trainer| log-prob = {value:.3g} "
                     f"> {probe.threshold:g} at probe position {i + 1} (token {probe.token_ids[i + 1]}): "
                     f"engine {float(got[i]):.6f}, trainer {float(want[i]):.6f}; the engine's weights do not match"
+                    + (" (non-finite log-probs: NaN/inf weights?)" if bool(bad.any()) else "")
                 )
-            worst = max(worst, float(diff.max()))
+            worst = max(worst, value)
         return worst
