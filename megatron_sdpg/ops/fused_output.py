@@ -1,0 +1,289 @@
+"""The loss's full-vocabulary terms straight from hidden states: no ``[T, V/tp]`` logits.
+
+``fused_output_terms`` takes the student's and the teacher's final hidden states
+``[T, h]`` (the response positions), this rank's shard ``[V/tp, h]`` of the
+output layer (the column-parallel ``output_layer.weight``, or the word embedding
+when embeddings are tied) and the target ids, and returns per token the
+student's log-probability of the target, its entropy, the divergence to the
+teacher (exact reverse KL, or the forward KL / generalised JSD of
+``vocab_parallel_jsd``) and whether the target is the teacher's greedy token.
+
+It works on ``chunk_size`` tokens at a time: per chunk it multiplies the hidden
+states by the shard (``[c, h] x [h, V/tp]``), masks the padded vocabulary, and
+hands the ``[c, V/tp]`` logits to the vocab-parallel ops of ``vocab_parallel``
+and ``vocab_parallel_fused`` (which scale by the temperature in fp32 and issue
+their per-token collectives). So at most one chunk of each view's logits exists
+at a time, whatever ``T``.
+
+Backward recomputes each chunk's logits, asks those ops for the logits'
+gradient ``d`` ``[c, V/tp]`` (fp32; zero on padded entries) and turns it into
+
+- the student hidden states' gradient ``d @ W`` ``[c, h]``, all-reduced (SUM) over
+  ``tp_group`` once at the end, as megatron's column-parallel output layer does
+  (``copy_to_tensor_model_parallel_region``: identity forward, all-reduce backward);
+- the weight shard's gradient ``d^T @ h`` ``[V/tp, h]``, accumulated over chunks in
+  fp32 and returned in the weight's dtype (autograd then adds it to any other use
+  of the same tensor, e.g. the input embedding when embeddings are tied).
+
+The teacher is a constant: its hidden states and weight get no gradient
+(``teacher_weight=None`` uses ``weight`` itself, detached: the current-policy
+teacher). The entropy and the greedy flag are metrics without gradient.
+
+Cost: forward does the two views' matmuls, backward recomputes both and adds the
+two gradient matmuls: 6 ``T x h x V/tp`` matmuls against the logits path's 4.
+Memory beyond the inputs and the two gradients: a few ``[c, V/tp]`` fp32 buffers.
+Assumes the full hidden states on every TP rank (no sequence parallelism).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdpg.ops.vocab_parallel import entropy, generalized_jsd, is_greedy_token, token_log_probs
+from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy
+from megatron_sdpg.ops.vocab_shard import (
+    all_reduce_,
+    check_temperature,
+    chunks,
+    resolve_teacher_temperature,
+    shard_rank_and_size,
+)
+
+FUSED_CHUNK_BYTES = 64 << 20
+"""Default fp32 bytes of one ``[chunk, V/tp]`` logits buffer (at a 151,936-entry shard: 110
+tokens): enough rows that each matmul reads the weight shard once per ~100 tokens."""
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+
+
+@dataclass
+class FusedOutputTerms:
+    """Per-token results ``[T]`` of :func:`fused_output_terms` (fp32 unless said).
+
+    Attributes:
+        log_probs: ``log p_s(target)``; differentiable.
+        divergence: ``D(p_s, p_t)`` per token; differentiable; None without a teacher.
+        entropy: ``H(p_s)``; no gradient.
+        teacher_greedy: bool, the target is a most likely teacher token (ties count);
+            None unless asked for.
+    """
+
+    log_probs: torch.Tensor
+    divergence: torch.Tensor | None
+    entropy: torch.Tensor
+    teacher_greedy: torch.Tensor | None
+
+
+def resolve_fused_chunk_size(chunk_size: int | None, vocab_local: int) -> int:
+    """``chunk_size`` checked, or the default: ``FUSED_CHUNK_BYTES`` of fp32 per logits chunk."""
+    if chunk_size is None:
+        return max(1, FUSED_CHUNK_BYTES // (4 * max(1, vocab_local)))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def _valid_columns(vocab_local: int, vocab_size: int | None, tp_group) -> int:
+    """How many of this shard's columns are real vocabulary (the rest is padding)."""
+    if vocab_size is None:
+        return vocab_local
+    rank, _ = shard_rank_and_size(tp_group)
+    return max(0, min(vocab_local, vocab_size - rank * vocab_local))
+
+
+def _logits_chunk(hidden: torch.Tensor, weight: torch.Tensor, n_valid: int, out: torch.Tensor) -> torch.Tensor:
+    """``out = hidden @ weight^T`` in fp32 ``[c, V/tp]``, padded columns ``-inf``.
+
+    The product is taken in the inputs' dtype (as the output layer does), then widened.
+    """
+    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+        torch.mm(hidden, weight.t(), out=out)
+    else:
+        out.copy_(torch.mm(hidden, weight.t()))
+    if n_valid < out.shape[1]:
+        out[:, n_valid:] = float("-inf")
+    return out
+
+
+def _no_grad_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g.reshape(like.shape).to(like.device, torch.float32)
+
+
+class _FusedOutputTerms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s_hidden, t_hidden, weight, t_weight, target, opts):
+        n, v = s_hidden.shape[0], weight.shape[0]
+        n_valid = _valid_columns(v, opts["vocab_size"], opts["tp_group"])
+        c_max = min(n, opts["chunk_size"])
+        f32 = dict(dtype=torch.float32, device=s_hidden.device)
+        log_probs, div, ent = (torch.zeros(n, **f32) for _ in range(3))
+        greedy = torch.zeros(n if opts["want_greedy"] else 0, dtype=torch.bool, device=s_hidden.device)
+        zs_buf = torch.empty(c_max, v, **f32)
+        zt_buf = torch.empty(c_max, v, **f32) if t_hidden is not None else None
+        with torch.no_grad():
+            for sl in chunks(n, opts["chunk_size"]):
+                c = sl.stop - sl.start
+                zs = _logits_chunk(s_hidden[sl], weight, n_valid, zs_buf[:c])
+                zt = None if t_hidden is None else _logits_chunk(t_hidden[sl], t_weight, n_valid, zt_buf[:c])
+                lp, d, e = _chunk_terms(zs, zt, target[sl], opts, with_entropy=True)
+                log_probs[sl], ent[sl] = lp, e
+                if d is not None:
+                    div[sl] = d
+                if opts["want_greedy"]:
+                    greedy[sl] = is_greedy_token(zt, target[sl], opts["tp_group"])
+        del zs_buf, zt_buf
+        ctx.save_for_backward(s_hidden, t_hidden, weight, t_weight, target)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(ent, greedy)
+        if t_hidden is None:
+            ctx.mark_non_differentiable(div)
+        return log_probs, div, ent, greedy
+
+    @staticmethod
+    def backward(ctx, g_log_probs, g_div, _g_ent, _g_greedy):
+        s_hidden, t_hidden, weight, t_weight, target = ctx.saved_tensors
+        opts = ctx.opts
+        n, v = s_hidden.shape[0], weight.shape[0]
+        n_valid = _valid_columns(v, opts["vocab_size"], opts["tp_group"])
+        f32 = dict(dtype=torch.float32, device=s_hidden.device)
+        g_lp = _no_grad_none(g_log_probs, target)
+        g_dv = _no_grad_none(g_div, target) if t_hidden is not None else None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_h = torch.zeros(n, s_hidden.shape[1], **f32) if need_h else None
+        grad_w = torch.zeros(v, weight.shape[1], **f32) if need_w else None
+        c_max = min(n, opts["chunk_size"])
+        zs_buf = torch.empty(c_max, v, **f32)
+        zt_buf = torch.empty(c_max, v, **f32) if t_hidden is not None else None
+        for sl in chunks(n, opts["chunk_size"]):
+            c = sl.stop - sl.start
+            with torch.no_grad():
+                zs = _logits_chunk(s_hidden[sl], weight, n_valid, zs_buf[:c])
+                zt = None if t_hidden is None else _logits_chunk(t_hidden[sl], t_weight, n_valid, zt_buf[:c])
+            with torch.enable_grad():
+                zs.requires_grad_(True)
+                lp, dv, _ = _chunk_terms(zs, zt, target[sl], opts, with_entropy=False, inplace_backward=True)
+                outs, grads = [lp], [g_lp[sl]]
+                if dv is not None:
+                    outs.append(dv)
+                    grads.append(g_dv[sl])
+                (d,) = torch.autograd.grad(outs, [zs], grads)  # [c, V/tp] fp32, 0 on padded columns
+            zs.requires_grad_(False)
+            with torch.no_grad():
+                if need_h:
+                    if weight.dtype == torch.float32:
+                        torch.mm(d, weight, out=grad_h[sl])
+                    else:
+                        grad_h[sl] = torch.mm(d.to(weight.dtype), weight)
+                if need_w:
+                    grad_w.addmm_(d.t(), s_hidden[sl].to(torch.float32))
+            del d, lp, dv, outs
+        del zs_buf, zt_buf
+        if need_h:
+            all_reduce_(grad_h, dist.ReduceOp.SUM, opts["tp_group"])
+            grad_h = grad_h.to(s_hidden.dtype)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, None, grad_w, None, None, None
+
+
+def _chunk_terms(zs, zt, target, opts, with_entropy: bool, inplace_backward: bool = False):
+    """``(log_probs, divergence or None, entropy or None)`` of one chunk of fp32 logits ``[c, V/tp]``."""
+    kw = dict(tp_group=opts["tp_group"], temperature=opts["temperature"], chunk_size=opts["op_chunk_size"])
+    if zt is None:
+        lp = token_log_probs(zs, target, **kw)
+        ent = entropy(zs.detach(), **kw) if with_entropy else None
+        return lp, None, ent
+    if opts["divergence"] == "reverse_kl" and opts["pointwise_clip"] is None:
+        lp, kl, ent = log_probs_kl_entropy(zs, zt, target, **kw, inplace_backward=inplace_backward,
+                                           backend="torch", teacher_temperature=opts["teacher_temperature"])
+        return lp, kl, ent
+    beta = {"reverse_kl": 1.0, "forward_kl": 0.0, "jsd": opts["jsd_beta"]}[opts["divergence"]]
+    lp = token_log_probs(zs, target, **kw)
+    div = generalized_jsd(zs, zt, beta, pointwise_clip=opts["pointwise_clip"],
+                          teacher_temperature=opts["teacher_temperature"], **kw)
+    ent = entropy(zs.detach(), **kw) if with_entropy else None
+    return lp, div, ent
+
+
+def fused_output_terms(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    tp_group: dist.ProcessGroup | None = None,
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    pointwise_clip: float | None = None,
+    chunk_size: int | None = None,
+    op_chunk_size: int | None = None,
+    teacher_greedy: bool = False,
+) -> FusedOutputTerms:
+    """Log-probs, entropy and divergence to the teacher from hidden states (see module docstring).
+
+    Args:
+        student_hidden: ``[T, h]`` the student's final hidden states at the response
+            positions (after the final norm), bf16 or fp32; full on every TP rank.
+        teacher_hidden: ``[T, h]`` the teacher's, on the same response tokens
+            (treated as a constant), or None for no teacher (no divergence).
+        weight: ``[V/tp, h]`` this rank's vocabulary shard of the output layer
+            (rank ``r`` holds global ids ``[r V/tp, (r+1) V/tp)``).
+        target: ``[T]`` GLOBAL token ids.
+        tp_group: The tensor-parallel group the vocabulary is split over; None = no TP.
+        vocab_size: The unpadded vocabulary; the padded ids above it get ``-inf``.
+            None = no padding.
+        temperature: Softmax temperature (> 0) of the student.
+        teacher_temperature: The teacher's; None = ``temperature``.
+        teacher_weight: ``[V/tp, h]`` the teacher's output shard (e.g. the frozen
+            initial policy's); None = ``weight`` (detached).
+        divergence: ``reverse_kl`` (``KL(p_s || p_t)``), ``forward_kl`` or ``jsd``.
+        jsd_beta: Mixture weight of ``jsd`` (see ``vocab_parallel_jsd``).
+        pointwise_clip: Per-entry clamp of the divergence terms (OPSD); None = off.
+        chunk_size: Tokens per matmul chunk; None = ``FUSED_CHUNK_BYTES`` of fp32 logits.
+        op_chunk_size: Tokens per chunk inside the vocab ops; None = their device default.
+        teacher_greedy: Also return whether each target is the teacher's greedy token.
+
+    Returns:
+        :class:`FusedOutputTerms`, every tensor ``[T]`` and identical on all TP ranks.
+    """
+    if student_hidden.dim() != 2 or weight.dim() != 2 or student_hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"student_hidden [T, h] and weight [V/tp, h] disagree: "
+                         f"{tuple(student_hidden.shape)} vs {tuple(weight.shape)}")
+    if teacher_hidden is not None and teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} != "
+                         f"student_hidden shape {tuple(student_hidden.shape)}")
+    t_weight = (weight if teacher_weight is None else teacher_weight).detach()
+    if t_weight.shape != weight.shape:
+        raise ValueError(f"teacher_weight shape {tuple(t_weight.shape)} != weight shape {tuple(weight.shape)}")
+    if target.reshape(-1).numel() != student_hidden.shape[0]:
+        raise ValueError(f"target has {target.numel()} tokens but student_hidden has {student_hidden.shape[0]}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if teacher_greedy and teacher_hidden is None:
+        raise ValueError("teacher_greedy needs teacher_hidden")
+    check_temperature(temperature)
+    _, world = shard_rank_and_size(tp_group)
+    if vocab_size is not None and not 0 < vocab_size <= weight.shape[0] * world:
+        raise ValueError(f"vocab_size {vocab_size} must lie in (0, {weight.shape[0] * world}] (the padded vocabulary)")
+    opts = dict(
+        tp_group=tp_group, vocab_size=vocab_size, temperature=float(temperature),
+        teacher_temperature=resolve_teacher_temperature(teacher_temperature, temperature),
+        divergence=divergence, jsd_beta=float(jsd_beta),
+        pointwise_clip=None if pointwise_clip is None else float(pointwise_clip),
+        chunk_size=resolve_fused_chunk_size(chunk_size, weight.shape[0]),
+        op_chunk_size=op_chunk_size, want_greedy=teacher_greedy,
+    )
+    t_hidden = None if teacher_hidden is None else teacher_hidden.detach()
+    lp, div, ent, greedy = _FusedOutputTerms.apply(student_hidden, t_hidden, weight, t_weight,
+                                                   target.reshape(-1), opts)
+    return FusedOutputTerms(
+        log_probs=lp, divergence=None if teacher_hidden is None else div, entropy=ent,
+        teacher_greedy=greedy if teacher_greedy else None,
+    )
