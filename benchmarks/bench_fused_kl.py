@@ -185,16 +185,15 @@ def _errors(results, ref) -> dict:
     return errs
 
 
-def run_case(path, tokens, vocab, hidden, tp, chunk_size, timeout, ref):
+def run_case(path, tokens, vocab, hidden, tp, chunk_size, timeout):
+    """One path on ``tp`` fresh rank processes; the per-rank results (errors come later)."""
     blobs = run_on_ranks(_rank_case, tp, path, tokens, vocab, hidden, chunk_size, timeout=timeout)
     results = [torch.load(io.BytesIO(b)) for b in blobs]
-    peak = max(r["peak"] for r in results)
     return dict(
         time_s=max(r["time"] for r in results),
-        peak_extra_bytes=peak,
+        peak_extra_bytes=max(r["peak"] for r in results),
         peak_extra_bytes_excl_grads=max(r["peak"] - r["grads_bytes"] for r in results),
-        **_errors(results, ref),
-    )
+    ), results
 
 
 def main(argv=None) -> None:
@@ -212,13 +211,16 @@ def main(argv=None) -> None:
     for tp in args.tp:
         if args.vocab % tp:
             raise SystemExit(f"--vocab {args.vocab} is not divisible by TP {tp}")
-        rows = sorted({int(i) for i in torch.linspace(0, args.tokens - 1, SAMPLE_TOKENS).round().tolist()})
-        ref = _reference(rows, args.tokens, args.vocab, args.hidden)
         common = dict(tokens=args.tokens, vocab=args.vocab, hidden=args.hidden, tp=tp, chunk_size=args.chunk_size,
-                      timeout=args.timeout, ref=ref)
+                      timeout=args.timeout)
         load_before = os.getloadavg()[0]
-        logits = run_case("logits", **common)
-        fused = run_case("fused", **common)
+        logits, logits_results = run_case("logits", **common)
+        fused, fused_results = run_case("fused", **common)
+        # The float64 reference only now: no rank process runs while it holds its [V, h] float64 tensors.
+        ref = _reference(logits_results[0]["rows"], args.tokens, args.vocab, args.hidden)
+        logits.update(_errors(logits_results, ref))
+        fused.update(_errors(fused_results, ref))
+        del ref, logits_results, fused_results
         line = dict(case=f"tp{tp}_T{args.tokens}", tp=tp, tokens=args.tokens, vocab=args.vocab, hidden=args.hidden,
                     dtype="fp32", device="cpu", chunk_size=args.chunk_size,
                     load_avg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],
