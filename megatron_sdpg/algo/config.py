@@ -101,6 +101,12 @@ class AlgorithmConfig:
     # in Triton's CPU interpreter and compiled for sm_90, not yet run on a GPU) or auto (triton on
     # CUDA when installed). Make auto the default once tools/device_check.sh has passed on a GPU.
     vocab_backend: str = "torch"
+    # Compute the loss's vocabulary terms from the last stage's hidden states and the output layer's
+    # shard in token chunks (ops/fused_output.py): no [T, V/tp] logits of the student or the teacher
+    # exist, and the teacher passes keep [T, h] hidden states instead of [T, V/tp] logits. Checked
+    # against float64 and equal to the logits path in the trainer's tests; off by default until the
+    # extra output-layer matmuls of its backward (6 instead of 4 per token) are paid back on a GPU.
+    fused_output: bool = False
 
     def schedule_steps(self) -> int:
         """T of the beta schedule."""

@@ -43,6 +43,7 @@ from megatron_sdpg.algo.loss_terms import (
     reference_kl_term,
     truncated_is_weight,
 )
+from megatron_sdpg.ops.fused_output import fused_output_terms
 from megatron_sdpg.ops.vocab_parallel import entropy, full_vocab_kl, generalized_jsd, is_greedy_token, token_log_probs
 from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy
 
@@ -77,6 +78,38 @@ class LossInputs:
     rollout_log_probs: torch.Tensor | None = None
     gate: torch.Tensor | None = None
     num_sequences: int | None = None
+
+
+@dataclass
+class OutputHidden:
+    """The loss's inputs before the output layer (``algorithm.fused_output``): no logits exist.
+
+    Attributes:
+        student: ``[T, h]`` the student's final hidden states at the response positions.
+        teacher: ``[T, h]`` the teacher's on the same response tokens, or None.
+        weight: ``[V/tp, h]`` this rank's shard of the output layer (the embedding when tied).
+        vocab_size: The unpadded vocabulary (padded ids are masked).
+        teacher_weight: ``[V/tp, h]`` the teacher's output shard; None = ``weight``.
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor | None
+    weight: torch.Tensor
+    vocab_size: int
+    teacher_weight: torch.Tensor | None = None
+
+
+def _terms_from_hidden(hidden: OutputHidden, target: torch.Tensor, needs_teacher: bool, cfg: AlgorithmConfig,
+                       tp_group):
+    """``(log_probs, divergence or None, entropy, teacher_greedy or None)`` via ``ops.fused_output``."""
+    out = fused_output_terms(
+        hidden.student, hidden.teacher if needs_teacher else None, hidden.weight, target, tp_group,
+        vocab_size=hidden.vocab_size, temperature=cfg.logprob_temperature(),
+        teacher_temperature=cfg.teacher_temperature(), teacher_weight=hidden.teacher_weight,
+        divergence=cfg.distill_divergence, jsd_beta=cfg.jsd_beta, pointwise_clip=cfg.pointwise_clip,
+        op_chunk_size=cfg.vocab_chunk_size, teacher_greedy=needs_teacher and cfg.distill_mask_after_divergence,
+    )
+    return out.log_probs, out.divergence, out.entropy, out.teacher_greedy
 
 
 def distill_divergence(student_logits, teacher_logits, cfg: AlgorithmConfig, tp_group) -> torch.Tensor:
@@ -120,7 +153,7 @@ def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def sdpg_loss(
-    student_logits: torch.Tensor,
+    student_logits: torch.Tensor | OutputHidden,
     teacher_logits: torch.Tensor | None,
     batch: LossInputs,
     cfg: AlgorithmConfig,
@@ -132,7 +165,10 @@ def sdpg_loss(
 
     Args:
         student_logits: ``[T, V/tp]`` vocab-parallel logits of the student sequence's
-            response positions (the rows matching ``batch``).
+            response positions (the rows matching ``batch``); or, with
+            ``algorithm.fused_output``, an :class:`OutputHidden` (hidden states, the
+            teacher's included, and the output shard: no logits are formed and
+            ``teacher_logits`` is ignored).
         teacher_logits: ``[T, V/tp]`` the privileged teacher's logits on the same
             response tokens (detached inside); may be None when ``beta(k) == 0``.
         batch: Per-token inputs.
@@ -157,9 +193,15 @@ def sdpg_loss(
     kw = dict(tp_group=tp_group, temperature=cfg.logprob_temperature(), chunk_size=cfg.vocab_chunk_size)
     opsd = cfg.objective == "opsd"
     needs_teacher = beta_k > 0 or opsd
-    if needs_teacher and teacher_logits is None:
+    teacher_greedy = None
+    if isinstance(student_logits, OutputHidden):
+        if needs_teacher and student_logits.teacher is None:
+            raise ValueError(f"the teacher's hidden states are None but beta(k={step}) = {beta_k} needs the teacher")
+        log_probs, div, ent, teacher_greedy = _terms_from_hidden(student_logits, batch.target, needs_teacher, cfg,
+                                                                 tp_group)
+    elif needs_teacher and teacher_logits is None:
         raise ValueError(f"teacher_logits is None but beta(k={step}) = {beta_k} needs the teacher")
-    if needs_teacher and cfg.distill_divergence == "reverse_kl" and cfg.pointwise_clip is None:
+    elif needs_teacher and cfg.distill_divergence == "reverse_kl" and cfg.pointwise_clip is None:
         # One pass over the vocabulary and one gradient buffer for all three statistics.
         log_probs, div, ent = log_probs_kl_entropy(student_logits, teacher_logits, batch.target, **kw,
                                                    inplace_backward=inplace_backward, backend=cfg.vocab_backend,
@@ -207,7 +249,9 @@ def sdpg_loss(
             else:
                 gate = mask & (batch.advantages > 0)
         if cfg.distill_mask_after_divergence:
-            divergent = mask & ~is_greedy_token(teacher_logits.detach(), batch.target, tp_group)
+            if teacher_greedy is None:
+                teacher_greedy = is_greedy_token(teacher_logits.detach(), batch.target, tp_group)
+            divergent = mask & ~teacher_greedy
             after = mask & after_first_divergence(divergent, batch.seq_index, num_seqs)
             gate = gate & ~after
             metrics["distill_masked_frac"] = (_masked_sum(after.float(), mask), n_tok)
