@@ -77,6 +77,22 @@ class FusedOutputTerms:
     teacher_greedy: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The op's non-tensor arguments, checked (see :func:`fused_output_terms`)."""
+
+    tp_group: dist.ProcessGroup | None
+    vocab_size: int | None
+    temperature: float
+    teacher_temperature: float
+    divergence: str
+    jsd_beta: float
+    pointwise_clip: float | None
+    chunk_size: int
+    op_chunk_size: int | None
+    want_greedy: bool
+
+
 def resolve_fused_chunk_size(chunk_size: int | None, vocab_local: int) -> int:
     """``chunk_size`` checked, or the default: ``FUSED_CHUNK_BYTES`` of fp32 per logits chunk."""
     if chunk_size is None:
@@ -108,7 +124,8 @@ def _logits_chunk(hidden: torch.Tensor, weight: torch.Tensor, n_valid: int, out:
     return out
 
 
-def _no_grad_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def _upstream(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The upstream gradient as fp32 ``[T]`` (zeros when autograd passes None)."""
     return torch.zeros_like(like) if g is None else g.reshape(like.shape).to(like.device, torch.float32)
 
 
@@ -116,15 +133,15 @@ class _FusedOutputTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, t_hidden, weight, t_weight, target, opts):
         n, v = s_hidden.shape[0], weight.shape[0]
-        n_valid = _valid_columns(v, opts["vocab_size"], opts["tp_group"])
-        c_max = min(n, opts["chunk_size"])
+        n_valid = _valid_columns(v, opts.vocab_size, opts.tp_group)
+        c_max = min(n, opts.chunk_size)
         f32 = dict(dtype=torch.float32, device=s_hidden.device)
         log_probs, div, ent = (torch.zeros(n, **f32) for _ in range(3))
-        greedy = torch.zeros(n if opts["want_greedy"] else 0, dtype=torch.bool, device=s_hidden.device)
+        greedy = torch.zeros(n if opts.want_greedy else 0, dtype=torch.bool, device=s_hidden.device)
         zs_buf = torch.empty(c_max, v, **f32)
         zt_buf = torch.empty(c_max, v, **f32) if t_hidden is not None else None
         with torch.no_grad():
-            for sl in chunks(n, opts["chunk_size"]):
+            for sl in chunks(n, opts.chunk_size):
                 c = sl.stop - sl.start
                 zs = _logits_chunk(s_hidden[sl], weight, n_valid, zs_buf[:c])
                 zt = None if t_hidden is None else _logits_chunk(t_hidden[sl], t_weight, n_valid, zt_buf[:c])
@@ -132,8 +149,8 @@ class _FusedOutputTerms(torch.autograd.Function):
                 log_probs[sl], ent[sl] = lp, e
                 if d is not None:
                     div[sl] = d
-                if opts["want_greedy"]:
-                    greedy[sl] = is_greedy_token(zt, target[sl], opts["tp_group"])
+                if opts.want_greedy:
+                    greedy[sl] = is_greedy_token(zt, target[sl], opts.tp_group)
         del zs_buf, zt_buf
         ctx.save_for_backward(s_hidden, t_hidden, weight, t_weight, target)
         ctx.opts = opts
@@ -147,17 +164,17 @@ class _FusedOutputTerms(torch.autograd.Function):
         s_hidden, t_hidden, weight, t_weight, target = ctx.saved_tensors
         opts = ctx.opts
         n, v = s_hidden.shape[0], weight.shape[0]
-        n_valid = _valid_columns(v, opts["vocab_size"], opts["tp_group"])
+        n_valid = _valid_columns(v, opts.vocab_size, opts.tp_group)
         f32 = dict(dtype=torch.float32, device=s_hidden.device)
-        g_lp = _no_grad_none(g_log_probs, target)
-        g_dv = _no_grad_none(g_div, target) if t_hidden is not None else None
+        g_lp = _upstream(g_log_probs, target)
+        g_dv = _upstream(g_div, target) if t_hidden is not None else None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_h = torch.zeros(n, s_hidden.shape[1], **f32) if need_h else None
         grad_w = torch.zeros(v, weight.shape[1], **f32) if need_w else None
-        c_max = min(n, opts["chunk_size"])
+        c_max = min(n, opts.chunk_size)
         zs_buf = torch.empty(c_max, v, **f32)
         zt_buf = torch.empty(c_max, v, **f32) if t_hidden is not None else None
-        for sl in chunks(n, opts["chunk_size"]):
+        for sl in chunks(n, opts.chunk_size):
             c = sl.stop - sl.start
             with torch.no_grad():
                 zs = _logits_chunk(s_hidden[sl], weight, n_valid, zs_buf[:c])
@@ -182,28 +199,28 @@ class _FusedOutputTerms(torch.autograd.Function):
             del d, lp, dv, outs
         del zs_buf, zt_buf
         if need_h:
-            all_reduce_(grad_h, dist.ReduceOp.SUM, opts["tp_group"])
+            all_reduce_(grad_h, dist.ReduceOp.SUM, opts.tp_group)
             grad_h = grad_h.to(s_hidden.dtype)
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, None, grad_w, None, None, None
 
 
-def _chunk_terms(zs, zt, target, opts, with_entropy: bool, inplace_backward: bool = False):
+def _chunk_terms(zs, zt, target, opts: _Options, with_entropy: bool, inplace_backward: bool = False):
     """``(log_probs, divergence or None, entropy or None)`` of one chunk of fp32 logits ``[c, V/tp]``."""
-    kw = dict(tp_group=opts["tp_group"], temperature=opts["temperature"], chunk_size=opts["op_chunk_size"])
+    kw = dict(tp_group=opts.tp_group, temperature=opts.temperature, chunk_size=opts.op_chunk_size)
     if zt is None:
         lp = token_log_probs(zs, target, **kw)
         ent = entropy(zs.detach(), **kw) if with_entropy else None
         return lp, None, ent
-    if opts["divergence"] == "reverse_kl" and opts["pointwise_clip"] is None:
+    if opts.divergence == "reverse_kl" and opts.pointwise_clip is None:
         lp, kl, ent = log_probs_kl_entropy(zs, zt, target, **kw, inplace_backward=inplace_backward,
-                                           backend="torch", teacher_temperature=opts["teacher_temperature"])
+                                           backend="torch", teacher_temperature=opts.teacher_temperature)
         return lp, kl, ent
-    beta = {"reverse_kl": 1.0, "forward_kl": 0.0, "jsd": opts["jsd_beta"]}[opts["divergence"]]
+    beta = {"reverse_kl": 1.0, "forward_kl": 0.0, "jsd": opts.jsd_beta}[opts.divergence]
     lp = token_log_probs(zs, target, **kw)
-    div = generalized_jsd(zs, zt, beta, pointwise_clip=opts["pointwise_clip"],
-                          teacher_temperature=opts["teacher_temperature"], **kw)
+    div = generalized_jsd(zs, zt, beta, pointwise_clip=opts.pointwise_clip,
+                          teacher_temperature=opts.teacher_temperature, **kw)
     ent = entropy(zs.detach(), **kw) if with_entropy else None
     return lp, div, ent
 
@@ -272,7 +289,7 @@ def fused_output_terms(
     _, world = shard_rank_and_size(tp_group)
     if vocab_size is not None and not 0 < vocab_size <= weight.shape[0] * world:
         raise ValueError(f"vocab_size {vocab_size} must lie in (0, {weight.shape[0] * world}] (the padded vocabulary)")
-    opts = dict(
+    opts = _Options(
         tp_group=tp_group, vocab_size=vocab_size, temperature=float(temperature),
         teacher_temperature=resolve_teacher_temperature(teacher_temperature, temperature),
         divergence=divergence, jsd_beta=float(jsd_beta),
