@@ -31,6 +31,9 @@ teacher). The entropy and the greedy flag are metrics without gradient.
 
 Cost: forward does the two views' matmuls, backward recomputes both and adds the
 two gradient matmuls: 6 ``T x h x V/tp`` matmuls against the logits path's 4.
+Backward skips a chunk whose tokens all have zero upstream gradient (padding), and
+the teacher's recompute where the divergence's upstream gradient is zero on the
+whole chunk (tokens the loss gates out, e.g. non-positive advantages).
 Memory beyond the inputs and the two gradients: a few ``[c, V/tp]`` fp32 buffers.
 Assumes the full hidden states on every TP rank (no sequence parallelism).
 """
@@ -174,11 +177,16 @@ class _FusedOutputTerms(torch.autograd.Function):
         c_max = min(n, opts.chunk_size)
         zs_buf = torch.empty(c_max, v, **f32)
         zt_buf = torch.empty(c_max, v, **f32) if t_hidden is not None else None
-        for sl in chunks(n, opts.chunk_size):
+        spans = list(chunks(n, opts.chunk_size))
+        live = _live_chunks(spans, g_lp, g_dv, opts.tp_group, s_hidden.device)
+        for sl, (lp_live, dv_live) in zip(spans, live):
+            if not (lp_live or dv_live):
+                continue  # no upstream gradient on these tokens (padding): nothing to add
             c = sl.stop - sl.start
             with torch.no_grad():
                 zs = _logits_chunk(s_hidden[sl], weight, n_valid, zs_buf[:c])
-                zt = None if t_hidden is None else _logits_chunk(t_hidden[sl], t_weight, n_valid, zt_buf[:c])
+                # Without a divergence gradient here (e.g. gated tokens) the teacher is not needed.
+                zt = _logits_chunk(t_hidden[sl], t_weight, n_valid, zt_buf[:c]) if dv_live else None
             with torch.enable_grad():
                 zs.requires_grad_(True)
                 lp, dv, _ = _chunk_terms(zs, zt, target[sl], opts, with_entropy=False, inplace_backward=True)
@@ -204,6 +212,20 @@ class _FusedOutputTerms(torch.autograd.Function):
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, None, grad_w, None, None, None
+
+
+def _live_chunks(spans: list[slice], g_lp: torch.Tensor, g_dv: torch.Tensor | None, tp_group,
+                 device) -> list[tuple[bool, bool]]:
+    """Per chunk: whether any token has a log-prob / divergence gradient (agreed over TP: one MAX)."""
+    if not spans:
+        return []
+    flags = torch.zeros(len(spans), 2, dtype=torch.float32, device=device)
+    for i, sl in enumerate(spans):
+        flags[i, 0] = (g_lp[sl] != 0).any()
+        if g_dv is not None:
+            flags[i, 1] = (g_dv[sl] != 0).any()
+    all_reduce_(flags, dist.ReduceOp.MAX, tp_group)
+    return [(bool(a), bool(b)) for a, b in flags.tolist()]
 
 
 def _chunk_terms(zs, zt, target, opts: _Options, with_entropy: bool, inplace_backward: bool = False):

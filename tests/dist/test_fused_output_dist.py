@@ -27,10 +27,19 @@ def _cases():
     ]
 
 
+def _gated():
+    """Tokens 0-9 without divergence gradient, 5-9 without any: backward skips work per chunk of 5."""
+    case = R.make_case("gated", 0.7, torch.float32)
+    case["w_div"][:10] = 0.0
+    case["w_lp"][5:10] = 0.0
+    return case
+
+
 def _all_cases(rank, world_size):
     group = dist.new_group(list(range(world_size)))
     results = [R.run_on_shard(case, rank, world_size, group) for case in _cases()]
     results.append(R.run_on_shard(_cases()[0], rank, world_size, group, own_teacher_weight=True))
+    results.append(R.run_on_shard(_gated(), rank, world_size, group))
     buf = io.BytesIO()
     torch.save(results, buf)
     return buf.getvalue()
@@ -41,8 +50,8 @@ def test_fused_output_matches_float64_dense_across_tp(world_size):
     per_rank = [torch.load(io.BytesIO(b)) for b in run_on_ranks(_all_cases, world_size, timeout=240)]
     per = R.PADDED // world_size
     cases = _cases()
-    refs = [R.reference(c) for c in cases] + [R.reference(cases[0], own_teacher_weight=True)]
-    for i, (case, ref) in enumerate(zip(cases + [cases[0]], refs)):
+    refs = [R.reference(c) for c in cases] + [R.reference(cases[0], own_teacher_weight=True), R.reference(_gated())]
+    for i, (case, ref) in enumerate(zip(cases + [cases[0], _gated()], refs)):
         for rank, results in enumerate(per_rank):
             got = dict(results[i])
             R.assert_matches(got, ref, case["dtype"], f"{case['name']} rank {rank}/{world_size}",

@@ -95,3 +95,13 @@ def test_bad_arguments_name_the_argument(kwargs, match):
     h = torch.randn(3, 4)
     with pytest.raises(ValueError, match=match):
         fused_output_terms(h, h, w, torch.zeros(3, dtype=torch.long), **kwargs)
+
+
+def test_chunks_without_upstream_gradient_skip_work_and_stay_exact():
+    """Chunk 1 (tokens 0-4) has no divergence gradient, chunk 2 (5-9) none at all."""
+    case = R.make_case("gated", 0.7, torch.float32)
+    case["w_div"][:10] = 0.0
+    case["w_lp"][5:10] = 0.0
+    got = R.run_on_shard(case, 0, 1, None, chunk_size=5)
+    R.assert_matches(got, R.reference(case), torch.float32, "gated chunks")
+    assert got["grad_h"][5:10].abs().max().item() == 0.0
