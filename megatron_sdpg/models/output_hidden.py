@@ -16,13 +16,25 @@ import contextlib
 import torch
 
 
+def unwrap(model):
+    """The ``GPTModel`` inside any wrappers (DDP, Float16Module: each has ``.module``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def is_last_stage(model) -> bool:
+    """Whether this chunk computes the output layer (``post_process``)."""
+    return bool(getattr(unwrap(model), "post_process", False))
+
+
 def output_weight(model) -> torch.Tensor:
     """This rank's ``[V/tp, h]`` vocabulary shard of the output layer (the embedding when tied).
 
     Args:
         model: A ``GPTModel`` chunk with ``post_process`` (DDP-wrapped or bare).
     """
-    m = getattr(model, "module", model)
+    m = unwrap(model)
     if m.share_embeddings_and_output_weights:
         return m.shared_embedding_or_output_weight()
     return m.output_layer.weight
@@ -42,8 +54,8 @@ def emit_hidden_states(model):
         ValueError: with sequence parallelism, whose hidden states are split over
             TP (the fused op takes them whole); not supported yet.
     """
-    m = getattr(model, "module", model)
-    layer = getattr(m, "output_layer", None) if getattr(m, "post_process", False) else None
+    m = unwrap(model)
+    layer = getattr(m, "output_layer", None) if is_last_stage(m) else None
     if layer is None:
         yield
         return

@@ -30,7 +30,7 @@ from megatron_sdpg.config.errors import ConfigError
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.models.builder import build_model_chunks, mask_padded_vocab
 from megatron_sdpg.models.init import init_layout_invariant_
-from megatron_sdpg.models.output_hidden import emit_hidden_states, output_weight
+from megatron_sdpg.models.output_hidden import emit_hidden_states, is_last_stage, output_weight
 from megatron_sdpg.platform.distributed import ParallelGroups
 
 LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -254,7 +254,7 @@ class PolicyModel:
         if mb.get("emit_hidden"):  # algorithm.fused_output: the last stage returns [b, s, h] hidden states
             with emit_hidden_states(model):
                 logits = model(mb["tokens"], mb["position_ids"], None)
-            if getattr(getattr(model, "module", model), "post_process", False):
+            if is_last_stage(model):
                 mb["output_weight"], mb["vocab_size"] = output_weight(model), self.cfg.vocab_size
         else:
             logits = model(mb["tokens"], mb["position_ids"], None)
