@@ -57,8 +57,13 @@ def reference(case: dict, own_teacher_weight: bool = False) -> dict:
 
 
 def run_on_shard(case: dict, rank: int, world: int, tp_group, own_teacher_weight: bool = False,
-                 chunk_size: int = 5) -> dict:
-    """This rank's op results: values, ``grad_h`` ``[T, h]`` and its weight shard's gradient."""
+                 chunk_size: int = 5, eager: str | None = None) -> dict:
+    """This rank's op results: values, ``grad_h`` ``[T, h]`` and its weight shard's gradient.
+
+    ``eager``: None (recompute in backward); ``"exact"`` (the op is told the loss);
+    ``"scaled"`` (the actual loss is 3x the one it is told: the scale path);
+    ``"wrong"`` (it is told other weights: the fallback).
+    """
     from megatron_sdpg.ops.fused_output import fused_output_terms
 
     per = PADDED // world
@@ -66,12 +71,17 @@ def run_on_shard(case: dict, rank: int, world: int, tp_group, own_teacher_weight
     hs = case["hs"].to(dt).requires_grad_(True)
     w = case["w"][rank * per:(rank + 1) * per].to(dt).requires_grad_(True)
     wt = case["w_teacher"][rank * per:(rank + 1) * per].to(dt) if own_teacher_weight else None
+    w_lp, w_div = case["w_lp"].float(), case["w_div"].float()
+    told = {None: None, "exact": (w_lp, w_div), "scaled": (w_lp / 3, w_div / 3),
+            "wrong": (w_div, w_lp)}[eager]
+    eager_loss = None if told is None else (lambda lp, dv: (lp * told[0]).sum() + (dv * told[1]).sum())
     out = fused_output_terms(
         hs, case["ht"].to(dt), w, case["target"], tp_group, vocab_size=VOCAB,
         temperature=case["temperature"], teacher_temperature=case["t_temperature"], teacher_weight=wt,
         divergence=case["divergence"], chunk_size=chunk_size, op_chunk_size=3, teacher_greedy=True,
+        eager_loss=eager_loss,
     )
-    loss = (out.log_probs * case["w_lp"].float()).sum() + (out.divergence * case["w_div"].float()).sum()
+    loss = (out.log_probs * w_lp).sum() + (out.divergence * w_div).sum()
     loss.backward()
     return dict(log_probs=out.log_probs.detach().double(), divergence=out.divergence.detach().double(),
                 entropy=out.entropy.double(), greedy=out.teacher_greedy, grad_h=hs.grad.double(),

@@ -40,7 +40,9 @@ Assumes the full hidden states on every TP rank (no sequence parallelism).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -94,6 +96,7 @@ class _Options:
     chunk_size: int
     op_chunk_size: int | None
     want_greedy: bool
+    eager_loss: Callable | None = None
 
 
 def resolve_fused_chunk_size(chunk_size: int | None, vocab_local: int) -> int:
@@ -143,18 +146,49 @@ class _FusedOutputTerms(torch.autograd.Function):
         greedy = torch.zeros(n if opts.want_greedy else 0, dtype=torch.bool, device=s_hidden.device)
         zs_buf = torch.empty(c_max, v, **f32)
         zt_buf = torch.empty(c_max, v, **f32) if t_hidden is not None else None
-        with torch.no_grad():
-            for sl in chunks(n, opts.chunk_size):
-                c = sl.stop - sl.start
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        eager = opts.eager_loss is not None and (need_h or need_w)
+        if eager:
+            grad_h = torch.zeros(n, s_hidden.shape[1], **f32) if need_h else None
+            grad_w = torch.zeros(v, weight.shape[1], **f32) if need_w else None
+            pred = [torch.zeros(n, **f32), torch.zeros(n, **f32) if t_hidden is not None else None]
+        for sl in chunks(n, opts.chunk_size):
+            c = sl.stop - sl.start
+            with torch.no_grad():
                 zs = _logits_chunk(s_hidden[sl], weight, n_valid, zs_buf[:c])
                 zt = None if t_hidden is None else _logits_chunk(t_hidden[sl], t_weight, n_valid, zt_buf[:c])
-                lp, d, e = _chunk_terms(zs, zt, target[sl], opts, with_entropy=True)
+                if opts.want_greedy:
+                    greedy[sl] = is_greedy_token(zt, target[sl], opts.tp_group)
+            if not eager:
+                with torch.no_grad():
+                    lp, d, e = _chunk_terms(zs, zt, target[sl], opts, with_entropy=True)
                 log_probs[sl], ent[sl] = lp, e
                 if d is not None:
                     div[sl] = d
-                if opts.want_greedy:
-                    greedy[sl] = is_greedy_token(zt, target[sl], opts.tp_group)
+                continue
+            with torch.enable_grad():
+                zs = zs.detach().requires_grad_(True)
+                lp, dv, e = _chunk_terms(zs, zt, target[sl], opts, with_entropy=True, inplace_backward=True)
+            log_probs[sl], ent[sl] = lp.detach(), e
+            if dv is not None:
+                div[sl] = dv.detach()
+            g_lp, g_dv = _eager_upstream(opts.eager_loss, log_probs, div if dv is not None else None, sl)
+            pred[0][sl] = g_lp
+            outs, grads = [lp], [g_lp]
+            if dv is not None:
+                pred[1][sl] = g_dv
+                outs.append(dv)
+                grads.append(g_dv)
+            with torch.enable_grad():
+                (d,) = torch.autograd.grad(outs, [zs], grads)
+            _add_chunk_grads(d, sl, s_hidden, weight, grad_h, grad_w)
+            del d, lp, dv, outs
         del zs_buf, zt_buf
+        ctx.eager = None
+        if eager:
+            if need_h:
+                all_reduce_(grad_h, dist.ReduceOp.SUM, opts.tp_group)
+            ctx.eager = (grad_h, grad_w, pred)
         ctx.save_for_backward(s_hidden, t_hidden, weight, t_weight, target)
         ctx.opts = opts
         ctx.mark_non_differentiable(ent, greedy)
@@ -172,6 +206,13 @@ class _FusedOutputTerms(torch.autograd.Function):
         g_lp = _upstream(g_log_probs, target)
         g_dv = _upstream(g_div, target) if t_hidden is not None else None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if ctx.eager is not None:
+            grads = _eager_grads(ctx.eager, g_lp, g_dv, opts.tp_group)
+            ctx.eager = None
+            if grads is not None:
+                grad_h, grad_w = grads
+                return (grad_h.to(s_hidden.dtype) if need_h else None), None, \
+                    (grad_w.to(weight.dtype) if need_w else None), None, None, None
         grad_h = torch.zeros(n, s_hidden.shape[1], **f32) if need_h else None
         grad_w = torch.zeros(v, weight.shape[1], **f32) if need_w else None
         c_max = min(n, opts.chunk_size)
@@ -196,14 +237,7 @@ class _FusedOutputTerms(torch.autograd.Function):
                     grads.append(g_dv[sl])
                 (d,) = torch.autograd.grad(outs, [zs], grads)  # [c, V/tp] fp32, 0 on padded columns
             zs.requires_grad_(False)
-            with torch.no_grad():
-                if need_h:
-                    if weight.dtype == torch.float32:
-                        torch.mm(d, weight, out=grad_h[sl])
-                    else:
-                        grad_h[sl] = torch.mm(d.to(weight.dtype), weight)
-                if need_w:
-                    grad_w.addmm_(d.t(), s_hidden[sl].to(torch.float32))
+            _add_chunk_grads(d, sl, s_hidden, weight, grad_h, grad_w)
             del d, lp, dv, outs
         del zs_buf, zt_buf
         if need_h:
@@ -212,6 +246,59 @@ class _FusedOutputTerms(torch.autograd.Function):
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, None, grad_w, None, None, None
+
+
+@torch.no_grad()
+def _add_chunk_grads(d, sl, s_hidden, weight, grad_h, grad_w) -> None:
+    """``grad_h[sl] = d @ W`` and ``grad_w += d^T @ h[sl]`` for one chunk's logits gradient ``d`` ``[c, V/tp]``."""
+    if grad_h is not None:
+        if weight.dtype == torch.float32:
+            torch.mm(d, weight, out=grad_h[sl])
+        else:
+            grad_h[sl] = torch.mm(d.to(weight.dtype), weight)
+    if grad_w is not None:
+        grad_w.addmm_(d.t(), s_hidden[sl].to(torch.float32))
+
+
+def _eager_upstream(eager_loss, log_probs, div, sl) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss's gradient w.r.t. the chunk's log-probs and divergences, ``[c]`` each.
+
+    ``eager_loss`` must be a sum of per-token functions of ``(log_probs[t], div[t])``, so
+    the values of the tokens not computed yet (zeros here) do not change these rows.
+    """
+    with torch.enable_grad():
+        lp = log_probs.detach().clone().requires_grad_(True)
+        dv = None if div is None else div.detach().clone().requires_grad_(True)
+        inputs = [lp] if dv is None else [lp, dv]
+        grads = torch.autograd.grad(eager_loss(lp, dv), inputs, allow_unused=True)
+    out = [torch.zeros_like(x[sl]) if g is None else g[sl].float() for x, g in zip(inputs, grads)]
+    return out[0], (out[1] if dv is not None else None)
+
+
+def _eager_grads(saved, g_lp, g_dv, tp_group):
+    """The forward's gradients times the upstream's scale, or None when the upstream is not proportional.
+
+    The scale is the one factor ``s`` with ``upstream = s * predicted`` (megatron's loss
+    scale; 1 otherwise), checked to 1e-6 relative on every token; the decision is agreed
+    over TP so that every rank takes the same path.
+    """
+    grad_h, grad_w, (p_lp, p_dv) = saved
+    a = g_lp if g_dv is None else torch.cat([g_lp, g_dv])
+    p = p_lp if p_dv is None else torch.cat([p_lp, p_dv])
+    a64, p64 = a.double(), p.double()
+    pp = float((p64 * p64).sum())
+    scale = float((a64 * p64).sum()) / pp if pp > 0 else 0.0
+    bad = (a64 - scale * p64).abs().max().item() if a.numel() else 0.0
+    ok = torch.tensor([0.0 if bad <= 1e-6 * max(a64.abs().max().item() if a.numel() else 0.0, 1e-30) else 1.0])
+    all_reduce_(ok, dist.ReduceOp.MAX, tp_group)
+    if ok.item() > 0:  # (the warnings module shows it once per process by default)
+        warnings.warn("fused_output: the upstream gradient is not the eager_loss's; recomputing the "
+                      "chunks in backward (slower, exact)")
+        return None
+    if scale != 1.0:
+        grad_h = None if grad_h is None else grad_h * scale
+        grad_w = None if grad_w is None else grad_w * scale
+    return grad_h, grad_w
 
 
 def _live_chunks(spans: list[slice], g_lp: torch.Tensor, g_dv: torch.Tensor | None, tp_group,
@@ -264,6 +351,7 @@ def fused_output_terms(
     chunk_size: int | None = None,
     op_chunk_size: int | None = None,
     teacher_greedy: bool = False,
+    eager_loss: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> FusedOutputTerms:
     """Log-probs, entropy and divergence to the teacher from hidden states (see module docstring).
 
@@ -288,6 +376,11 @@ def fused_output_terms(
         chunk_size: Tokens per matmul chunk; None = ``FUSED_CHUNK_BYTES`` of fp32 logits.
         op_chunk_size: Tokens per chunk inside the vocab ops; None = their device default.
         teacher_greedy: Also return whether each target is the teacher's greedy token.
+        eager_loss: ``f(log_probs [T], divergence [T] or None) -> scalar``, the loss these
+            terms feed, when it is a SUM OF PER-TOKEN functions. The forward then takes its
+            gradient chunk by chunk right away (4 matmuls instead of 6, no recompute);
+            backward checks that the upstream gradient is that prediction times one scale
+            (megatron's loss scale) and otherwise recomputes (exact either way, a warning).
 
     Returns:
         :class:`FusedOutputTerms`, every tensor ``[T]`` and identical on all TP ranks.
@@ -317,7 +410,7 @@ def fused_output_terms(
         divergence=divergence, jsd_beta=float(jsd_beta),
         pointwise_clip=None if pointwise_clip is None else float(pointwise_clip),
         chunk_size=resolve_fused_chunk_size(chunk_size, weight.shape[0]),
-        op_chunk_size=op_chunk_size, want_greedy=teacher_greedy,
+        op_chunk_size=op_chunk_size, want_greedy=teacher_greedy, eager_loss=eager_loss,
     )
     t_hidden = None if teacher_hidden is None else teacher_hidden.detach()
     lp, div, ent, greedy = _FusedOutputTerms.apply(student_hidden, t_hidden, weight, t_weight,

@@ -27,6 +27,9 @@ def _cases():
     ]
 
 
+EAGER = ("exact", "scaled", "wrong")
+
+
 def _gated():
     """Tokens 0-9 without divergence gradient, 5-9 without any: backward skips work per chunk of 5."""
     case = R.make_case("gated", 0.7, torch.float32)
@@ -40,6 +43,8 @@ def _all_cases(rank, world_size):
     results = [R.run_on_shard(case, rank, world_size, group) for case in _cases()]
     results.append(R.run_on_shard(_cases()[0], rank, world_size, group, own_teacher_weight=True))
     results.append(R.run_on_shard(_gated(), rank, world_size, group))
+    for eager in EAGER:  # the first case, gradients taken in the forward (or recomputed on the fallback)
+        results.append(R.run_on_shard(_cases()[0], rank, world_size, group, eager=eager))
     buf = io.BytesIO()
     torch.save(results, buf)
     return buf.getvalue()
@@ -51,7 +56,8 @@ def test_fused_output_matches_float64_dense_across_tp(world_size):
     per = R.PADDED // world_size
     cases = _cases()
     refs = [R.reference(c) for c in cases] + [R.reference(cases[0], own_teacher_weight=True), R.reference(_gated())]
-    for i, (case, ref) in enumerate(zip(cases + [cases[0], _gated()], refs)):
+    refs += [refs[0]] * len(EAGER)
+    for i, (case, ref) in enumerate(zip(cases + [cases[0], _gated()] + [cases[0]] * len(EAGER), refs)):
         for rank, results in enumerate(per_rank):
             got = dict(results[i])
             R.assert_matches(got, ref, case["dtype"], f"{case['name']} rank {rank}/{world_size}",

@@ -105,3 +105,25 @@ def test_chunks_without_upstream_gradient_skip_work_and_stay_exact():
     got = R.run_on_shard(case, 0, 1, None, chunk_size=5)
     R.assert_matches(got, R.reference(case), torch.float32, "gated chunks")
     assert got["grad_h"][5:10].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("eager", ["exact", "scaled", "wrong"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_gradients_match_float64_dense(eager, dtype, monkeypatch):
+    """Gradients taken in the forward (told the loss), rescaled (told 1/3 of it) or recomputed (told a wrong one)."""
+    import warnings
+
+    from megatron_sdpg.ops import fused_output as fo
+
+    products = []
+    original = fo._logits_chunk
+    monkeypatch.setattr(fo, "_logits_chunk", lambda *a: products.append(1) or original(*a))
+    case = R.make_case(f"eager_{eager}", 0.7, dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = R.run_on_shard(case, 0, 1, None, eager=eager)
+    R.assert_matches(got, R.reference(case), dtype, case["name"])
+    fell_back = any("recomputing" in str(w.message) for w in caught)
+    assert fell_back == (eager == "wrong")
+    # 13 tokens in chunks of 5: 3 chunks x 2 views forward, and again in backward only on the fallback.
+    assert len(products) == (12 if eager == "wrong" else 6)
