@@ -14,7 +14,10 @@ full-vocabulary terms and back, forward and backward:
   ``no_grad``), then today's op ``log_probs_kl_entropy`` with
   ``inplace_backward=True`` as the trainer calls it. (Generous to it: the trainer
   also holds the logits of the prompt positions and an ``index_select`` copy.)
-- ``fused``: ``fused_output_terms`` on the hidden states and the weight shard.
+- ``fused``: ``fused_output_terms`` on the hidden states and the weight shard, told the
+  scalar below (``eager_loss``: gradients taken during the forward, as the trainer does
+  without the divergence mask);
+- ``fused_recompute``: the same op not told the loss (backward recomputes every chunk).
 
 The scalar is ``sum(w_lp * log_probs + w_kl * kl)`` with fixed random per-token
 weights; both produce the student hidden states' gradient ``[T, h]`` (reduced
@@ -28,7 +31,8 @@ the RSS at the reset, the maximum over ranks. ``peak_extra_bytes_excl_grads``
 subtracts the two gradients both paths must return (on a GPU they land in the
 optimizer's preallocated ``main_grad`` buffers); ``mem_ratio`` is fused / logits
 of that, ``mem_ratio_incl_grads`` of the raw peak. ``time_s``: wall time of
-forward + backward, the slowest rank. ``time_ratio``: fused / logits.
+forward + backward, the slowest rank. ``time_ratio``: fused / logits; the
+``_recompute`` ratios are those of ``fused_recompute``.
 
 Accuracy vs float64 (for each path): the log-probs, KL and entropy of 16 tokens
 spread over the sequence and their rows of the hidden-state gradient, from the
@@ -110,8 +114,10 @@ def _logits_path(hs, ht, w, target, w_lp, w_kl, group):
     return lp, kl, ent
 
 
-def _fused_path(hs, ht, w, target, w_lp, w_kl, group, chunk_size):
-    out = fused_output_terms(hs, ht, w, target, group, temperature=TEMPERATURE, chunk_size=chunk_size)
+def _fused_path(hs, ht, w, target, w_lp, w_kl, group, chunk_size, eager):
+    eager_loss = (lambda lp, kl: (lp * w_lp).sum() + (kl * w_kl).sum()) if eager else None
+    out = fused_output_terms(hs, ht, w, target, group, temperature=TEMPERATURE, chunk_size=chunk_size,
+                             eager_loss=eager_loss)
     return out.log_probs, out.divergence, out.entropy
 
 
@@ -121,7 +127,7 @@ def _run_path(path, hs, ht, w_shard, target, w_lp, w_kl, group, chunk_size):
     if path == "logits":
         lp, kl, ent = _logits_path(h, ht, w, target, w_lp, w_kl, group)
     else:
-        lp, kl, ent = _fused_path(h, ht, w, target, w_lp, w_kl, group, chunk_size)
+        lp, kl, ent = _fused_path(h, ht, w, target, w_lp, w_kl, group, chunk_size, eager=path == "fused")
     ((lp * w_lp).sum() + (kl * w_kl).sum()).backward()
     return lp.detach(), kl.detach(), ent.detach(), h.grad, w.grad
 
@@ -216,19 +222,25 @@ def main(argv=None) -> None:
         load_before = os.getloadavg()[0]
         logits, logits_results = run_case("logits", **common)
         fused, fused_results = run_case("fused", **common)
+        recompute, recompute_results = run_case("fused_recompute", **common)
         # The float64 reference only now: no rank process runs while it holds its [V, h] float64 tensors.
         ref = _reference(logits_results[0]["rows"], args.tokens, args.vocab, args.hidden)
-        logits.update(_errors(logits_results, ref))
-        fused.update(_errors(fused_results, ref))
-        del ref, logits_results, fused_results
+        for summary, results in ((logits, logits_results), (fused, fused_results),
+                                 (recompute, recompute_results)):
+            summary.update(_errors(results, ref))
+        del ref, logits_results, fused_results, recompute_results
         line = dict(case=f"tp{tp}_T{args.tokens}", tp=tp, tokens=args.tokens, vocab=args.vocab, hidden=args.hidden,
                     dtype="fp32", device="cpu", chunk_size=args.chunk_size,
                     load_avg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],
-                    logits=logits, fused=fused,
+                    logits=logits, fused=fused, fused_recompute=recompute,
                     mem_ratio=fused["peak_extra_bytes_excl_grads"] / logits["peak_extra_bytes_excl_grads"],
                     mem_ratio_incl_grads=fused["peak_extra_bytes"] / logits["peak_extra_bytes"],
                     time_ratio=fused["time_s"] / logits["time_s"],
-                    max_rel_err=fused["max_rel_err"])
+                    max_rel_err=fused["max_rel_err"],
+                    mem_ratio_recompute=(recompute["peak_extra_bytes_excl_grads"]
+                                         / logits["peak_extra_bytes_excl_grads"]),
+                    time_ratio_recompute=recompute["time_s"] / logits["time_s"],
+                    max_rel_err_recompute=recompute["max_rel_err"])
         print(json.dumps(line), flush=True)
 
 
