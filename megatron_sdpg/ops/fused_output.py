@@ -31,6 +31,10 @@ teacher). The entropy and the greedy flag are metrics without gradient.
 
 Cost: forward does the two views' matmuls, backward recomputes both and adds the
 two gradient matmuls: 6 ``T x h x V/tp`` matmuls against the logits path's 4.
+With ``eager_loss`` (the loss is a sum of per-token functions of the log-prob and the
+divergence, as ``sdpg_loss`` is without the divergence mask) the forward takes each
+chunk's gradient right after its statistics, so 4 matmuls and no recompute; the
+``[V/tp, h]`` fp32 weight-gradient accumulator then lives from forward to backward.
 Backward skips a chunk whose tokens all have zero upstream gradient (padding), and
 the teacher's recompute where the divergence's upstream gradient is zero on the
 whole chunk (tokens the loss gates out, e.g. non-positive advantages).
