@@ -23,7 +23,7 @@ The model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = this GPU's parameters)
 
 With ``fused_output`` (ops/fused_output.py) the last stage holds instead: the
 ``[b, s, h]`` hidden states' transposed copy and the ``[T, h]`` response rows;
-the op's two ``[c, V/tp]`` fp32 logits chunks (``c`` = 64 MiB of fp32), the bf16
+the op's two ``[c, V/tp]`` fp32 logits chunks (``c`` = 224 tokens), the bf16
 product of one chunk, the inner ops' three ``[chunk, V/tp]`` buffers, the fp32
 ``[V/tp, h]`` weight-gradient accumulator and its cast, and the fp32 ``[T, h]``
 hidden-state gradient; the teacher keeps ``[T, h]`` hidden states per micro-batch
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.planning.assumptions import PlanAssumptions
 from megatron_sdpg.planning.params import stage_params
-from megatron_sdpg.planning.workload import FUSED_CHUNK_BYTES, Workload
+from megatron_sdpg.planning.workload import FUSED_CHUNK_TOKENS, Workload
 from megatron_sdpg.platform.layout import ParallelLayout
 
 GIB = 2**30
@@ -201,7 +201,7 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
 def _fused_output_bytes(work: Workload, tokens: int, resp_rows: int, vocab: int, h: int, e: int, pp: int,
                         m: int) -> tuple[int, int]:
     """``(logits_and_kl, teacher)`` bytes of the last stage with ``fused_output`` (module docstring)."""
-    chunk = min(resp_rows, max(1, FUSED_CHUNK_BYTES // (FP32 * vocab)))
+    chunk = min(resp_rows, FUSED_CHUNK_TOKENS)
     work_bytes = (2 * chunk * vocab * FP32 + (chunk * vocab * e if e != FP32 else 0)
                   + 3 * min(work.kl_chunk_size, chunk) * vocab * FP32)
     grads = vocab * h * FP32 + (vocab * h * e if e != FP32 else 0) + resp_rows * h * FP32

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from megatron_sdpg.config.errors import require
 
 GPU_CHUNK_TOKENS = 128  # = ops.vocab_shard.GPU_CHUNK_TOKENS (the planner stays torch-free)
-FUSED_CHUNK_BYTES = 64 << 20  # = ops.fused_output.FUSED_CHUNK_BYTES
+FUSED_CHUNK_TOKENS = 224  # = ops.fused_output.FUSED_CHUNK_TOKENS
 
 PAD_MULTIPLE = 8  # micro-batches are padded to a multiple of 8 tokens (train/batch.py)
 

@@ -189,7 +189,7 @@ def test_fused_output_memory_by_hand():
     """algorithm.fused_output: no [T, V/tp] buffers; the teacher keeps [T, h] hidden states."""
     fused = Workload(**{**SMALL_WORK.__dict__, "fused_output": True})
     s1 = estimate_memory(SMALL, TP2_PP2_DP2, fused, PlanAssumptions(), True)[1]
-    # T = 88 rows, V/tp = 500, h = 64, bf16; chunk = min(88, 64 MiB / 2000 B) = 88 tokens.
+    # T = 88 rows, V/tp = 500, h = 64, bf16; chunk = min(88, 224) = 88 tokens.
     work = 2 * 88 * 500 * 4 + 88 * 500 * 2 + 3 * 88 * 500 * 4
     grads = 500 * 64 * 4 + 500 * 64 * 2 + 88 * 64 * 4
     assert s1.logits_and_kl == 128 * 64 * 2 + 88 * 64 * 2 + work + grads
