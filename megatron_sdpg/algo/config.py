@@ -104,8 +104,9 @@ class AlgorithmConfig:
     # Compute the loss's vocabulary terms from the last stage's hidden states and the output layer's
     # shard in token chunks (ops/fused_output.py): no [T, V/tp] logits of the student or the teacher
     # exist, and the teacher passes keep [T, h] hidden states instead of [T, V/tp] logits. Checked
-    # against float64 and equal to the logits path in the trainer's tests; off by default until the
-    # extra output-layer matmuls of its backward (6 instead of 4 per token) are paid back on a GPU.
+    # against float64 and equal to the logits path in two training steps at 1 rank, TP2 and PP2
+    # (tests/dist/test_fused_output_trainer.py). Off by default until the whole suite (every layout,
+    # resume, the accuracy run) has run with it on; parallel.sequence_parallel is not supported yet.
     fused_output: bool = False
 
     def schedule_steps(self) -> int:
