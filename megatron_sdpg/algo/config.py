@@ -101,6 +101,13 @@ class AlgorithmConfig:
     # in Triton's CPU interpreter and compiled for sm_90, not yet run on a GPU) or auto (triton on
     # CUDA when installed). Make auto the default once tools/device_check.sh has passed on a GPU.
     vocab_backend: str = "torch"
+    # Compute the loss's vocabulary terms from the last stage's hidden states and the output layer's
+    # shard in token chunks (ops/fused_output.py): no [T, V/tp] logits of the student or the teacher
+    # exist, and the teacher passes keep [T, h] hidden states instead of [T, V/tp] logits. Checked
+    # against float64 and equal to the logits path in two training steps at 1 rank, TP2 and PP2
+    # (tests/dist/test_fused_output_trainer.py). Off by default until the whole suite (every layout,
+    # resume, the accuracy run) has run with it on; parallel.sequence_parallel is not supported yet.
+    fused_output: bool = False
 
     def schedule_steps(self) -> int:
         """T of the beta schedule."""

@@ -43,6 +43,7 @@ from megatron_sdpg.algo.loss_terms import (
     reference_kl_term,
     truncated_is_weight,
 )
+from megatron_sdpg.ops.fused_output import fused_output_terms
 from megatron_sdpg.ops.vocab_parallel import entropy, full_vocab_kl, generalized_jsd, is_greedy_token, token_log_probs
 from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy
 
@@ -77,6 +78,39 @@ class LossInputs:
     rollout_log_probs: torch.Tensor | None = None
     gate: torch.Tensor | None = None
     num_sequences: int | None = None
+
+
+@dataclass
+class OutputHidden:
+    """The loss's inputs before the output layer (``algorithm.fused_output``): no logits exist.
+
+    Attributes:
+        student: ``[T, h]`` the student's final hidden states at the response positions.
+        teacher: ``[T, h]`` the teacher's on the same response tokens, or None.
+        weight: ``[V/tp, h]`` this rank's shard of the output layer (the embedding when tied).
+        vocab_size: The unpadded vocabulary (padded ids are masked).
+        teacher_weight: ``[V/tp, h]`` the teacher's output shard; None = ``weight``.
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor | None
+    weight: torch.Tensor
+    vocab_size: int
+    teacher_weight: torch.Tensor | None = None
+
+
+def _terms_from_hidden(hidden: OutputHidden, target: torch.Tensor, needs_teacher: bool, cfg: AlgorithmConfig,
+                       tp_group, eager_loss=None):
+    """``(log_probs, divergence or None, entropy, teacher_greedy or None)`` via ``ops.fused_output``."""
+    out = fused_output_terms(
+        hidden.student, hidden.teacher if needs_teacher else None, hidden.weight, target, tp_group,
+        vocab_size=hidden.vocab_size, temperature=cfg.logprob_temperature(),
+        teacher_temperature=cfg.teacher_temperature(), teacher_weight=hidden.teacher_weight,
+        divergence=cfg.distill_divergence, jsd_beta=cfg.jsd_beta, pointwise_clip=cfg.pointwise_clip,
+        op_chunk_size=cfg.vocab_chunk_size, teacher_greedy=needs_teacher and cfg.distill_mask_after_divergence,
+        eager_loss=eager_loss,
+    )
+    return out.log_probs, out.divergence, out.entropy, out.teacher_greedy
 
 
 def distill_divergence(student_logits, teacher_logits, cfg: AlgorithmConfig, tp_group) -> torch.Tensor:
@@ -120,7 +154,7 @@ def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def sdpg_loss(
-    student_logits: torch.Tensor,
+    student_logits: torch.Tensor | OutputHidden,
     teacher_logits: torch.Tensor | None,
     batch: LossInputs,
     cfg: AlgorithmConfig,
@@ -132,7 +166,10 @@ def sdpg_loss(
 
     Args:
         student_logits: ``[T, V/tp]`` vocab-parallel logits of the student sequence's
-            response positions (the rows matching ``batch``).
+            response positions (the rows matching ``batch``); or, with
+            ``algorithm.fused_output``, an :class:`OutputHidden` (hidden states, the
+            teacher's included, and the output shard: no logits are formed and
+            ``teacher_logits`` is ignored).
         teacher_logits: ``[T, V/tp]`` the privileged teacher's logits on the same
             response tokens (detached inside); may be None when ``beta(k) == 0``.
         batch: Per-token inputs.
@@ -157,9 +194,92 @@ def sdpg_loss(
     kw = dict(tp_group=tp_group, temperature=cfg.logprob_temperature(), chunk_size=cfg.vocab_chunk_size)
     opsd = cfg.objective == "opsd"
     needs_teacher = beta_k > 0 or opsd
-    if needs_teacher and teacher_logits is None:
+
+    def objective(log_probs, div, ent, teacher_greedy, batch=batch):
+        """Everything after the vocabulary terms: ``(loss_sum, normaliser, metrics)``."""
+        one = torch.ones((), device=log_probs.device)
+        metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"beta": (one * beta_k, one)}
+        metrics["entropy"] = (_masked_sum(ent, mask), n_tok)
+
+        if batch.old_log_probs is None:
+            batch = dataclasses.replace(batch, old_log_probs=log_probs.detach())
+        rho = torch.ones_like(log_probs)
+        behaviour = batch.rollout_log_probs if batch.rollout_log_probs is not None else batch.old_log_probs
+        if cfg.sg_rho_factors and not opsd:
+            rho = (log_probs.detach() - behaviour).clamp(-20.0, 20.0).exp()
+            top = torch.where(mask, rho, torch.zeros_like(rho)).max() if rho.numel() else rho.new_zeros(())
+            metrics["sg_rho" + MAX_SUFFIX] = (top.float(), one)
+            cap = cfg.sg_rho_cap if cfg.sg_rho_cap is not None else math.inf
+            metrics["sg_rho_capped_frac"] = (_masked_sum((rho > cap).float(), mask), n_tok)
+            rho = rho.clamp(max=cap)
+
+        per_token = torch.zeros_like(log_probs)
+        if not opsd:
+            pg, clipped, dual = ppo_clip_loss(
+                log_probs, batch.old_log_probs, batch.advantages, cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip_c
+            )
+            if cfg.tis_cap is not None and batch.rollout_log_probs is not None:
+                pg = pg * truncated_is_weight(batch.old_log_probs, batch.rollout_log_probs, cfg.tis_cap)
+            per_token = per_token + pg
+            metrics["policy_loss"] = (_masked_sum(pg, mask), n_tok)
+            metrics["clip_frac"] = (_masked_sum(clipped.float(), mask), n_tok)
+            metrics["dual_clip_frac"] = (_masked_sum(dual.float(), mask), n_tok)
+
+        if needs_teacher:
+            if cfg.distill_kl_clamp is not None:
+                div = div.clamp(max=cfg.distill_kl_clamp)
+            gate = mask
+            if cfg.distill_gate and not opsd:
+                if batch.gate is not None:
+                    gate = mask & batch.gate.bool()[batch.seq_index.long()]
+                else:
+                    gate = mask & (batch.advantages > 0)
+            if cfg.distill_mask_after_divergence:
+                if teacher_greedy is None:
+                    teacher_greedy = is_greedy_token(teacher_logits.detach(), batch.target, tp_group)
+                divergent = mask & ~teacher_greedy
+                after = mask & after_first_divergence(divergent, batch.seq_index, num_seqs)
+                gate = gate & ~after
+                metrics["distill_masked_frac"] = (_masked_sum(after.float(), mask), n_tok)
+            per_token = per_token + beta_k * rho * torch.where(gate, div, torch.zeros_like(div))
+            metrics["distill_kl"] = (_masked_sum(div, mask), n_tok)
+            metrics["distill_gated_frac"] = (_masked_sum(gate.float(), mask), n_tok)
+
+        if batch.ref_log_probs is not None:
+            if cfg.alpha > 0 and not cfg.ref_kl_in_reward and not opsd:
+                f_k = reference_kl_term(log_probs, batch.ref_log_probs, cfg.ref_kl_mode)
+                per_token = per_token + cfg.alpha * rho * f_k
+            with torch.no_grad():
+                k3 = reference_kl_term(log_probs.detach(), batch.ref_log_probs, "k3")
+            metrics["ref_kl"] = (_masked_sum(k3, mask), n_tok)
+        elif cfg.alpha > 0 and not cfg.ref_kl_in_reward and not opsd:
+            raise ValueError("batch.ref_log_probs is None but alpha > 0 puts the reference KL in the loss")
+
+        if batch.rollout_log_probs is not None:
+            diff = (log_probs.detach() - batch.rollout_log_probs).abs()
+            metrics["rollout_logp_abs_diff"] = (_masked_sum(diff, mask), n_tok)
+            top = torch.where(mask, diff, torch.zeros_like(diff)).max() if diff.numel() else diff.new_zeros(())
+            metrics["rollout_logp_abs_diff" + MAX_SUFFIX] = (top.detach().float(), one)
+
+        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+        loss_sum, normaliser = aggregate(per_token, mask, batch.seq_index, num_seqs, cfg.loss_agg, cfg.loss_agg_constant)
+        metrics["loss"] = (loss_sum.detach().float(), normaliser.detach().float())
+        return loss_sum, normaliser, metrics
+
+    teacher_greedy = None
+    if isinstance(student_logits, OutputHidden):
+        if needs_teacher and student_logits.teacher is None:
+            raise ValueError(f"the teacher's hidden states are None but beta(k={step}) = {beta_k} needs the teacher")
+        # The loss is a per-token function of (log-prob, divergence): the op can take its gradient
+        # chunk by chunk during the forward (no recomputed matmuls), unless the divergence mask
+        # ties a token to the teacher's choices at other tokens.
+        eager = None if cfg.distill_mask_after_divergence else (
+            lambda lp, dv: objective(lp, dv, torch.zeros_like(lp), None)[0])
+        log_probs, div, ent, teacher_greedy = _terms_from_hidden(student_logits, batch.target, needs_teacher, cfg,
+                                                                 tp_group, eager)
+    elif needs_teacher and teacher_logits is None:
         raise ValueError(f"teacher_logits is None but beta(k={step}) = {beta_k} needs the teacher")
-    if needs_teacher and cfg.distill_divergence == "reverse_kl" and cfg.pointwise_clip is None:
+    elif needs_teacher and cfg.distill_divergence == "reverse_kl" and cfg.pointwise_clip is None:
         # One pass over the vocabulary and one gradient buffer for all three statistics.
         log_probs, div, ent = log_probs_kl_entropy(student_logits, teacher_logits, batch.target, **kw,
                                                    inplace_backward=inplace_backward, backend=cfg.vocab_backend,
@@ -169,72 +289,7 @@ def sdpg_loss(
         with torch.no_grad():
             ent = entropy(student_logits.detach(), **kw)
         div = distill_divergence(student_logits, teacher_logits, cfg, tp_group) if needs_teacher else None
-    one = torch.ones((), device=log_probs.device)
-    metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"beta": (one * beta_k, one)}
-    metrics["entropy"] = (_masked_sum(ent, mask), n_tok)
-
-    if batch.old_log_probs is None:
-        batch = dataclasses.replace(batch, old_log_probs=log_probs.detach())
-    rho = torch.ones_like(log_probs)
-    behaviour = batch.rollout_log_probs if batch.rollout_log_probs is not None else batch.old_log_probs
-    if cfg.sg_rho_factors and not opsd:
-        rho = (log_probs.detach() - behaviour).clamp(-20.0, 20.0).exp()
-        top = torch.where(mask, rho, torch.zeros_like(rho)).max() if rho.numel() else rho.new_zeros(())
-        metrics["sg_rho" + MAX_SUFFIX] = (top.float(), one)
-        cap = cfg.sg_rho_cap if cfg.sg_rho_cap is not None else math.inf
-        metrics["sg_rho_capped_frac"] = (_masked_sum((rho > cap).float(), mask), n_tok)
-        rho = rho.clamp(max=cap)
-
-    per_token = torch.zeros_like(log_probs)
-    if not opsd:
-        pg, clipped, dual = ppo_clip_loss(
-            log_probs, batch.old_log_probs, batch.advantages, cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip_c
-        )
-        if cfg.tis_cap is not None and batch.rollout_log_probs is not None:
-            pg = pg * truncated_is_weight(batch.old_log_probs, batch.rollout_log_probs, cfg.tis_cap)
-        per_token = per_token + pg
-        metrics["policy_loss"] = (_masked_sum(pg, mask), n_tok)
-        metrics["clip_frac"] = (_masked_sum(clipped.float(), mask), n_tok)
-        metrics["dual_clip_frac"] = (_masked_sum(dual.float(), mask), n_tok)
-
-    if needs_teacher:
-        if cfg.distill_kl_clamp is not None:
-            div = div.clamp(max=cfg.distill_kl_clamp)
-        gate = mask
-        if cfg.distill_gate and not opsd:
-            if batch.gate is not None:
-                gate = mask & batch.gate.bool()[batch.seq_index.long()]
-            else:
-                gate = mask & (batch.advantages > 0)
-        if cfg.distill_mask_after_divergence:
-            divergent = mask & ~is_greedy_token(teacher_logits.detach(), batch.target, tp_group)
-            after = mask & after_first_divergence(divergent, batch.seq_index, num_seqs)
-            gate = gate & ~after
-            metrics["distill_masked_frac"] = (_masked_sum(after.float(), mask), n_tok)
-        per_token = per_token + beta_k * rho * torch.where(gate, div, torch.zeros_like(div))
-        metrics["distill_kl"] = (_masked_sum(div, mask), n_tok)
-        metrics["distill_gated_frac"] = (_masked_sum(gate.float(), mask), n_tok)
-
-    if batch.ref_log_probs is not None:
-        if cfg.alpha > 0 and not cfg.ref_kl_in_reward and not opsd:
-            f_k = reference_kl_term(log_probs, batch.ref_log_probs, cfg.ref_kl_mode)
-            per_token = per_token + cfg.alpha * rho * f_k
-        with torch.no_grad():
-            k3 = reference_kl_term(log_probs.detach(), batch.ref_log_probs, "k3")
-        metrics["ref_kl"] = (_masked_sum(k3, mask), n_tok)
-    elif cfg.alpha > 0 and not cfg.ref_kl_in_reward and not opsd:
-        raise ValueError("batch.ref_log_probs is None but alpha > 0 puts the reference KL in the loss")
-
-    if batch.rollout_log_probs is not None:
-        diff = (log_probs.detach() - batch.rollout_log_probs).abs()
-        metrics["rollout_logp_abs_diff"] = (_masked_sum(diff, mask), n_tok)
-        top = torch.where(mask, diff, torch.zeros_like(diff)).max() if diff.numel() else diff.new_zeros(())
-        metrics["rollout_logp_abs_diff" + MAX_SUFFIX] = (top.detach().float(), one)
-
-    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    loss_sum, normaliser = aggregate(per_token, mask, batch.seq_index, num_seqs, cfg.loss_agg, cfg.loss_agg_constant)
-    metrics["loss"] = (loss_sum.detach().float(), normaliser.detach().float())
-    return loss_sum, normaliser, metrics
+    return objective(log_probs, div, ent, teacher_greedy)
 
 
 def reduce_metrics(per_micro_batch: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, float]:

@@ -21,6 +21,14 @@ The model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = this GPU's parameters)
   forward runs inline (``pp == 1``), every micro-batch of the step otherwise (the
   teacher pass precedes the update; train/passes.py).
 
+With ``fused_output`` (ops/fused_output.py) the last stage holds instead: the
+``[b, s, h]`` hidden states' transposed copy and the ``[T, h]`` response rows;
+the op's two ``[c, V/tp]`` fp32 logits chunks (``c`` = 224 tokens), the bf16
+product of one chunk, the inner ops' three ``[chunk, V/tp]`` buffers, the fp32
+``[V/tp, h]`` weight-gradient accumulator and its cast, and the fp32 ``[T, h]``
+hidden-state gradient; the teacher keeps ``[T, h]`` hidden states per micro-batch
+(plus, with the pre-pass, one copy of the ``[V/tp, h]`` output shard).
+
 A GPU's peak is ``static + max(step working set, optimizer temporaries)``.
 """
 
@@ -31,7 +39,7 @@ from dataclasses import dataclass
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.planning.assumptions import PlanAssumptions
 from megatron_sdpg.planning.params import stage_params
-from megatron_sdpg.planning.workload import Workload
+from megatron_sdpg.planning.workload import FUSED_CHUNK_TOKENS, Workload
 from megatron_sdpg.platform.layout import ParallelLayout
 
 GIB = 2**30
@@ -164,12 +172,15 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
         logits_kl = teacher = 0
         if last:
             activations += 2 * b * s_student * h * e  # final norm input, output layer input
-            full_logits = b * s_student * vocab * e
-            rows = resp_rows * vocab * e
-            kl_work = 3 * min(work.kl_chunk_size, resp_rows) * vocab * FP32
-            logits_kl = 2 * full_logits + rows + kl_work + rows  # + gradient buffer of the rows
-            if work.teacher_forward:
-                teacher = rows if pp == 1 else m * rows
+            if work.fused_output:
+                logits_kl, teacher = _fused_output_bytes(work, b * s_student, resp_rows, vocab, h, e, pp, m)
+            else:
+                full_logits = b * s_student * vocab * e
+                rows = resp_rows * vocab * e
+                kl_work = 3 * min(work.kl_chunk_size, resp_rows) * vocab * FP32
+                logits_kl = 2 * full_logits + rows + kl_work + rows  # + gradient buffer of the rows
+                if work.teacher_forward:
+                    teacher = rows if pp == 1 else m * rows
         params = sp.total
         out.append(StageMemory(
             stage=sp.stage,
@@ -185,6 +196,21 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
             in_flight=in_flight,
         ))
     return out
+
+
+def _fused_output_bytes(work: Workload, tokens: int, resp_rows: int, vocab: int, h: int, e: int, pp: int,
+                        m: int) -> tuple[int, int]:
+    """``(logits_and_kl, teacher)`` bytes of the last stage with ``fused_output`` (module docstring)."""
+    chunk = min(resp_rows, FUSED_CHUNK_TOKENS)
+    work_bytes = (2 * chunk * vocab * FP32 + (chunk * vocab * e if e != FP32 else 0)
+                  + 3 * min(work.kl_chunk_size, chunk) * vocab * FP32)
+    grads = vocab * h * FP32 + (vocab * h * e if e != FP32 else 0) + resp_rows * h * FP32
+    logits_kl = tokens * h * e + resp_rows * h * e + work_bytes + grads
+    teacher = 0
+    if work.teacher_forward:
+        rows = resp_rows * h * e
+        teacher = rows if pp == 1 else m * rows + vocab * h * e
+    return logits_kl, teacher
 
 
 def worst_stage(stages: list[StageMemory]) -> StageMemory:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from megatron_sdpg.config.errors import require
 
 GPU_CHUNK_TOKENS = 128  # = ops.vocab_shard.GPU_CHUNK_TOKENS (the planner stays torch-free)
+FUSED_CHUNK_TOKENS = 224  # = ops.fused_output.FUSED_CHUNK_TOKENS
 
 PAD_MULTIPLE = 8  # micro-batches are padded to a multiple of 8 tokens (train/batch.py)
 
@@ -34,6 +35,8 @@ class Workload:
             rollout batch).
         update_passes: Forward+backward passes over the batch (``train.ppo_epochs``).
         kl_chunk_size: Tokens per chunk of the vocab-parallel KL / log-prob kernels.
+        fused_output: ``algorithm.fused_output``: the vocabulary terms come from hidden
+            states in chunks (no ``[T, V/tp]`` logits; the teacher keeps ``[T, h]``).
     """
 
     prompt_tokens: int
@@ -47,6 +50,7 @@ class Workload:
     old_logprob_pass: bool = False
     update_passes: int = 1
     kl_chunk_size: int = 128
+    fused_output: bool = False
 
     def validate(self) -> None:
         for name in ("prompt_tokens", "response_tokens", "sequences_per_step", "micro_batch_size",
@@ -114,4 +118,5 @@ def workload_from_config(cfg) -> Workload:
         old_logprob_pass=train.ppo_epochs * train.mini_batches > 1,
         update_passes=train.ppo_epochs,
         kl_chunk_size=algo.vocab_chunk_size or GPU_CHUNK_TOKENS,  # the planner sizes GPU memory
+        fused_output=algo.fused_output,
     )

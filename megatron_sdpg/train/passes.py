@@ -7,7 +7,9 @@ stores what later passes need into the micro-batch dict itself:
 * ``ref_log_probs`` / ``old_log_probs``: ``[T]`` fp32 log-probs of the response
   tokens under the reference / pre-update policy (vocab-parallel, never gathered);
 * ``teacher_logits``: ``[T, V/tp]`` logits of the *current* weights on the
-  teacher sequence (privileged prompt + the same response), detached.
+  teacher sequence (privileged prompt + the same response), detached; with
+  ``algorithm.fused_output`` the ``[T, h]`` hidden states ``teacher_hidden``
+  instead (and the output shard they are scored with).
 
 With pipeline parallelism the teacher must go through every stage, so it is a
 separate pass whose logits are kept until the student pass (memory: ``T x V/tp``
@@ -24,6 +26,7 @@ from functools import partial
 import torch
 
 from megatron_sdpg.models.builder import mask_padded_vocab
+from megatron_sdpg.models.output_hidden import emit_hidden_states
 
 
 def response_logits(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -50,7 +53,13 @@ def _stash_log_probs(key: str, tp_group, temperature: float, mb: dict, logits: t
     return _zero_loss(logits)
 
 
-def _stash_teacher(mb: dict, logits: torch.Tensor):
+def _stash_teacher(weights: dict, mb: dict, logits: torch.Tensor):
+    if mb.get("emit_hidden"):  # [b, s, h] hidden states; the output shard as of this pass, copied once
+        if "w" not in weights:
+            weights["w"] = mb["output_weight"].detach().clone()
+        mb["_source"]["teacher_hidden"] = response_logits(logits, mb["resp_rows"]).detach()
+        mb["_source"]["teacher_output_weight"] = weights["w"]
+        return _zero_loss(logits)
     mb["_source"]["teacher_logits"] = response_logits(logits, mb["resp_rows"]).detach()
     return _zero_loss(logits)
 
@@ -64,26 +73,38 @@ def log_prob_pass(model, microbatches: list[dict], key: str, temperature: float)
         key: ``ref_log_probs`` or ``old_log_probs``.
         temperature: Sampling temperature (log-probs of the scaled distribution).
     """
-    views = [dict(mb, _source=mb) for mb in microbatches]
+    views = [dict(mb, _source=mb, emit_hidden=False) for mb in microbatches]
     model.forward_only(views, partial(_stash_log_probs, key, model.groups.tp_group_or_none, temperature))
 
 
-def teacher_pass(model, microbatches: list[dict]) -> None:
-    """Stores ``mb['teacher_logits']`` from the teacher view of each micro-batch."""
+def teacher_pass(model, microbatches: list[dict], hidden: bool = False) -> None:
+    """Stores ``mb['teacher_logits']`` ``[T, V/tp]`` from the teacher view of each micro-batch.
+
+    With ``hidden`` (``algorithm.fused_output``) it stores ``mb['teacher_hidden']``
+    ``[T, h]`` instead, and ``mb['teacher_output_weight']``: one copy of the last
+    stage's ``[V/tp, h]`` output shard as it is now, shared by every micro-batch
+    (later updates of the step must not change the teacher).
+    """
     views = [
         dict(mb, tokens=mb["teacher_tokens"], position_ids=mb["teacher_position_ids"],
-             resp_rows=mb["teacher_resp_rows"], _source=mb)
+             resp_rows=mb["teacher_resp_rows"], _source=mb, emit_hidden=hidden, inline_teacher=False)
         for mb in microbatches
     ]
-    model.forward_only(views, _stash_teacher)
+    model.forward_only(views, partial(_stash_teacher, {}))
 
 
 def inline_teacher_forward(model_chunk, mb: dict, true_vocab: int, tp_rank: int) -> None:
     """Teacher forward for one micro-batch, just before its student forward (PP=1).
 
-    Stores ``mb['teacher_logits']`` ``[T, V/tp]`` (no gradient).
+    Stores ``mb['teacher_logits']`` ``[T, V/tp]`` (no gradient); with ``mb['emit_hidden']``
+    (``algorithm.fused_output``) ``mb['teacher_hidden']`` ``[T, h]`` instead.
     """
     with torch.no_grad():
+        if mb.get("emit_hidden"):
+            with emit_hidden_states(model_chunk):
+                hidden = model_chunk(mb["teacher_tokens"], mb["teacher_position_ids"], None)
+            mb["teacher_hidden"] = response_logits(hidden, mb["teacher_resp_rows"])
+            return
         logits = model_chunk(mb["teacher_tokens"], mb["teacher_position_ids"], None)
         mask_padded_vocab(logits, true_vocab, tp_rank)
         mb["teacher_logits"] = response_logits(logits, mb["teacher_resp_rows"])

@@ -50,9 +50,12 @@ def sdpg_loss_fn(cfg: SDPGConfig, groups: ParallelGroups, step: int, mb: dict, l
             with the passes' ``ref_log_probs``/``old_log_probs``/``teacher_logits``.
         logits: ``[b, s, V/tp]`` student logits (padded vocabulary masked).
     """
-    from megatron_sdpg.algo.losses import LossInputs, sdpg_loss
+    from megatron_sdpg.algo.losses import LossInputs, OutputHidden, sdpg_loss
 
     student = response_logits(logits, mb["resp_rows"])
+    if mb.get("emit_hidden"):  # algorithm.fused_output: ``logits`` are [b, s, h] hidden states
+        student = OutputHidden(student, mb.get("teacher_hidden"), mb["output_weight"], mb["vocab_size"],
+                               mb.get("teacher_output_weight"))
     inputs = LossInputs(
         target=mb["target"],
         loss_mask=torch.ones_like(mb["target"], dtype=torch.float32),

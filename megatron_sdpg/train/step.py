@@ -30,6 +30,7 @@ from megatron_sdpg.config.errors import ConfigError
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.models.builder import build_model_chunks, mask_padded_vocab
 from megatron_sdpg.models.init import init_layout_invariant_
+from megatron_sdpg.models.output_hidden import emit_hidden_states, is_last_stage, output_weight
 from megatron_sdpg.platform.distributed import ParallelGroups
 
 LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -257,11 +258,18 @@ class PolicyModel:
             from megatron_sdpg.train.passes import inline_teacher_forward
 
             inline_teacher_forward(model, mb, self.cfg.vocab_size, self.groups.tp_rank)
-        logits = model(mb["tokens"], mb["position_ids"], None)
+        if mb.get("emit_hidden"):  # algorithm.fused_output: the last stage returns [b, s, h] hidden states
+            with emit_hidden_states(model):
+                logits = model(mb["tokens"], mb["position_ids"], None)
+            if is_last_stage(model):
+                mb["output_weight"], mb["vocab_size"] = output_weight(model), self.cfg.vocab_size
+        else:
+            logits = model(mb["tokens"], mb["position_ids"], None)
         return logits, partial(self._loss, loss_fn, mb)
 
     def _loss(self, loss_fn: LossFn, mb: dict, logits: torch.Tensor):
-        mask_padded_vocab(logits, self.cfg.vocab_size, self.groups.tp_rank)
+        if not mb.get("emit_hidden"):
+            mask_padded_vocab(logits, self.cfg.vocab_size, self.groups.tp_rank)
         loss_sum, num_tokens, metrics = loss_fn(mb, logits)
         count = torch.as_tensor(num_tokens)
         if count.is_floating_point():  # megatron sums the normaliser as an int: it must be whole

@@ -114,7 +114,9 @@ class Trainer:
                 for mb in mbs:
                     mb["inline_teacher"] = True
             else:
-                passes.teacher_pass(teacher_model, mbs)
+                passes.teacher_pass(teacher_model, mbs, hidden=algo.fused_output)
+        for mb in mbs:
+            mb["emit_hidden"] = algo.fused_output
         metrics["time/logprob_passes_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

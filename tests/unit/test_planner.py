@@ -206,3 +206,18 @@ def test_plan_without_flags_plans_what_the_script_launches(size, tmp_path):
     assert summary["layout"] == f"tp{tp} pp{pp} cp1 ep1 dp{dp} (world {world})"
     if size == "70b":
         assert (nodes, gpus, dp) == (8, 8, 4) and summary["fits"] is True
+
+
+def test_fused_output_memory_by_hand():
+    """algorithm.fused_output: no [T, V/tp] buffers; the teacher keeps [T, h] hidden states."""
+    fused = Workload(**{**SMALL_WORK.__dict__, "fused_output": True})
+    s1 = estimate_memory(SMALL, TP2_PP2_DP2, fused, PlanAssumptions(), True)[1]
+    # T = 88 rows, V/tp = 500, h = 64, bf16; chunk = min(88, 224) = 88 tokens.
+    work = 2 * 88 * 500 * 4 + 88 * 500 * 2 + 3 * 88 * 500 * 4
+    grads = 500 * 64 * 4 + 500 * 64 * 2 + 88 * 64 * 4
+    assert s1.logits_and_kl == 128 * 64 * 2 + 88 * 64 * 2 + work + grads
+    assert s1.teacher_logits == 4 * 88 * 64 * 2 + 500 * 64 * 2  # m = 4 micro-batches + the output shard copy
+    pp1 = ParallelLayout.resolve(ParallelConfig(tp=2, pp=1), 4)
+    assert estimate_memory(SMALL, pp1, fused, PlanAssumptions(), True)[0].teacher_logits == 88 * 64 * 2
+    cfg = load_config(os.path.join(CONFIGS, "sdpg_70b.yaml"), ["algorithm.fused_output=true"])
+    assert workload_from_config(cfg).fused_output
