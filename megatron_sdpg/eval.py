@@ -178,18 +178,14 @@ def _load_inputs(args):
     """``(task, template, tokenizer, builder, model)`` from the command line; EvalInputError names what is wrong."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_sdpg.data.tasks import get_task
+    from megatron_sdpg.data.tasks import get_task, parse_task_options
 
     meta = read_task_metadata(args.hf_dir)
     options = dict(meta.get("task_options", {})) if meta.get("task") == args.task else {}
-    for item in args.task_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise EvalInputError(f"--task-option {item!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    try:
+        options.update(parse_task_options(args.task_option))
+    except ValueError as err:
+        raise EvalInputError(f"--task-option {err}") from None
     try:
         task = get_task(args.task, **options)
     except (TypeError, ValueError) as err:

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sdpg.data.prompts import PromptBuilder  # noqa: E402
-from megatron_sdpg.data.tasks import get_task  # noqa: E402
+from megatron_sdpg.data.tasks import get_task, parse_task_options  # noqa: E402
 from megatron_sdpg.data.templates import BUILTIN_TEMPLATES, get_template  # noqa: E402
 from megatron_sdpg.eval import evaluate  # noqa: E402
 from megatron_sdpg.tiny.model import SIZES, build_model, num_parameters, save_hf_dir  # noqa: E402
@@ -70,15 +70,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
-    options = {}
-    for item in args.task_option:
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
     try:
-        task = get_task(args.task, **options)
+        task = get_task(args.task, **parse_task_options(args.task_option))
         task.problems("heldout", args.report_n)  # enough held-out problems for the report
     except (TypeError, ValueError) as err:
         print(f"error: --task {args.task} / --task-option: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)

@@ -17,6 +17,26 @@ GENERATED_TASKS = {"synthetic": SyntheticTask}
 TASK_NAMES = set(GENERATED_TASKS) | {"files"}
 
 
+def parse_task_options(items: list[str]) -> dict:
+    """``--task-option KEY=VALUE`` items as a dict (each value parsed as JSON, else kept as text).
+
+    Raises:
+        ValueError: An item without ``=``, named.
+    """
+    import json
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def get_task(name: str, **options):
     """A generated task by name, built with its options (e.g. ``terms=3``)."""
     if name not in GENERATED_TASKS:
