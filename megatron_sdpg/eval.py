@@ -257,8 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if (args.task is None) == (args.files is None):
         parser.error("give exactly one of --task and --files")
+    if args.threads < 0:  # before either path: a negative count is refused, never clamped
+        parser.exit(2, f"error: --threads: must be >= 0, got {args.threads}\n")
     if args.threads:
-        torch.set_num_threads(max(args.threads, 1))
+        torch.set_num_threads(args.threads)
     if args.files is not None:
         return _main_files(args, parser)
     args.samples = 1 if args.samples is None else args.samples
