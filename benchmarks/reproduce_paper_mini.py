@@ -22,12 +22,14 @@ Usage::
 
     python benchmarks/reproduce_paper_mini.py --quick           # 1 seed, GRPO/OPSD/SDPG
     python benchmarks/reproduce_paper_mini.py --full            # 3 seeds, every method + ablations
+    python benchmarks/reproduce_paper_mini.py --decomposition   # 3 seeds, what carries OPSD's lead
     python benchmarks/reproduce_paper_mini.py --aggregate-only  # rebuild tables/plots from OUT/runs
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -45,13 +47,14 @@ DEFAULT_MODEL = os.path.join(ROOT, "artifacts", "tiny_model")  # what examples/r
 # every method states all of them so that nothing leaks from the file or a preset.
 SDPG_URKL = dict(preset="sdpg", beta_base=0.1, beta_warmup_steps=0, beta_decay_steps=0, distill_gate=False,
                  alpha=1e-3, ref_kl_mode="urkl", distill_mask_after_divergence=False)
+# OPSD as the preset defines it, every field it differs from SDPG-URKL in stated.
+OPSD = dict(preset="opsd", beta_base=1.0, beta_warmup_steps=0, beta_decay_steps=0, distill_gate=False, alpha=0.0)
 METHODS: dict[str, dict] = {
     # GRPO: no distillation, k3 reference KL in the loss with the same alpha.
     "grpo": dict(preset="grpo", beta_base=0.0, beta_warmup_steps=0, beta_decay_steps=0, distill_gate=False,
                  alpha=1e-3, ref_kl_mode="k3"),
     # OPSD: no reward, JSD(0.5) to the frozen initial policy with the context, no reference KL.
-    "opsd": dict(preset="opsd", beta_base=1.0, beta_warmup_steps=0, beta_decay_steps=0, distill_gate=False,
-                 alpha=0.0),
+    "opsd": dict(OPSD),
     "sdpg-urkl": dict(SDPG_URKL),
     "sdpg-ufkl": dict(SDPG_URKL, ref_kl_mode="ufkl"),
     # Ablations of sdpg-urkl, one change each.
@@ -63,13 +66,26 @@ METHODS: dict[str, dict] = {
     "sdpg-maskwrong": dict(SDPG_URKL, distill_mask_after_divergence=True),
     # Post hoc (after the full comparison showed OPSD ahead): SDPG with OPSD's distillation weight.
     "sdpg-beta1": dict(SDPG_URKL, beta_base=1.0),
+    # Decomposition of OPSD's lead (--decomposition): from SDPG-URKL, one of OPSD's differences at a time ...
+    "sdpg-initial": dict(SDPG_URKL, teacher_source="initial"),  # the frozen initial policy as the teacher
+    "sdpg-jsd": dict(SDPG_URKL, distill_divergence="jsd", jsd_beta=0.5),  # JSD(0.5) for the reverse KL
+    "sdpg-nopg": dict(SDPG_URKL, policy_gradient_term=False),  # distillation + reference KL, no PG term
+    # ... and from OPSD, one of SDPG's at a time.
+    "opsd-current": dict(OPSD, teacher_source="current"),  # the current weights as the teacher
+    "opsd-rkl": dict(OPSD, distill_divergence="reverse_kl"),  # the reverse KL for JSD(0.5)
 }
 POST_HOC = ("sdpg-beta1",)  # run only when named with --methods; not part of --full
+# --decomposition: SDPG-URKL and OPSD, each one-change variant between them, and GRPO as the floor.
+DECOMPOSITION_VARIANTS = ("sdpg-initial", "sdpg-jsd", "sdpg-nopg", "opsd-current", "opsd-rkl")
+DECOMPOSITION_METHODS = ("sdpg-urkl", "opsd", *DECOMPOSITION_VARIANTS[:3], "sdpg-beta1", *DECOMPOSITION_VARIANTS[3:],
+                         "grpo")
 QUICK_METHODS = ("grpo", "opsd", "sdpg-urkl")
 LABELS = {"grpo": "GRPO", "opsd": "OPSD", "sdpg-urkl": "SDPG-URKL", "sdpg-ufkl": "SDPG-UFKL",
           "sdpg-beta0": "SDPG beta=0", "sdpg-alpha0": "SDPG alpha=0", "sdpg-gated": "SDPG gated",
           "sdpg-schedule": "SDPG schedule", "sdpg-maskwrong": "SDPG KL masked after 1st wrong token",
-          "sdpg-beta1": "SDPG beta=1 (post hoc)"}
+          "sdpg-beta1": "SDPG beta=1", "sdpg-initial": "SDPG, frozen initial teacher",
+          "sdpg-jsd": "SDPG, JSD(0.5)", "sdpg-nopg": "SDPG, no PG term", "opsd-current": "OPSD, current teacher",
+          "opsd-rkl": "OPSD, reverse KL"}
 # Figure-3 panels: (file stem, title, metric key).
 CURVES = (("heldout_accuracy", "Held-out greedy accuracy", "eval/accuracy"),
           ("heldout_accuracy_with_context", "Held-out accuracy with the context", "eval/accuracy_with_context"),
@@ -273,6 +289,18 @@ def write_plots(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
     return written + [path]
 
 
+def model_sha256(model_dir: str) -> str | None:
+    """sha256 of the model's ``model.safetensors`` (which start model a table used), or None."""
+    path = os.path.join(model_dir, "model.safetensors")
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_atomic(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -332,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="1 seed, 40 steps, GRPO/OPSD/SDPG-URKL (default)")
     mode.add_argument("--full", action="store_true", help="3 seeds, 120 steps, every method and ablation")
+    mode.add_argument("--decomposition", action="store_true",
+                      help="3 seeds, 120 steps: SDPG-URKL, OPSD and one-change variants between them, GRPO")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "paper_mini"))
     parser.add_argument("--model-dir", default=DEFAULT_MODEL)
     parser.add_argument("--lr", type=float, default=3e-5, help="one learning rate shared by every method")
@@ -349,10 +379,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="retrain runs that already have a summary.json in OUT/runs")
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild results from OUT/runs")
     args = parser.parse_args(argv)
-    full = args.full
+    full = args.full or args.decomposition
     args.steps = args.steps or (120 if full else 40)
     args.seeds = args.seeds or ([1, 2, 3] if full else [1])
-    args.methods = args.methods or ([m for m in METHODS if m not in POST_HOC] if full else list(QUICK_METHODS))
+    default_methods = ([m for m in METHODS if m not in POST_HOC + DECOMPOSITION_VARIANTS]
+                       if args.full else list(DECOMPOSITION_METHODS) if args.decomposition else list(QUICK_METHODS))
+    args.methods = args.methods or default_methods
     args.eval_every = args.eval_every if args.eval_every is not None else (40 if full else 20)
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         sys.exit(f"error: --model-dir {args.model_dir}: no config.json (build it with tools/make_tiny_model.py)")
@@ -378,11 +410,12 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {k: getattr(args, k) for k in ("full", "steps", "seeds", "methods", "lr", "prompts", "samples",
                                               "eval_every", "eval_n", "meank", "layout", "model_dir")}
     settings["overrides"] = {m: method_overrides(m, args.steps) for m in args.methods}
+    settings["model_sha256"] = model_sha256(args.model_dir)
     result = {"settings": settings, "table": table, "timings": timings,
               "runs": {m: [{k: v for k, v in r.items() if k != "curves"} for r in rs] for m, rs in runs.items()}}
     os.makedirs(args.out, exist_ok=True)
     _write_atomic(os.path.join(args.out, "results.json"), json.dumps(result, indent=1))
-    md = (f"# Paper in miniature ({'full' if full else 'quick'} mode)\n\n"
+    md = (f"# Paper in miniature ({'decomposition' if args.decomposition else 'full' if full else 'quick'} mode)\n\n"
           f"{args.steps} steps, {args.prompts} prompts x {args.samples} samples, lr {args.lr} shared by every "
           f"method, seeds {args.seeds}, {args.layout}; held-out accuracy on {args.eval_n} problems, percent, "
           f"mean ± sd over seeds.\n\n" + markdown_table(table, args.meank)

@@ -43,6 +43,10 @@ class AlgorithmConfig:
 
     preset: str = "sdpg"
     objective: str = "policy_gradient"  # "policy_gradient" (SDPG/GRPO/DAPO) or "opsd" (no reward)
+    # False: drop the PPO-clip policy-gradient term and keep the rest of the policy_gradient objective
+    # (distillation with its gate and SG[rho], and the reference KL): SDPG without the reward's gradient,
+    # the "no policy-gradient term" ablation of OPSD vs SDPG. objective "opsd" has no such term anyway.
+    policy_gradient_term: bool = True
 
     # Rewards and group-relative advantages.
     reward_scheme: str = "zero_one"  # verifier reward 1/0 (paper) or +1/-1 (authors)

@@ -15,6 +15,7 @@ when ``sg_rho_factors`` is on (appendix A.3) and 1 otherwise, capped at
 ``sg_rho_cap`` when set (metrics ``sg_rho_max``, before the cap, and
 ``sg_rho_capped_frac``), ``m_i`` the
 positive-advantage gate, ``w_tis`` the truncated IS weight (``tis_cap``).
+``policy_gradient_term`` False drops the PPO-clip term (the rest stays).
 Objective ``opsd``: ``l_t = beta(k) * D_t`` with ``D`` the configured divergence
 to the teacher (no reward term, no reference KL).
 
@@ -214,7 +215,7 @@ def sdpg_loss(
             rho = rho.clamp(max=cap)
 
         per_token = torch.zeros_like(log_probs)
-        if not opsd:
+        if not opsd and cfg.policy_gradient_term:
             pg, clipped, dual = ppo_clip_loss(
                 log_probs, batch.old_log_probs, batch.advantages, cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip_c
             )

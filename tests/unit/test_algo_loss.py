@@ -75,6 +75,28 @@ def test_sdpg_loss_token_mean_matches_dense_formula_and_gradient():
     assert m["loss"] == pytest.approx(expected.item() / 6, rel=1e-5)
 
 
+def test_without_the_policy_gradient_term_the_loss_is_distillation_plus_reference_kl_only():
+    """``policy_gradient_term=False``: the dense formula less its PPO-clip term, values and gradient."""
+    s, t, b = _batch()
+    cfg = apply_preset("sdpg", beta_base=0.5, alpha=0.1, beta_warmup_steps=0, beta_decay_steps=0,
+                       distill_gate=False, policy_gradient_term=False)
+    x = s.clone().requires_grad_(True)
+    loss_sum, n, metrics = sdpg_loss(x, t, b, cfg, step=100)
+    (loss_sum / n).backward()
+    xd = s.double().requires_grad_(True)
+    ls, lt = xd.log_softmax(-1), t.double().log_softmax(-1)
+    logp = ls.gather(1, b.target[:, None]).squeeze(1)
+    kl = (ls.exp() * (ls - lt)).sum(-1).clamp(max=20.0)
+    rho = torch.exp(logp.detach() - b.rollout_log_probs.double())
+    urkl = 0.5 * (logp - b.ref_log_probs.double()) ** 2
+    per_token = (0.5 * rho * kl + 0.1 * rho * urkl) * b.loss_mask.double()
+    expected = per_token.sum()
+    (expected / 6).backward()
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-7)
+    assert "policy_loss" not in metrics and "distill_kl" in metrics
+
+
 def test_sg_rho_cap_bounds_the_factor_and_reports_the_largest_rho_and_the_capped_fraction():
     """A few tokens the engine found far less likely than the trainer (rho up to e^6) are capped at 2."""
     s, t, b = _batch()

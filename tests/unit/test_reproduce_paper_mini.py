@@ -32,8 +32,24 @@ def _parse(overrides: list[str]) -> dict:
 
 def _typed(fields: dict) -> dict:
     conv = {"True": True, "False": False}
-    return {k: conv.get(v, v) if k in ("preset", "ref_kl_mode") or v in conv else
-            (int(v) if k.endswith("_steps") else float(v)) for k, v in fields.items()}
+
+    def one(key, value):
+        if value in conv:
+            return conv[value]
+        try:
+            return int(value) if key.endswith("_steps") else float(value)
+        except ValueError:
+            return value  # preset, ref_kl_mode, teacher_source, distill_divergence
+
+    return {k: one(k, v) for k, v in fields.items()}
+
+
+def _resolved(method: str) -> dict:
+    """The AlgorithmConfig a method's overrides resolve to (preset defaults included), as a dict."""
+    import dataclasses
+
+    typed = _typed(_parse(rpm.method_overrides(method, steps=120)))
+    return dataclasses.asdict(apply_preset(typed.pop("preset"), **typed))
 
 
 @pytest.mark.parametrize("method", sorted(rpm.METHODS))
@@ -63,6 +79,25 @@ def test_method_semantics():
     assert (f["sdpg-schedule"]["beta_warmup_steps"], f["sdpg-schedule"]["beta_decay_steps"]) == (15, 105)
     with pytest.raises(KeyError, match="unknown method"):
         rpm.method_overrides("ppo", 10)
+
+
+def test_decomposition_variants_change_exactly_one_difference_between_sdpg_and_opsd():
+    """Resolved configs (presets included): each variant differs from its base in one named field."""
+    sdpg, opsd = _resolved("sdpg-urkl"), _resolved("opsd")
+    between = {k for k in sdpg if sdpg[k] != opsd[k]} - {"preset"}
+    assert {"teacher_source", "distill_divergence", "objective", "beta_base"} <= between
+
+    def diff(method, base):
+        other = _resolved(method)
+        return {k for k in base if other[k] != base[k]}
+
+    assert diff("sdpg-initial", sdpg) == {"teacher_source"} and _resolved("sdpg-initial")["teacher_source"] == "initial"
+    assert diff("sdpg-jsd", sdpg) == {"distill_divergence"} and _resolved("sdpg-jsd")["jsd_beta"] == 0.5
+    assert diff("sdpg-nopg", sdpg) == {"policy_gradient_term"}
+    assert diff("sdpg-beta1", sdpg) == {"beta_base"}
+    assert diff("opsd-current", opsd) == {"teacher_source"} and _resolved("opsd-current")["teacher_source"] == "current"
+    assert diff("opsd-rkl", opsd) == {"distill_divergence"}
+    assert set(rpm.DECOMPOSITION_METHODS) <= set(rpm.METHODS)
 
 
 def test_run_overrides_share_everything_but_the_method(tmp_path):
