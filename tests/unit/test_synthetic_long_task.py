@@ -94,6 +94,7 @@ def test_verifier_accepts_every_valid_order_and_only_those():
     wrong = [
         "47+85=132;132+36=168;168+12=\\boxed{181}",  # wrong final sum
         "47+85=133;133+36=169;169+11=\\boxed{180}",  # wrong step, compensated later
+        "47+85=133;133+36=169;169+12=\\boxed{180}",  # wrong sums, right numbers used, right total boxed
         "47+85=132;132+36=168;168+12=180",  # no box
         "47+85=132;132+36=\\boxed{168};168+12=180",  # box not last
         "47+85=132;132+48=\\boxed{180}",  # a step missing (36+12 skipped)
