@@ -403,8 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     _write_atomic(os.path.join(args.out, "results.json"), json.dumps(result, indent=1))
     md = (f"# Paper in miniature ({'full' if full else 'quick'} mode)\n\n"
-          f"Task {args.task}; {args.steps} steps, {args.prompts} prompts x {args.samples} samples, lr {args.lr} shared by every "
-          f"method, seeds {args.seeds}, {args.layout}; held-out accuracy on {args.eval_n} problems, percent, "
+          f"Task {args.task}; {args.steps} steps, {args.prompts} prompts x {args.samples} samples, lr {args.lr} "
+          f"shared by every method, seeds {args.seeds}, {args.layout}; held-out accuracy on {args.eval_n} problems, percent, "
           f"mean ± sd over seeds.\n\n" + markdown_table(table, args.meank)
           + "\nHeld-out greedy accuracy during training (percent, mean ± sd over seeds):\n\n"
           + accuracy_by_step_table(runs))

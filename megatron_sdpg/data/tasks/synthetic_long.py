@@ -5,9 +5,10 @@ two numbers at a time and writes every step, ``x+y=z`` separated by ``;``, the l
 result boxed: ``63+12=75;75+47=122;122+90=212;212+36=248;248+85=\\boxed{333}``. Any
 order is valid: each step may combine any two numbers still on the board (a question
 number not yet used, or an earlier result), so 7 terms have 56,700 valid step sequences
-(chains and trees; 64 times as many written forms with the operands of a step swapped). The verifier (``rewards/worked_sum.py``) checks every step's
-arithmetic and that the steps use each question number exactly once, not only the final
-number: a boxed total without valid work is wrong.
+(chains and trees; 64 times as many written forms with the operands of a step swapped).
+The verifier (``rewards/worked_sum.py``) checks every step's arithmetic and that the steps
+use each question number exactly once, not only the final number: a boxed total without
+valid work is wrong.
 
 The reference solution is a chain (running total) in an order drawn from a hash of the
 question, so across problems every order is equally likely and a student cannot
