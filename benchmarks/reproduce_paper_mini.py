@@ -24,6 +24,8 @@ Usage::
     python benchmarks/reproduce_paper_mini.py --full            # 3 seeds, every method + ablations
     python benchmarks/reproduce_paper_mini.py --decomposition   # 3 seeds, what carries OPSD's lead
     python benchmarks/reproduce_paper_mini.py --aggregate-only  # rebuild tables/plots from OUT/runs
+    python benchmarks/reproduce_paper_mini.py --task synthetic-long --full --steps 60 --variant sdpg-beta1
+        # GRPO/OPSD/SDPG/SDPG gated (+ one variant) on the long task, artifacts/tiny_model_long
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, "artifacts", "tiny_model")  # what examples/run_tiny_cpu.sh builds
+# --task: the trainer config and the default --model-dir of each task.
+TASKS: dict[str, dict[str, str]] = {
+    "synthetic": dict(config=os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"), model_dir=DEFAULT_MODEL),
+    "synthetic-long": dict(config=os.path.join(ROOT, "examples", "configs", "tiny_cpu_long.yaml"),
+                           model_dir=os.path.join(ROOT, "artifacts", "tiny_model_long")),
+}
 
 # Fields the YAML sets (beta_base, windows, gate, alpha) plus the ones a method changes:
 # every method states all of them so that nothing leaks from the file or a preset.
@@ -80,6 +88,7 @@ DECOMPOSITION_VARIANTS = ("sdpg-initial", "sdpg-jsd", "sdpg-nopg", "opsd-current
 DECOMPOSITION_METHODS = ("sdpg-urkl", "opsd", *DECOMPOSITION_VARIANTS[:3], "sdpg-beta1", *DECOMPOSITION_VARIANTS[3:],
                          "grpo")
 QUICK_METHODS = ("grpo", "opsd", "sdpg-urkl")
+LONG_METHODS = ("grpo", "opsd", "sdpg-urkl", "sdpg-gated")  # --task synthetic-long (+ --variant)
 LABELS = {"grpo": "GRPO", "opsd": "OPSD", "sdpg-urkl": "SDPG-URKL", "sdpg-ufkl": "SDPG-UFKL",
           "sdpg-beta0": "SDPG beta=0", "sdpg-alpha0": "SDPG alpha=0", "sdpg-gated": "SDPG gated",
           "sdpg-schedule": "SDPG schedule", "sdpg-maskwrong": "SDPG KL masked after 1st wrong token",
@@ -321,7 +330,7 @@ def train_one(method: str, seed: int, args, run_dir: str) -> float:
     overrides = run_overrides(method, seed, args.steps, args.lr, run_dir, args.model_dir, args.layout,
                               args.prompts, args.samples, args.eval_every, args.eval_n)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "megatron_sdpg.train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
+           "-m", "megatron_sdpg.train", "--config", TASKS[args.task]["config"],
            *overrides, f"rollout.base_port={_free_port()}"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     shutil.rmtree(run_dir, ignore_errors=True)  # never resume from a stale run's checkpoints
@@ -344,7 +353,7 @@ def eval_meank(run_dir: str, args) -> None:
     for name in os.listdir(args.model_dir):
         if not name.endswith((".safetensors", ".bin")) and not os.path.exists(os.path.join(hf, name)):
             shutil.copy2(os.path.join(args.model_dir, name), os.path.join(hf, name))
-    cmd = [sys.executable, "-m", "megatron_sdpg.eval", "--hf-dir", hf, "--task", "synthetic", "--n", str(args.eval_n),
+    cmd = [sys.executable, "-m", "megatron_sdpg.eval", "--hf-dir", hf, "--task", args.task, "--n", str(args.eval_n),
            "--samples", str(args.meank), "--temperature", "1", "--threads", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT,
                           timeout=3600)
@@ -363,11 +372,15 @@ def main(argv: list[str] | None = None) -> dict:
     mode.add_argument("--decomposition", action="store_true",
                       help="3 seeds, 120 steps: SDPG-URKL, OPSD and one-change variants between them, GRPO")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "paper_mini"))
-    parser.add_argument("--model-dir", default=DEFAULT_MODEL)
+    parser.add_argument("--task", choices=sorted(TASKS), default="synthetic",
+                        help="task: its trainer config and default --model-dir (TASKS)")
+    parser.add_argument("--model-dir", default=None, help="default: the task's (artifacts/tiny_model[_long])")
     parser.add_argument("--lr", type=float, default=3e-5, help="one learning rate shared by every method")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS))
+    parser.add_argument("--variant", default=None, choices=sorted(METHODS),
+                        help="one more method appended to the method list (the slot for item 1's best variant)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--eval-every", type=int, default=None)
@@ -379,15 +392,22 @@ def main(argv: list[str] | None = None) -> dict:
                         help="retrain runs that already have a summary.json in OUT/runs")
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild results from OUT/runs")
     args = parser.parse_args(argv)
+    args.model_dir = args.model_dir or TASKS[args.task]["model_dir"]
+    explicit_methods = args.methods is not None
     full = args.full or args.decomposition
     args.steps = args.steps or (120 if full else 40)
     args.seeds = args.seeds or ([1, 2, 3] if full else [1])
     default_methods = ([m for m in METHODS if m not in POST_HOC + DECOMPOSITION_VARIANTS]
                        if args.full else list(DECOMPOSITION_METHODS) if args.decomposition else list(QUICK_METHODS))
     args.methods = args.methods or default_methods
+    if args.task == "synthetic-long" and not explicit_methods:
+        args.methods = list(LONG_METHODS)
+    if args.variant and args.variant not in args.methods:
+        args.methods.append(args.variant)
     args.eval_every = args.eval_every if args.eval_every is not None else (40 if full else 20)
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
-        sys.exit(f"error: --model-dir {args.model_dir}: no config.json (build it with tools/make_tiny_model.py)")
+        sys.exit(f"error: --model-dir {args.model_dir}: no config.json (build it with tools/make_tiny_model.py "
+                 f"--task {args.task})")
 
     runs: dict[str, list[dict]] = {}
     timings = {}
@@ -407,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(json.dumps({"run": f"{method}_seed{seed}", **timing}), flush=True)
             runs.setdefault(method, []).append(summarize_run(run_dir, args.meank))
     table = aggregate(runs, args.meank)
-    settings = {k: getattr(args, k) for k in ("full", "steps", "seeds", "methods", "lr", "prompts", "samples",
+    settings = {k: getattr(args, k) for k in ("task", "full", "steps", "seeds", "methods", "lr", "prompts", "samples",
                                               "eval_every", "eval_n", "meank", "layout", "model_dir")}
     settings["overrides"] = {m: method_overrides(m, args.steps) for m in args.methods}
     settings["model_sha256"] = model_sha256(args.model_dir)
@@ -416,8 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     _write_atomic(os.path.join(args.out, "results.json"), json.dumps(result, indent=1))
     md = (f"# Paper in miniature ({'decomposition' if args.decomposition else 'full' if full else 'quick'} mode)\n\n"
-          f"{args.steps} steps, {args.prompts} prompts x {args.samples} samples, lr {args.lr} shared by every "
-          f"method, seeds {args.seeds}, {args.layout}; held-out accuracy on {args.eval_n} problems, percent, "
+          f"Task {args.task}; {args.steps} steps, {args.prompts} prompts x {args.samples} samples, lr {args.lr} "
+          f"shared by every method, seeds {args.seeds}, {args.layout}; held-out accuracy on {args.eval_n} problems, percent, "
           f"mean ± sd over seeds.\n\n" + markdown_table(table, args.meank)
           + "\nHeld-out greedy accuracy during training (percent, mean ± sd over seeds):\n\n"
           + accuracy_by_step_table(runs))

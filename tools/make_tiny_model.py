@@ -3,6 +3,8 @@
 
     python tools/make_tiny_model.py --out artifacts/tiny                  # ~1M params, <= ~5 min
     python tools/make_tiny_model.py --out /tmp/t --size test --steps 20   # seconds (tests)
+    python tools/make_tiny_model.py --task synthetic-long --out artifacts/tiny_model_long \
+        --target-accuracy 0.10 0.35 --eval-every 100 --eval-n 100   # docs/synthetic_task.md
 
 Writes an HF directory loadable by AutoModelForCausalLM / AutoTokenizer, plus
 ``sdpg_task.json`` (task, options, template, warm-start figures). Prints one JSON
@@ -50,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-accuracy", type=float, nargs=2, default=(0.15, 0.5), metavar=("LO", "HI"),
                         help="band of no-context greedy accuracy for the kept checkpoint")
-    parser.add_argument("--template", default="compact", choices=sorted(BUILTIN_TEMPLATES),
-                        help="prompt template the model is trained for (compact: 4-5x shorter than paper)")
+    parser.add_argument("--template", default=None, choices=sorted(BUILTIN_TEMPLATES),
+                        help="prompt template the model is trained for (default: the task's, else compact: "
+                             "4-5x shorter than paper)")
     parser.add_argument("--task", default="synthetic")
     parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -76,6 +79,7 @@ def main(argv=None) -> dict:
     except (TypeError, ValueError) as err:
         print(f"error: --task {args.task} / --task-option: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    args.template = args.template or getattr(task, "default_template", "compact")
     tokenizer = build_tokenizer(tokenizer_corpus(task))
     model = build_model(args.size, tokenizer, seed=args.seed)
     builder = PromptBuilder(tokenizer, get_template(args.template))

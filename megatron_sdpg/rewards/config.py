@@ -15,7 +15,7 @@ class RewardConfig:
     """The ``reward`` config section.
 
     Attributes:
-        verifier: Built-in name (``math``, ``exact_match``, ``numeric``) or a plugin path
+        verifier: Built-in name (``math``, ``exact_match``, ``numeric``, ``worked_sum``) or a plugin path
             ``package.module:function``; empty means the task's default verifier.
         correct_reward: Reward of a verified response (paper: 1).
         wrong_reward: Reward of a rejected response (paper: 0; authors' scripts: -1).

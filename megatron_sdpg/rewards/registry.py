@@ -18,6 +18,7 @@ BUILTIN_VERIFIERS: dict[str, str] = {
     "math": "megatron_sdpg.rewards.math_answer:verify",
     "exact_match": "megatron_sdpg.rewards.exact_match:verify",
     "numeric": "megatron_sdpg.rewards.numeric:verify",
+    "worked_sum": "megatron_sdpg.rewards.worked_sum:verify",
 }
 
 

@@ -182,3 +182,32 @@ def test_write_plots(tmp_path):
     _write_run(tmp_path / "s1", [0.30, 0.40], 0.90, 0.26)
     paths = rpm.write_plots({"grpo": [rpm.summarize_run(str(tmp_path / "s1"))]}, str(tmp_path / "plots"))
     assert len(paths) == len(rpm.CURVES) + 1 and all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_task_synthetic_long_plumbing(tmp_path):
+    """--task synthetic-long: its config validates with a run's overrides, its default methods and variant slot."""
+    from megatron_sdpg.config.loader import load_config
+    from megatron_sdpg.data.tasks import get_task
+    from megatron_sdpg.tiny.tokenizer import build_tokenizer
+
+    assert rpm.TASKS["synthetic-long"]["model_dir"].endswith(os.path.join("artifacts", "tiny_model_long"))
+    overrides = rpm.run_overrides("sdpg-gated", 1, 10, 3e-5, str(tmp_path / "r"), str(tmp_path), "dp2", 16, 8, 5, 500)
+    cfg = load_config(rpm.TASKS["synthetic-long"]["config"], overrides, world_size=2)
+    assert (cfg.data.task, cfg.data.template, cfg.algorithm.distill_gate) == ("synthetic-long", "context_only", True)
+    task = get_task(cfg.data.task, **dict(cfg.data.task_options))
+    problems = task.problems("heldout", 50)
+    tok = build_tokenizer([task.reference_response(p) for p in problems])
+    longest = max(len(tok(task.reference_response(p), add_special_tokens=False)["input_ids"]) for p in problems)
+    assert 60 <= longest and longest + 1 <= cfg.rollout.sampling.max_new_tokens  # + EOS, never truncated
+
+    model_dir = tmp_path / "model"
+    os.makedirs(model_dir)
+    (model_dir / "config.json").write_text("{}")
+    methods = list(rpm.LONG_METHODS) + ["sdpg-beta1"]
+    for method in methods:
+        _write_run(tmp_path / "out" / "runs" / f"{method}_seed1", [0.2, 0.3], 0.7, 0.2, meank=0.1)
+    result = rpm.main(["--task", "synthetic-long", "--aggregate-only", "--out", str(tmp_path / "out"),
+                       "--model-dir", str(model_dir), "--variant", "sdpg-beta1", "--steps", "6"])
+    assert result["settings"]["task"] == "synthetic-long" and result["settings"]["methods"] == methods
+    assert list(result["table"]) == methods
+    assert "Task synthetic-long" in (tmp_path / "out" / "results.md").read_text()

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from megatron_sdpg.data.problem import Problem
 from megatron_sdpg.data.tasks.files import FilesTask
 from megatron_sdpg.data.tasks.synthetic import SyntheticTask
+from megatron_sdpg.data.tasks.synthetic_long import SyntheticLongTask
 
-GENERATED_TASKS = {"synthetic": SyntheticTask}
+GENERATED_TASKS = {"synthetic": SyntheticTask, "synthetic-long": SyntheticLongTask}
 TASK_NAMES = set(GENERATED_TASKS) | {"files"}
 
 
