@@ -296,10 +296,10 @@ class PolicyModel:
         if not microbatches:
             raise ValueError("no micro-batches to run")
         b, s = microbatches[0]["tokens"].shape
-        for i, mb in enumerate(microbatches):
-            if mb["tokens"].shape != (b, s):
+        for i, mb in enumerate(microbatches):  # pipeline p2p buffers have one shape; PP=1 takes any
+            if self.groups.layout.pp > 1 and mb["tokens"].shape != (b, s):
                 raise ValueError(f"micro-batch {i} has shape {tuple(mb['tokens'].shape)}, expected {(b, s)}: "
-                                 "pad every micro-batch of a step to one shape")
+                                 "pad every micro-batch of a step to one shape under pipeline parallelism")
         n_chunks = len(self.chunks)
         iterators = [iter(microbatches) for _ in range(n_chunks)]
         fb = get_forward_backward_func(self.groups.layout.pp, self.groups.layout.vpp)
