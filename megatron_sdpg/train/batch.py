@@ -119,7 +119,9 @@ def plan_microbatches(samples: list[TrainSample], dp: int, dp_rank: int, micro_b
     ``sort_by_length`` buckets by length: this rank's sequences go into
     micro-batches in increasing padded length (ties by index), so sequences of
     like length share one. It changes which sequences share a micro-batch, hence
-    a mini-batch: the loss of a step with one update is the same.
+    a mini-batch: the loss of a step with one update is the same. (Padding-free
+    THD packing needs megatron's ``PackedSeqParams``, which only the Transformer
+    Engine attention takes; the local spec that runs on CPU refuses it.)
 
     The split is deterministic, so every rank of a DP replica (its TP and PP
     peers) computes the same micro-batches.
