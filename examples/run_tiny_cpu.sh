@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded CPU default, end to end on a fresh 2-core machine:
 #   install -> build + warm-start the tiny model -> convert HF -> Megatron ->
-#   SDPG with TP=2 over gloo against the CPU rollout server -> plots.
+#   SDPG with DP=2 over gloo against the CPU rollout server -> plots.
 # The last line of output is one JSON object (accuracy_before, accuracy_after, steps, run_dir, ...).
 #
 # Environment overrides: RUN_DIR, MODEL_DIR (reused when it exists), NPROC (2), STEPS, SKIP_INSTALL=1,

@@ -106,14 +106,25 @@ def collate(samples: list[TrainSample], pad_id: int, student_len: int, teacher_l
 
 
 def plan_microbatches(samples: list[TrainSample], dp: int, dp_rank: int, micro_batch_size: int, max_tokens: int,
-                      pad_id: int, with_teacher: bool, pad_multiple: int = 8) -> list[dict]:
+                      pad_id: int, with_teacher: bool, pad_multiple: int = 8, one_shape: bool = True,
+                      sort_by_length: bool = False) -> list[dict]:
     """This DP rank's micro-batches of a global batch, balanced by tokens across DP.
 
-    All micro-batches of the call share one shape (pipeline p2p buffers need
-    it): as many rows as the largest micro-batch, and as many tokens as the
-    longest sequence of the whole global batch rounded up to ``pad_multiple``,
-    separately for the student and teacher views. The split is deterministic, so every rank of a DP replica (its TP and
-    PP peers) computes the same micro-batches.
+    With ``one_shape`` (pipeline parallelism needs it: its p2p buffers have one
+    shape per call) all micro-batches of the call share one shape: as many rows
+    as the largest micro-batch, and as many tokens as the longest sequence of the
+    whole global batch rounded up to ``pad_multiple``, separately for the student
+    and teacher views. Without it each micro-batch is padded to its own longest
+    sequence (rounded up to ``pad_multiple``) and holds only its own rows.
+    ``sort_by_length`` buckets by length: this rank's sequences go into
+    micro-batches in increasing padded length (ties by index), so sequences of
+    like length share one. It changes which sequences share a micro-batch, hence
+    a mini-batch: the loss of a step with one update is the same. (Padding-free
+    THD packing needs megatron's ``PackedSeqParams``, which only the Transformer
+    Engine attention takes; the local spec that runs on CPU refuses it.)
+
+    The split is deterministic, so every rank of a DP replica (its TP and PP
+    peers) computes the same micro-batches.
 
     Returns:
         A list of micro-batch dicts (see :func:`collate`), possibly empty when
@@ -126,6 +137,19 @@ def plan_microbatches(samples: list[TrainSample], dp: int, dp_rank: int, micro_b
     def _pad(n: int) -> int:
         return -(-n // pad_multiple) * pad_multiple
 
+    def _padded_len(s: TrainSample) -> int:
+        return max(_pad(s.student_length), _pad(s.teacher_length) if with_teacher else 0)
+
+    if sort_by_length:
+        mine = sorted(mine, key=lambda i: (_padded_len(samples[i]), i))
+    if not one_shape:
+        groups = split_microbatches(mine, [_padded_len(s) for s in samples], micro_batch_size, max_tokens)
+        out = []
+        for g in groups:
+            chosen = [samples[i] for i in g]
+            teacher_len = _pad(max(s.teacher_length for s in chosen)) if with_teacher else None
+            out.append(collate(chosen, pad_id, _pad(max(s.student_length for s in chosen)), teacher_len))
+        return out
     student_len = _pad(max(lengths))
     teacher_len = _pad(max(s.teacher_length for s in samples)) if with_teacher else None
     budget_len = max(student_len, teacher_len or 0)

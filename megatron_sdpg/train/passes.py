@@ -26,17 +26,28 @@ from functools import partial
 import torch
 
 from megatron_sdpg.models.builder import mask_padded_vocab
-from megatron_sdpg.models.output_hidden import emit_hidden_states
+from megatron_sdpg.models.output_hidden import select_output_rows
 
 
-def response_logits(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The ``[T, V/tp]`` logits predicting the response tokens.
+def response_logits(logits: torch.Tensor, mb: dict, rows_key: str = "resp_rows") -> torch.Tensor:
+    """The ``[T, V/tp]`` logits (or ``[T, h]`` hidden states) predicting the response tokens.
 
     Args:
-        logits: ``[b, s, V/tp]`` model output.
-        rows: ``[T]`` flat row indices into ``[b*s]``.
+        logits: The model output of micro-batch ``mb``: ``[1, T, V/tp]`` when the
+            forward selected the rows (``mb['rows_selected']``), else ``[b, s, V/tp]``.
+        mb: The micro-batch (or pass view) the forward ran on.
+        rows_key: Its ``[T]`` flat row indices into ``[b*s]``.
+
+    Returns:
+        A view of ``logits`` when the rows were selected, else an ``index_select`` copy.
     """
-    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows.to(logits.device))
+    rows = mb[rows_key]
+    flat = logits.reshape(-1, logits.shape[-1])
+    if mb.get("rows_selected"):
+        if flat.shape[0] != rows.numel():
+            raise ValueError(f"{flat.shape[0]} selected rows for {rows.numel()} response tokens")
+        return flat
+    return flat.index_select(0, rows.to(logits.device))
 
 
 def _zero_loss(logits: torch.Tensor):
@@ -47,7 +58,7 @@ def _zero_loss(logits: torch.Tensor):
 def _stash_log_probs(key: str, tp_group, temperature: float, mb: dict, logits: torch.Tensor):
     from megatron_sdpg.ops.vocab_parallel import token_log_probs
 
-    resp = response_logits(logits, mb["resp_rows"])
+    resp = response_logits(logits, mb)
     lp = token_log_probs(resp, mb["target"].to(resp.device), tp_group=tp_group, temperature=temperature)
     mb["_source"][key] = lp.detach().float()
     return _zero_loss(logits)
@@ -57,10 +68,10 @@ def _stash_teacher(weights: dict, mb: dict, logits: torch.Tensor):
     if mb.get("emit_hidden"):  # [b, s, h] hidden states; the output shard as of this pass, copied once
         if "w" not in weights:
             weights["w"] = mb["output_weight"].detach().clone()
-        mb["_source"]["teacher_hidden"] = response_logits(logits, mb["resp_rows"]).detach()
+        mb["_source"]["teacher_hidden"] = response_logits(logits, mb).detach()
         mb["_source"]["teacher_output_weight"] = weights["w"]
         return _zero_loss(logits)
-    mb["_source"]["teacher_logits"] = response_logits(logits, mb["resp_rows"]).detach()
+    mb["_source"]["teacher_logits"] = response_logits(logits, mb).detach()
     return _zero_loss(logits)
 
 
@@ -93,18 +104,21 @@ def teacher_pass(model, microbatches: list[dict], hidden: bool = False) -> None:
     model.forward_only(views, partial(_stash_teacher, {}))
 
 
-def inline_teacher_forward(model_chunk, mb: dict, true_vocab: int, tp_rank: int) -> None:
+def inline_teacher_forward(model_chunk, mb: dict, true_vocab: int, tp_rank: int, select_rows: bool = True) -> None:
     """Teacher forward for one micro-batch, just before its student forward (PP=1).
 
     Stores ``mb['teacher_logits']`` ``[T, V/tp]`` (no gradient); with ``mb['emit_hidden']``
-    (``algorithm.fused_output``) ``mb['teacher_hidden']`` ``[T, h]`` instead.
+    (``algorithm.fused_output``) ``mb['teacher_hidden']`` ``[T, h]`` instead. With
+    ``select_rows`` the output layer runs on the ``T`` response rows only.
     """
+    rows = mb["teacher_resp_rows"] if select_rows else None
+    hidden = bool(mb.get("emit_hidden"))
     with torch.no_grad():
-        if mb.get("emit_hidden"):
-            with emit_hidden_states(model_chunk):
-                hidden = model_chunk(mb["teacher_tokens"], mb["teacher_position_ids"], None)
-            mb["teacher_hidden"] = response_logits(hidden, mb["teacher_resp_rows"])
+        with select_output_rows(model_chunk, rows, hidden=hidden) as selected:
+            out = model_chunk(mb["teacher_tokens"], mb["teacher_position_ids"], None)
+        view = {"rows": mb["teacher_resp_rows"], "rows_selected": selected}
+        if hidden:
+            mb["teacher_hidden"] = response_logits(out, view, "rows")
             return
-        logits = model_chunk(mb["teacher_tokens"], mb["teacher_position_ids"], None)
-        mask_padded_vocab(logits, true_vocab, tp_rank)
-        mb["teacher_logits"] = response_logits(logits, mb["teacher_resp_rows"])
+        mask_padded_vocab(out, true_vocab, tp_rank)
+        mb["teacher_logits"] = response_logits(out, view, "rows")

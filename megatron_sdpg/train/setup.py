@@ -48,12 +48,13 @@ def sdpg_loss_fn(cfg: SDPGConfig, groups: ParallelGroups, step: int, mb: dict, l
     Args:
         mb: A micro-batch from :func:`~megatron_sdpg.train.batch.plan_microbatches`,
             with the passes' ``ref_log_probs``/``old_log_probs``/``teacher_logits``.
-        logits: ``[b, s, V/tp]`` student logits (padded vocabulary masked).
+        logits: ``[1, T, V/tp]`` student logits at the response rows (``[b, s, V/tp]`` when
+            ``mb['rows_selected']`` is False), padded vocabulary masked.
     """
     from megatron_sdpg.algo.losses import LossInputs, OutputHidden, sdpg_loss
 
-    student = response_logits(logits, mb["resp_rows"])
-    if mb.get("emit_hidden"):  # algorithm.fused_output: ``logits`` are [b, s, h] hidden states
+    student = response_logits(logits, mb)
+    if mb.get("emit_hidden"):  # algorithm.fused_output: ``logits`` are hidden states
         student = OutputHidden(student, mb.get("teacher_hidden"), mb["output_weight"], mb["vocab_size"],
                                mb.get("teacher_output_weight"))
     inputs = LossInputs(
@@ -66,8 +67,9 @@ def sdpg_loss_fn(cfg: SDPGConfig, groups: ParallelGroups, step: int, mb: dict, l
         seq_index=mb["seq_index"],
         num_sequences=mb["num_sequences"],  # counts trailing empty responses too (Dr.GRPO)
     )
-    # ``student`` is a private index_select copy read by nothing after the loss: the
-    # gradient may overwrite it (one [T, V/tp] buffer fewer at peak).
+    # ``student`` is the model's selected [T, V/tp] logits (or a private index_select copy of
+    # full logits), read by nothing after the loss (the output layer's backward needs its
+    # input, not its output): the gradient may overwrite it (one [T, V/tp] buffer fewer at peak).
     return sdpg_loss(student, mb.get("teacher_logits"), inputs, cfg.algorithm, step + 1,
                      tp_group=groups.tp_group_or_none, inplace_backward=True)
 

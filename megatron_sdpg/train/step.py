@@ -30,7 +30,7 @@ from megatron_sdpg.config.errors import ConfigError
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.models.builder import build_model_chunks, mask_padded_vocab
 from megatron_sdpg.models.init import init_layout_invariant_
-from megatron_sdpg.models.output_hidden import emit_hidden_states, is_last_stage, output_weight
+from megatron_sdpg.models.output_hidden import is_last_stage, output_weight, select_output_rows
 from megatron_sdpg.platform.distributed import ParallelGroups
 
 LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -176,6 +176,8 @@ class PolicyModel:
                  weights_loader: Callable[[list], None] | None = None):
         self.cfg = model_cfg
         self.groups = groups
+        # Output-layer logits only at a micro-batch's ``resp_rows`` (see _forward_step).
+        self.select_response_rows = True
         chunks = build_model_chunks(model_cfg, groups)
         if weights_loader is None:
             init_layout_invariant_(chunks, groups, seed, model_cfg.init_std, model_cfg.vocab_size)
@@ -253,18 +255,27 @@ class PolicyModel:
     # ----------------------------------------------------------------- passes
 
     def _forward_step(self, loss_fn: LossFn, data_iterator, model):
+        """One micro-batch through ``model``; the last stage's output goes to ``loss_fn``.
+
+        A micro-batch with ``resp_rows`` (``[T]`` flat rows of ``[b*s]``, see
+        :func:`~megatron_sdpg.train.batch.collate`) gets logits only at those rows:
+        ``[1, T, V/tp]`` instead of ``[b, s, V/tp]``, and ``mb['rows_selected']``
+        says so (False where the rows could not be selected, e.g. sequence
+        parallelism); read them with :func:`~megatron_sdpg.train.passes.response_logits`.
+        ``self.select_response_rows = False`` computes every position (the old path).
+        """
         mb = to_device(next(data_iterator), comm_device())
         if mb.get("inline_teacher"):
             from megatron_sdpg.train.passes import inline_teacher_forward
 
-            inline_teacher_forward(model, mb, self.cfg.vocab_size, self.groups.tp_rank)
-        if mb.get("emit_hidden"):  # algorithm.fused_output: the last stage returns [b, s, h] hidden states
-            with emit_hidden_states(model):
-                logits = model(mb["tokens"], mb["position_ids"], None)
-            if is_last_stage(model):
-                mb["output_weight"], mb["vocab_size"] = output_weight(model), self.cfg.vocab_size
-        else:
+            inline_teacher_forward(model, mb, self.cfg.vocab_size, self.groups.tp_rank, self.select_response_rows)
+        rows = mb.get("resp_rows") if self.select_response_rows else None
+        # algorithm.fused_output (emit_hidden): the last stage returns hidden states instead of logits
+        with select_output_rows(model, rows, hidden=bool(mb.get("emit_hidden"))) as selected:
             logits = model(mb["tokens"], mb["position_ids"], None)
+        mb["rows_selected"] = selected
+        if mb.get("emit_hidden") and is_last_stage(model):
+            mb["output_weight"], mb["vocab_size"] = output_weight(model), self.cfg.vocab_size
         return logits, partial(self._loss, loss_fn, mb)
 
     def _loss(self, loss_fn: LossFn, mb: dict, logits: torch.Tensor):
@@ -285,10 +296,10 @@ class PolicyModel:
         if not microbatches:
             raise ValueError("no micro-batches to run")
         b, s = microbatches[0]["tokens"].shape
-        for i, mb in enumerate(microbatches):
-            if mb["tokens"].shape != (b, s):
+        for i, mb in enumerate(microbatches):  # pipeline p2p buffers have one shape; PP=1 takes any
+            if self.groups.layout.pp > 1 and mb["tokens"].shape != (b, s):
                 raise ValueError(f"micro-batch {i} has shape {tuple(mb['tokens'].shape)}, expected {(b, s)}: "
-                                 "pad every micro-batch of a step to one shape")
+                                 "pad every micro-batch of a step to one shape under pipeline parallelism")
         n_chunks = len(self.chunks)
         iterators = [iter(microbatches) for _ in range(n_chunks)]
         fb = get_forward_backward_func(self.groups.layout.pp, self.groups.layout.vpp)

@@ -51,7 +51,7 @@ def _teacher_logits(rank, world_size, hf_dir, pp, inline):
     if inline:
         def stash(mb, logits):
             mb["_source"]["teacher_logits"] = mb["teacher_logits"]
-            mb["_source"]["student_logits"] = passes.response_logits(logits, mb["resp_rows"]).detach()
+            mb["_source"]["student_logits"] = passes.response_logits(logits, mb).detach()
             return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {}
 
         model.forward_only([dict(mb, inline_teacher=True, _source=mb) for mb in mbs], stash)

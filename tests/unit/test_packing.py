@@ -182,3 +182,44 @@ def test_collate_aligns_student_and_teacher_response_rows():
     assert flat_teacher[mb["teacher_resp_rows"] + 1].tolist() == [7, 8, 6]
     assert mb["seq_index"].tolist() == [0, 0, 1]
     assert mb["advantages"].tolist() == [0.5, 0.5, -0.5]
+
+
+def _samples_of_lengths(prompt_and_response: list[tuple[int, int]]) -> list[TrainSample]:
+    out = []
+    for i, (p, r) in enumerate(prompt_and_response):
+        prompt = [10 + i] * p
+        out.append(TrainSample(group=i, prompt_ids=prompt, teacher_prompt_ids=[99] + prompt,
+                               response_ids=list(range(1, r + 1)), rollout_log_probs=[-0.5] * r))
+    return out
+
+
+def test_bucketed_microbatches_are_padded_to_their_own_length_and_sorted():
+    from megatron_sdpg.train.batch import plan_microbatches
+
+    lengths = [(3, 20), (3, 2), (4, 9), (3, 1), (5, 30), (2, 3)]  # student lengths 23 5 13 4 35 5
+    samples = _samples_of_lengths(lengths)
+    mbs = plan_microbatches(samples, 1, 0, micro_batch_size=2, max_tokens=0, pad_id=0, with_teacher=True,
+                            pad_multiple=8, one_shape=False, sort_by_length=True)
+    # Increasing padded length of the longer view (teacher: one token more): 8 8 8 16 24 40, ties by index
+    firsts = [[int(t) for t in mb["tokens"][:, 0]] for mb in mbs]
+    assert firsts == [[11, 13], [15, 12], [10, 14]]
+    assert [tuple(mb["tokens"].shape) for mb in mbs] == [(2, 8), (2, 16), (2, 40)]
+    assert [tuple(mb["teacher_tokens"].shape) for mb in mbs] == [(2, 8), (2, 16), (2, 40)]
+    for mb in mbs:  # the rows still predict the response tokens in both views
+        assert mb["tokens"].reshape(-1)[mb["resp_rows"] + 1].tolist() == mb["target"].tolist()
+        assert mb["teacher_tokens"].reshape(-1)[mb["teacher_resp_rows"] + 1].tolist() == mb["target"].tolist()
+    # One shape (pipeline parallelism): the old layout, every micro-batch [2, 40] in sample order
+    same = plan_microbatches(samples, 1, 0, micro_batch_size=2, max_tokens=0, pad_id=0, with_teacher=True)
+    assert {tuple(mb["tokens"].shape) for mb in same} == {(2, 40)}
+    assert [[int(t) for t in mb["tokens"][:, 0]] for mb in same] == [[10, 11], [12, 13], [14, 15]]
+    assert sum(mb["tokens"].numel() + mb["teacher_tokens"].numel() for mb in mbs) == 256
+    assert sum(mb["tokens"].numel() + mb["teacher_tokens"].numel() for mb in same) == 480
+
+
+def test_bucketed_token_budget_counts_each_microbatch_own_length():
+    from megatron_sdpg.train.batch import plan_microbatches
+
+    samples = _samples_of_lengths([(3, 1), (3, 2), (3, 1), (5, 30)])  # padded 8 8 8 40
+    mbs = plan_microbatches(samples, 1, 0, micro_batch_size=8, max_tokens=40, pad_id=0, with_teacher=False,
+                            pad_multiple=8, one_shape=False, sort_by_length=True)
+    assert [tuple(mb["tokens"].shape) for mb in mbs] == [(3, 8), (1, 40)]
