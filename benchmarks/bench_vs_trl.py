@@ -321,6 +321,8 @@ def parse_args(argv=None):
     if bad or not configs:
         p.exit(2, f"error: --configs: unknown {bad or configs!r}; choose from {','.join(CONFIGS)}\n")
     args.configs = configs
+    if args.workdir and os.path.isdir(args.workdir) and os.listdir(args.workdir):
+        p.exit(2, f"error: --workdir: {args.workdir} is not empty (runs there would resume or mix); give a fresh one\n")
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         p.exit(2, f"error: --model-dir: no model in {args.model_dir} (build one with tools/make_tiny_model.py)\n")
     return args
@@ -349,11 +351,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
         workdir = os.path.abspath(args.workdir) if args.workdir else tmp
         os.makedirs(workdir, exist_ok=True)
-        megatron_dir = convert(args.model_dir, workdir, args.timeout_s)
+        try:
+            megatron_dir = convert(args.model_dir, workdir, args.timeout_s)
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         lines = {}
         for i, name in enumerate(configs):  # alternated: project, TRL, project, TRL, ...
-            project = run_project(name, args, workdir, megatron_dir)
-            lines[name] = compare(name, project, run_trl(args, workdir, i))
+            try:
+                project = run_project(name, args, workdir, megatron_dir)
+                lines[name] = compare(name, project, run_trl(args, workdir, i))
+            except RuntimeError as err:  # a child run failed: its log's tail says why
+                print(f"error: {err}", file=sys.stderr)
+                return 1
             if name == "sdpg" and "grpo_on_policy" in lines:
                 grpo = lines["grpo_on_policy"]["project"]["step_s"]
                 lines[name]["sdpg_grpo_ratio"] = project["step_s"] / grpo
