@@ -45,8 +45,11 @@ FIRST_TIMED_STEP = 3  # 1-based: steps 1 and 2 are warm-up
 NOTES = [
     "TRL: loss_type=dapo (token mean over the whole batch = the project's token-mean), scale_rewards=group "
     "(std-normalised group advantages, as the project), epsilon 0.2 both sides, one update per batch",
-    "TRL generates with transformers generate() (no vLLM) in its own process with 2 torch threads; the project "
-    "runs its embedded layout (torchrun ranks + the CPU rollout server, OMP_NUM_THREADS=1 each)",
+    "TRL generates with transformers generate() (no vLLM) in its own process with --trl-threads torch threads "
+    "(default 2); the project runs its embedded layout (torchrun ranks + the CPU rollout server, "
+    "OMP_NUM_THREADS=1 each)",
+    "TRL updates on the 128 completions in one batch, the project in micro-batches of train.micro_batch_size; "
+    "TRL calls the verifier in-process, the project through its verifier worker pool",
     "TRL is strictly on-policy in every pair; it has no off-policy overlap without vLLM",
     "TRL has no SDPG: the sdpg line compares project SDPG with TRL GRPO",
     "the project's split also has weight sync and rollout overhead (verifier, batching, broadcast), TRL's the "
@@ -198,6 +201,7 @@ def trl_worker(out_path: str, model_dir: str, steps: int, threads: int) -> None:
     right, wrong = cfg.reward.correct_reward, cfg.reward.wrong_reward
 
     timing: list[dict] = []  # one record per optimizer step
+    seen: list[list[str]] = []  # the prompts TRL trained on, per step
 
     def reward(completions, answer, **_):
         scores = [right if verify(c, a) else wrong for c, a in zip(completions, answer)]
@@ -237,6 +241,7 @@ def trl_worker(out_path: str, model_dir: str, steps: int, threads: int) -> None:
             return result
 
         def _generate_and_score_completions(self, inputs):
+            seen.append(sorted(x["prompt"] for x in inputs))
             t0 = time.perf_counter()
             batch = super()._generate_and_score_completions(inputs)
             self._add("prepare_s", time.perf_counter() - t0)
@@ -263,8 +268,10 @@ def trl_worker(out_path: str, model_dir: str, steps: int, threads: int) -> None:
         update = rec["step_s"] - rec.get("prepare_s", 0.0)  # forward + backward + optimizer
         steps_out.append({**rec, "generation_s": gen, "reference_s": ref, "update_s": update,
                           "other_s": rec["step_s"] - gen - ref - update})
-    result = {**summarise(steps_out), "prompt_ids_mismatched": mismatched, "trl_version": _version("trl"),
-              "threads": threads}
+    per_step = cfg.train.prompts_per_step
+    expected = [sorted(texts[k * per_step:(k + 1) * per_step] * n) for k in range(steps)]
+    result = {**summarise(steps_out), "prompt_ids_mismatched": mismatched, "prompts_in_project_order": seen == expected,
+              "trl_version": _version("trl"), "threads": threads}
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
