@@ -38,7 +38,7 @@ def _check_side(side: dict, steps: int) -> None:
 
 
 # Two project runs and two TRL runs of 3 steps each: a few minutes; the limits leave room for a
-# loaded machine (13 minutes here with the load average at 30 on 2 cores).
+# loaded machine (9.7 minutes here with the load average at 30 on 2 cores).
 @pytest.mark.timeout(1500)
 def test_quick_mode_end_to_end(tiny_task_model):
     pytest.importorskip("trl", reason="TRL is the bench extra: pip install -e '.[bench]'")
