@@ -61,6 +61,11 @@ extras_require = {
         "triton>=3.2",
     ],
     "wandb": ["wandb>=0.19"],
+    # benchmarks/bench_vs_trl.py only: Hugging Face TRL's GRPOTrainer as the baseline of the same work.
+    # 1.16 is the release measured (transformers 5.x); the bench times it by overriding private
+    # GRPOTrainer methods, hence the narrow pin. accelerate is the only one of its needs that the
+    # main requirements do not already bring. Never in the main install.
+    "bench": ["trl>=1.16,<1.17", "accelerate>=1.10"],
 }
 
 setup(
