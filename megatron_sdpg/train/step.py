@@ -30,8 +30,9 @@ from megatron_sdpg.config.errors import ConfigError
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.models.builder import build_model_chunks, mask_padded_vocab
 from megatron_sdpg.models.init import init_layout_invariant_
-from megatron_sdpg.models.output_hidden import emit_hidden_states, is_last_stage, output_weight
+from megatron_sdpg.models.output_hidden import is_last_stage, output_weight
 from megatron_sdpg.platform.distributed import ParallelGroups
+from megatron_sdpg.train.teacher_memory import TeacherMemory
 
 LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -176,6 +177,7 @@ class PolicyModel:
                  weights_loader: Callable[[list], None] | None = None):
         self.cfg = model_cfg
         self.groups = groups
+        self._teacher, self._teacher_memory = self, None  # set for the span of one schedule call (_run)
         chunks = build_model_chunks(model_cfg, groups)
         if weights_loader is None:
             init_layout_invariant_(chunks, groups, seed, model_cfg.init_std, model_cfg.vocab_size)
@@ -253,19 +255,23 @@ class PolicyModel:
     # ----------------------------------------------------------------- passes
 
     def _forward_step(self, loss_fn: LossFn, data_iterator, model):
-        mb = to_device(next(data_iterator), comm_device())
-        if mb.get("inline_teacher"):
-            from megatron_sdpg.train.passes import inline_teacher_forward
+        from megatron_sdpg.train.passes import forward_with_teacher, view_forward
 
-            inline_teacher_forward(model, mb, self.cfg.vocab_size, self.groups.tp_rank)
-        if mb.get("emit_hidden"):  # algorithm.fused_output: the last stage returns [b, s, h] hidden states
-            with emit_hidden_states(model):
-                logits = model(mb["tokens"], mb["position_ids"], None)
-            if is_last_stage(model):
-                mb["output_weight"], mb["vocab_size"] = output_weight(model), self.cfg.vocab_size
+        mb = to_device(next(data_iterator), comm_device())
+        if mb.get("inline_teacher"):  # the teacher view of this micro-batch first, on every stage
+            sp_tp = self.groups.layout.tp if self.chunks[0].config.sequence_parallel else 1
+            output = forward_with_teacher(model, self._teacher_chunk(model), mb, self.cfg.vocab_size,
+                                          self.groups.tp_rank, sp_tp, self._teacher_memory)
         else:
-            logits = model(mb["tokens"], mb["position_ids"], None)
-        return logits, partial(self._loss, loss_fn, mb)
+            output = view_forward(model, mb["tokens"], mb["position_ids"], bool(mb.get("emit_hidden")))
+        if mb.get("emit_hidden") and is_last_stage(model):  # algorithm.fused_output: [b, s, h] hidden states
+            mb["output_weight"], mb["vocab_size"] = output_weight(model), self.cfg.vocab_size
+        return output, partial(self._loss, loss_fn, mb)
+
+    def _teacher_chunk(self, model):
+        """The teacher model's chunk at the position of ``model`` among this model's chunks."""
+        index = next(i for i, c in enumerate(self.chunks) if c is model)
+        return self._teacher.chunks[index]
 
     def _loss(self, loss_fn: LossFn, mb: dict, logits: torch.Tensor):
         if not mb.get("emit_hidden"):
@@ -279,32 +285,45 @@ class PolicyModel:
             count = count.round()
         return loss_sum, count.to(torch.int), metrics
 
-    def _run(self, microbatches: list[dict], loss_fn: LossFn, forward_only: bool) -> list[dict]:
+    def _run(self, microbatches: list[dict], loss_fn: LossFn, forward_only: bool, teacher: PolicyModel | None = None,
+             teacher_memory: TeacherMemory | None = None) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if not microbatches:
             raise ValueError("no micro-batches to run")
         b, s = microbatches[0]["tokens"].shape
+        inline = bool(microbatches[0].get("inline_teacher"))
+        s_t = microbatches[0]["teacher_tokens"].shape[1] if inline else 0
         for i, mb in enumerate(microbatches):
             if mb["tokens"].shape != (b, s):
                 raise ValueError(f"micro-batch {i} has shape {tuple(mb['tokens'].shape)}, expected {(b, s)}: "
                                  "pad every micro-batch of a step to one shape")
+            if bool(mb.get("inline_teacher")) != inline or (inline and mb["teacher_tokens"].shape != (b, s_t)):
+                raise ValueError(f"micro-batch {i}: every micro-batch of a call needs the teacher view "
+                                 f"inline or none does, padded to one shape {(b, s_t)}")
         n_chunks = len(self.chunks)
         iterators = [iter(microbatches) for _ in range(n_chunks)]
         fb = get_forward_backward_func(self.groups.layout.pp, self.groups.layout.vpp)
-        return fb(
-            forward_step_func=partial(self._forward_step, loss_fn),
-            data_iterator=iterators if n_chunks > 1 else iterators[0],
-            model=self.chunks if n_chunks > 1 else self.chunks[0],
-            num_microbatches=len(microbatches),
-            seq_length=s,
-            micro_batch_size=b,
-            forward_only=forward_only,
-        )
+        self._teacher, self._teacher_memory = teacher or self, teacher_memory
+        try:
+            return fb(
+                forward_step_func=partial(self._forward_step, loss_fn),
+                data_iterator=iterators if n_chunks > 1 else iterators[0],
+                model=self.chunks if n_chunks > 1 else self.chunks[0],
+                num_microbatches=len(microbatches),
+                seq_length=s + s_t,  # the stages pass [s + s_t, b, h]: student rows, then teacher rows
+                micro_batch_size=b,
+                forward_only=forward_only,
+            )
+        finally:
+            self._teacher, self._teacher_memory = self, None
 
     @torch.no_grad()
-    def forward_only(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
+    def forward_only(self, microbatches: list[dict], loss_fn: LossFn, teacher: PolicyModel | None = None,
+                     teacher_memory: TeacherMemory | None = None) -> list[dict]:
         """Runs ``loss_fn`` on each micro-batch without gradients.
+
+        ``teacher``/``teacher_memory``: as in :meth:`train_step`.
 
         Returns:
             The per-micro-batch metrics dicts on the last pipeline stage (an
@@ -312,13 +331,25 @@ class PolicyModel:
         """
         for c in self.chunks:
             c.eval()
-        return self._run(microbatches, loss_fn, forward_only=True)
+        return self._run(microbatches, loss_fn, True, teacher, teacher_memory)
 
-    def train_step(self, microbatches: list[dict], loss_fn: LossFn) -> StepResult:
+    def train_step(self, microbatches: list[dict], loss_fn: LossFn, teacher: PolicyModel | None = None,
+                   teacher_memory: TeacherMemory | None = None) -> StepResult:
         """One optimizer step over the micro-batches of this DP rank.
 
         A non-finite gradient anywhere skips the update on every rank (logged by
         the caller from ``StepResult.updated``).
+
+        Micro-batches with ``inline_teacher`` set (all or none) get their teacher
+        view inside the schedule, right before their student view, on every
+        pipeline stage (:func:`~megatron_sdpg.train.passes.forward_with_teacher`).
+
+        Args:
+            microbatches: This rank's micro-batches, one shape.
+            loss_fn: The loss contract (see the module docstring).
+            teacher: The model whose chunks compute the teacher view (same
+                architecture and layout); None = this model's current weights.
+            teacher_memory: Counts the teacher data held (for the memory metric).
         """
         if self.optimizer is None:
             raise RuntimeError("this PolicyModel was built without an optimizer (frozen)")
@@ -326,7 +357,7 @@ class PolicyModel:
             c.train()
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        per_mb = self._run(microbatches, loss_fn, forward_only=False)
+        per_mb = self._run(microbatches, loss_fn, False, teacher, teacher_memory)
         metrics = reduce_metrics(per_mb, self.groups)
         lr = self.optimizer.param_groups[0]["lr"]
         if not _all_finite(self.chunks, self.groups):
