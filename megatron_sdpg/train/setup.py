@@ -269,9 +269,6 @@ def build_parts(cfg: SDPGConfig, groups: ParallelGroups) -> TrainerParts:
     if algo.ref_kl_in_reward:
         raise ConfigError("algorithm.ref_kl_in_reward", "KL-in-reward is implemented in algo/ but not wired into the "
                           "trainer yet; use the in-loss reference KL (alpha > 0)")
-    if algo.teacher_per_microbatch and groups.layout.pp > 1:
-        raise ConfigError("algorithm.teacher_per_microbatch", "recomputing the teacher inside each micro-batch "
-                          "needs parallel.pp=1 (with pipeline parallelism the teacher is a separate pass)")
     needs_ref = algo.alpha > 0 and algo.objective != "opsd"
     loader = weights_loader(model_cfg, groups)
     policy = PolicyModel(model_cfg, groups, cfg.optimizer, cfg.parallel.use_distributed_optimizer,

@@ -30,8 +30,9 @@ from megatron_sdpg.config.errors import ConfigError
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.models.builder import build_model_chunks, mask_padded_vocab
 from megatron_sdpg.models.init import init_layout_invariant_
-from megatron_sdpg.models.output_hidden import is_last_stage, output_weight, select_output_rows
+from megatron_sdpg.models.output_hidden import is_last_stage, output_weight
 from megatron_sdpg.platform.distributed import ParallelGroups
+from megatron_sdpg.train.teacher_memory import TeacherMemory
 
 LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -178,6 +179,7 @@ class PolicyModel:
         self.groups = groups
         # Output-layer logits only at a micro-batch's ``resp_rows`` (see _forward_step).
         self.select_response_rows = True
+        self._teacher, self._teacher_memory = self, None  # set for the span of one schedule call (_run)
         chunks = build_model_chunks(model_cfg, groups)
         if weights_loader is None:
             init_layout_invariant_(chunks, groups, seed, model_cfg.init_std, model_cfg.vocab_size)
@@ -263,20 +265,28 @@ class PolicyModel:
         says so (False where the rows could not be selected, e.g. sequence
         parallelism); read them with :func:`~megatron_sdpg.train.passes.response_logits`.
         ``self.select_response_rows = False`` computes every position (the old path).
+        With ``mb['inline_teacher']`` the teacher view of the micro-batch runs first on
+        every stage (:func:`~megatron_sdpg.train.passes.forward_with_teacher`).
         """
-        mb = to_device(next(data_iterator), comm_device())
-        if mb.get("inline_teacher"):
-            from megatron_sdpg.train.passes import inline_teacher_forward
+        from megatron_sdpg.train.passes import forward_with_teacher, view_forward
 
-            inline_teacher_forward(model, mb, self.cfg.vocab_size, self.groups.tp_rank, self.select_response_rows)
-        rows = mb.get("resp_rows") if self.select_response_rows else None
-        # algorithm.fused_output (emit_hidden): the last stage returns hidden states instead of logits
-        with select_output_rows(model, rows, hidden=bool(mb.get("emit_hidden"))) as selected:
-            logits = model(mb["tokens"], mb["position_ids"], None)
-        mb["rows_selected"] = selected
-        if mb.get("emit_hidden") and is_last_stage(model):
+        mb = to_device(next(data_iterator), comm_device())
+        if mb.get("inline_teacher"):  # the teacher view of this micro-batch first, on every stage
+            sp_tp = self.groups.layout.tp if self.chunks[0].config.sequence_parallel else 1
+            output = forward_with_teacher(model, self._teacher_chunk(model), mb, self.cfg.vocab_size,
+                                          self.groups.tp_rank, sp_tp, self._teacher_memory, self.select_response_rows)
+        else:
+            rows = mb.get("resp_rows") if self.select_response_rows else None
+            output, mb["rows_selected"] = view_forward(model, mb["tokens"], mb["position_ids"],
+                                                       bool(mb.get("emit_hidden")), rows)
+        if mb.get("emit_hidden") and is_last_stage(model):  # algorithm.fused_output: hidden states
             mb["output_weight"], mb["vocab_size"] = output_weight(model), self.cfg.vocab_size
-        return logits, partial(self._loss, loss_fn, mb)
+        return output, partial(self._loss, loss_fn, mb)
+
+    def _teacher_chunk(self, model):
+        """The teacher model's chunk at the position of ``model`` among this model's chunks."""
+        index = next(i for i, c in enumerate(self.chunks) if c is model)
+        return self._teacher.chunks[index]
 
     def _loss(self, loss_fn: LossFn, mb: dict, logits: torch.Tensor):
         if not mb.get("emit_hidden"):
@@ -290,32 +300,47 @@ class PolicyModel:
             count = count.round()
         return loss_sum, count.to(torch.int), metrics
 
-    def _run(self, microbatches: list[dict], loss_fn: LossFn, forward_only: bool) -> list[dict]:
+    def _run(self, microbatches: list[dict], loss_fn: LossFn, forward_only: bool, teacher: PolicyModel | None = None,
+             teacher_memory: TeacherMemory | None = None) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if not microbatches:
             raise ValueError("no micro-batches to run")
         b, s = microbatches[0]["tokens"].shape
-        for i, mb in enumerate(microbatches):  # pipeline p2p buffers have one shape; PP=1 takes any
-            if self.groups.layout.pp > 1 and mb["tokens"].shape != (b, s):
+        inline = bool(microbatches[0].get("inline_teacher"))
+        s_t = microbatches[0]["teacher_tokens"].shape[1] if inline else 0
+        one_shape = self.groups.layout.pp > 1  # pipeline p2p buffers have one shape; PP=1 takes any
+        for i, mb in enumerate(microbatches):
+            if one_shape and mb["tokens"].shape != (b, s):
                 raise ValueError(f"micro-batch {i} has shape {tuple(mb['tokens'].shape)}, expected {(b, s)}: "
                                  "pad every micro-batch of a step to one shape under pipeline parallelism")
+            if bool(mb.get("inline_teacher")) != inline or (
+                    inline and one_shape and mb["teacher_tokens"].shape != (b, s_t)):
+                raise ValueError(f"micro-batch {i}: every micro-batch of a call needs the teacher view "
+                                 f"inline or none does" + (f", padded to one shape {(b, s_t)}" if one_shape else ""))
         n_chunks = len(self.chunks)
         iterators = [iter(microbatches) for _ in range(n_chunks)]
         fb = get_forward_backward_func(self.groups.layout.pp, self.groups.layout.vpp)
-        return fb(
-            forward_step_func=partial(self._forward_step, loss_fn),
-            data_iterator=iterators if n_chunks > 1 else iterators[0],
-            model=self.chunks if n_chunks > 1 else self.chunks[0],
-            num_microbatches=len(microbatches),
-            seq_length=s,
-            micro_batch_size=b,
-            forward_only=forward_only,
-        )
+        self._teacher, self._teacher_memory = teacher or self, teacher_memory
+        try:
+            return fb(
+                forward_step_func=partial(self._forward_step, loss_fn),
+                data_iterator=iterators if n_chunks > 1 else iterators[0],
+                model=self.chunks if n_chunks > 1 else self.chunks[0],
+                num_microbatches=len(microbatches),
+                seq_length=s + s_t,  # the stages pass [s + s_t, b, h]: student rows, then teacher rows
+                micro_batch_size=b,
+                forward_only=forward_only,
+            )
+        finally:
+            self._teacher, self._teacher_memory = self, None
 
     @torch.no_grad()
-    def forward_only(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
+    def forward_only(self, microbatches: list[dict], loss_fn: LossFn, teacher: PolicyModel | None = None,
+                     teacher_memory: TeacherMemory | None = None) -> list[dict]:
         """Runs ``loss_fn`` on each micro-batch without gradients.
+
+        ``teacher``/``teacher_memory``: as in :meth:`train_step`.
 
         Returns:
             The per-micro-batch metrics dicts on the last pipeline stage (an
@@ -323,13 +348,25 @@ class PolicyModel:
         """
         for c in self.chunks:
             c.eval()
-        return self._run(microbatches, loss_fn, forward_only=True)
+        return self._run(microbatches, loss_fn, True, teacher, teacher_memory)
 
-    def train_step(self, microbatches: list[dict], loss_fn: LossFn) -> StepResult:
+    def train_step(self, microbatches: list[dict], loss_fn: LossFn, teacher: PolicyModel | None = None,
+                   teacher_memory: TeacherMemory | None = None) -> StepResult:
         """One optimizer step over the micro-batches of this DP rank.
 
         A non-finite gradient anywhere skips the update on every rank (logged by
         the caller from ``StepResult.updated``).
+
+        Micro-batches with ``inline_teacher`` set (all or none) get their teacher
+        view inside the schedule, right before their student view, on every
+        pipeline stage (:func:`~megatron_sdpg.train.passes.forward_with_teacher`).
+
+        Args:
+            microbatches: This rank's micro-batches, one shape.
+            loss_fn: The loss contract (see the module docstring).
+            teacher: The model whose chunks compute the teacher view (same
+                architecture and layout); None = this model's current weights.
+            teacher_memory: Counts the teacher data held (for the memory metric).
         """
         if self.optimizer is None:
             raise RuntimeError("this PolicyModel was built without an optimizer (frozen)")
@@ -337,7 +374,7 @@ class PolicyModel:
             c.train()
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        per_mb = self._run(microbatches, loss_fn, forward_only=False)
+        per_mb = self._run(microbatches, loss_fn, False, teacher, teacher_memory)
         metrics = reduce_metrics(per_mb, self.groups)
         lr = self.optimizer.param_groups[0]["lr"]
         if not _all_finite(self.chunks, self.groups):

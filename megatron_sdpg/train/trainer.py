@@ -24,6 +24,7 @@ from megatron_sdpg.train.batch import plan_microbatches
 from megatron_sdpg.train.checkpoint import save_checkpoint
 from megatron_sdpg.train.setup import TrainerParts, build_parts
 from megatron_sdpg.train.step import comm_device
+from megatron_sdpg.train.teacher_memory import TeacherMemory
 from megatron_sdpg.utils.files import write_text_atomic
 
 
@@ -106,17 +107,19 @@ class Trainer:
             passes.log_prob_pass(parts.reference, mbs, "ref_log_probs", temperature)
         if updates > 1:
             passes.log_prob_pass(parts.policy, mbs, "old_log_probs", temperature)
-        if need_teacher:
-            # Inline = recomputed per micro-batch with the weights of that moment (the authors' code);
-            # the pre-pass = once per step, before any update (the paper). Equal when there is one update.
-            inline = algo.teacher_per_microbatch or updates == 1
-            if inline and teacher_model is parts.policy and self.groups.layout.pp == 1:
-                for mb in mbs:
-                    mb["inline_teacher"] = True
-            else:
-                passes.teacher_pass(teacher_model, mbs, hidden=algo.fused_output)
+        # The teacher view runs inside the update's schedule, right before the student view of each
+        # micro-batch, at any PP (teacher memory: the micro-batches in flight). Only the teacher of the
+        # step's starting weights under several updates (the paper; teacher_per_microbatch=False) needs
+        # weights that the first update replaces: that case keeps the pre-pass (every micro-batch's
+        # teacher data until the step ends). With one update, or the frozen teacher, both are equal.
+        teacher_memory = TeacherMemory()
+        frozen_teacher = teacher_model is not parts.policy
+        in_schedule = need_teacher and (algo.teacher_per_microbatch or updates == 1 or frozen_teacher)
+        if need_teacher and not in_schedule:
+            passes.teacher_pass(teacher_model, mbs, hidden=algo.fused_output, memory=teacher_memory)
         for mb in mbs:
             mb["emit_hidden"] = algo.fused_output
+            mb["inline_teacher"] = in_schedule
         metrics["time/logprob_passes_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -124,7 +127,8 @@ class Trainer:
         skipped = 0
         for _ in range(cfg.train.ppo_epochs):
             for subset in _split(mbs, cfg.train.mini_batches):
-                result = parts.policy.train_step(subset, loss_fn)
+                result = parts.policy.train_step(subset, loss_fn, teacher=teacher_model if in_schedule else None,
+                                                 teacher_memory=teacher_memory)
                 skipped += not result.updated
                 if not result.updated:
                     self._log_line(f"step {step}: non-finite loss or gradient (grad norm {result.grad_norm}); "
@@ -132,6 +136,9 @@ class Trainer:
         metrics["time/update_s"] = time.perf_counter() - t0
         metrics.update(result.metrics)
         metrics.update({"grad_norm": result.grad_norm, "lr": result.lr, "beta": beta, "skipped_updates": skipped})
+        # The largest peak over the ranks of teacher data held during the step (last stage: the logits or
+        # hidden states kept for the loss; other stages: the teacher half of the pipeline activations).
+        metrics["memory/teacher_peak_mb"] = -_fewest_on_any_rank(-teacher_memory.peak) / 2**20
 
         t0 = time.perf_counter()
         metrics.update(parts.sync_weights(version=step + 1))
