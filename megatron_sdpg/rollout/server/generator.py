@@ -9,8 +9,11 @@ sglang 0.5.23 (``Sampler.forward`` and the input-logprob path):
 * prompt tokens (``logprob_start_len >= 0``): ``log_softmax(logits)`` of the raw
   logits, temperature not applied; position 0 has no log-prob (``None``).
 
-Each sample draws from its own ``torch.Generator`` seeded with its
-``sampling_seed``, so a seeded sample does not depend on the other rows.
+Every decode step samples all rows at once (``sampling.sample``): a row's draw
+at output position ``t`` is a Gumbel-max over noise hashed from its
+``sampling_seed``, ``t`` and the token id, so a seeded sample does not depend on
+the other rows of its batch. Stop ids, EOS and ``max_new_tokens`` are tensor
+masks; only stop strings need Python (decoding the rows that have them).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Callable
 import torch
 
 from megatron_sdpg.rollout.server.requests import SampleRequest
+from megatron_sdpg.rollout.server.sampling import sample, seed_key
 
 
 @dataclass
@@ -41,19 +45,32 @@ class SampleResult:
     finish_reason: dict | None = None
 
 
-def _filtered_probs(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Sampling distribution of one row after top-k and top-p, ``[v] -> [v]``."""
-    probs = torch.softmax(scaled, dim=-1)
-    if top_k > 0:
-        kth = torch.topk(probs, top_k).values[-1]
-        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        drop = (cum - sorted_p) > top_p * cum[-1]  # keep the smallest prefix reaching top_p
-        sorted_p = torch.where(drop, torch.zeros_like(sorted_p), sorted_p)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return probs / probs.sum()
+_RUNNING, _LENGTH, _STOP_TOKEN, _STOP_STR, _ABORT = 0, 1, 2, 3, 4  # finish codes of a row
+
+
+class _Rows:
+    """The per-row sampling settings of a batch as tensors.
+
+    Attributes:
+        temps: ``[b, 1]`` fp32 temperatures.
+        top_k: ``[b]`` int64 (0: whole vocabulary, 1: greedy).
+        top_p: ``[b]`` fp32.
+        keys: ``[b]`` int64 seed keys (``sampling.seed_key``).
+        max_new: ``[b]`` int64.
+        stop_ids: ``[b, s]`` int64 ids that end a row (stop ids, and EOS unless ignored), padded with -1.
+        filtered: Whether any row needs the top-k/top-p mask.
+    """
+
+    def __init__(self, reqs: list[SampleRequest], eos_ids: set[int], seeds: list[int]):
+        self.temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32)[:, None]
+        self.top_k = torch.tensor([r.top_k for r in reqs], dtype=torch.long)
+        self.top_p = torch.tensor([r.top_p for r in reqs], dtype=torch.float32)
+        self.keys = torch.tensor([seed_key(s) for s in seeds], dtype=torch.long)
+        self.max_new = torch.tensor([r.max_new_tokens for r in reqs], dtype=torch.long)
+        stops = [sorted(set(r.stop_token_ids) | (set() if r.ignore_eos else eos_ids)) for r in reqs]
+        width = max(1, max(len(s) for s in stops))
+        self.stop_ids = torch.tensor([s + [-1] * (width - len(s)) for s in stops], dtype=torch.long)
+        self.filtered = any(r.top_k > 1 or r.top_p < 1.0 for r in reqs)
 
 
 class BatchGenerator:
@@ -92,12 +109,21 @@ class BatchGenerator:
         ).logits.float()
 
     @torch.no_grad()
-    def generate(self, reqs: list[SampleRequest], aborted: Callable[[str], bool] = lambda rid: False) -> list[SampleResult]:
+    def generate(self, reqs: list[SampleRequest], aborted: Callable[[str], bool] | None = None,
+                 abort_pending: Callable[[], bool] = lambda: True) -> list[SampleResult]:
         """Generates every request in one batch.
+
+        Each decode step is a handful of tensor ops over all rows: one forward, the
+        batched draw (``sampling.sample``), the log-probs, and the stop conditions
+        (stop ids, EOS, ``max_new_tokens``) as masks. Only rows with stop strings
+        are decoded in Python, and only while they run.
 
         Args:
             reqs: The samples; prompts may differ in length.
-            aborted: Checked for each unfinished rid before every decode step.
+            aborted: Tells whether a rid was aborted; asked for each unfinished row
+                before a decode step when ``abort_pending()`` says an abort may concern
+                this batch. ``None``: nothing is aborted.
+            abort_pending: Cheap check run before every decode step.
 
         Returns:
             One ``SampleResult`` per request, in order.
@@ -116,45 +142,58 @@ class BatchGenerator:
         results = [SampleResult() for _ in reqs]
         if want_prompt_lp:
             self._prompt_logprobs(reqs, results, logits, width)
+        rows = _Rows(reqs, self.eos_ids, [r.seed if r.seed is not None else self._draw_seed() for r in reqs])
+        steps = int(rows.max_new.max())
+        out_ids = torch.full((bsz, max(steps, 1)), self.pad_id, dtype=torch.long)
+        out_lp = torch.zeros((bsz, max(steps, 1)), dtype=torch.float32)
+        length = torch.zeros(bsz, dtype=torch.long)
+        reason = torch.where(rows.max_new == 0, _LENGTH, _RUNNING)  # [b] int64 finish codes
+        matched_str: dict[int, str] = {}
+        stop_rows = [b for b, r in enumerate(reqs) if r.stop and self.decode is not None]
         last = logits[:, -1, :]
-        gens = [torch.Generator().manual_seed(r.seed if r.seed is not None else self._draw_seed()) for r in reqs]
-        temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32).unsqueeze(-1)
-        done = [False] * bsz
-        for b, r in enumerate(reqs):
-            if r.max_new_tokens == 0:
-                self._finish(results[b], r, {"type": "length", "length": 0})
-                done[b] = True
         cur_pos = pos[:, -1]
-        while not all(done):
-            scaled = last / temps
-            logprobs = torch.log_softmax(scaled, dim=-1)
-            next_ids = torch.full((bsz,), self.pad_id, dtype=torch.long)
-            for b, r in enumerate(reqs):
-                if done[b]:
-                    continue
-                if aborted(r.rid):
-                    self._finish(results[b], r, {"type": "abort", "message": "Aborted by /abort_request"})
-                    done[b] = True
-                    continue
-                if r.top_k == 1:
-                    tok = int(torch.argmax(scaled[b]))
-                else:
-                    probs = _filtered_probs(scaled[b], r.top_k, r.top_p)
-                    tok = int(torch.multinomial(probs, 1, generator=gens[b]))
-                next_ids[b] = tok
-                res = results[b]
-                res.output_ids.append(tok)
-                if r.return_logprob:
-                    res.output_logprobs.append(float(logprobs[b, tok]))
-                reason = self._check_finished(r, res)
-                if reason is not None:
-                    self._finish(res, r, reason)
-                    done[b] = True
-            if all(done):
+        for t in range(steps):
+            done = reason != _RUNNING
+            if aborted is not None and abort_pending():
+                for b in (~done).nonzero()[:, 0].tolist():
+                    if aborted(reqs[b].rid):
+                        reason[b] = _ABORT
+                done = reason != _RUNNING
+            if bool(done.all()):
                 break
-            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=torch.long)], dim=1)
-            cur_pos = cur_pos + 1
-            last = self._forward(next_ids.unsqueeze(1), mask, cur_pos.unsqueeze(1), cache, keep=1)[:, -1, :]
+            scaled = last / rows.temps
+            tok = sample(scaled, rows.keys, torch.tensor(t), rows.top_k, rows.top_p, rows.filtered)
+            tok = torch.where(done, self.pad_id, tok)
+            out_ids[:, t] = tok
+            out_lp[:, t] = scaled.gather(1, tok[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+            length += ~done
+            hit = torch.zeros(bsz, dtype=torch.bool)
+            for b in stop_rows:  # SGLang's order: stop string, then stop token / EOS, then length
+                if not done[b]:
+                    text = self.decode(out_ids[b, : t + 1].tolist())
+                    found = next((s for s in reqs[b].stop if s in text), None)
+                    if found is not None:
+                        matched_str[b], hit[b] = found, True
+            reason = torch.where(~done & hit, _STOP_STR, reason)
+            hit = ~done & ~hit & (tok[:, None] == rows.stop_ids).any(-1)
+            reason = torch.where(hit, _STOP_TOKEN, reason)
+            reason = torch.where((reason == _RUNNING) & (length >= rows.max_new), _LENGTH, reason)
+            if t + 1 < steps and not bool((reason != _RUNNING).all()):
+                mask = torch.cat([mask, torch.ones((bsz, 1), dtype=torch.long)], dim=1)
+                cur_pos = cur_pos + 1
+                last = self._forward(tok.unsqueeze(1), mask, cur_pos.unsqueeze(1), cache, keep=1)[:, -1, :]
+        for b, (r, res, n, code, toks, lps) in enumerate(
+                zip(reqs, results, length.tolist(), reason.tolist(), out_ids.tolist(), out_lp.tolist())):
+            res.output_ids = toks[:n]
+            res.output_logprobs = lps[:n] if r.return_logprob else []
+            if code == _ABORT:
+                res.finish_reason = {"type": "abort", "message": "Aborted by /abort_request"}
+            elif code == _STOP_STR:
+                res.finish_reason = {"type": "stop", "matched": matched_str[b]}
+            elif code == _STOP_TOKEN:
+                res.finish_reason = {"type": "stop", "matched": toks[n - 1]}
+            else:
+                res.finish_reason = {"type": "length", "length": r.max_new_tokens}
         return results
 
     def _draw_seed(self) -> int:
@@ -172,22 +211,3 @@ class BatchGenerator:
             for j in range(r.logprob_start_len, p):
                 out.append(None if j == 0 else float(raw[b, off + j - 1, r.input_ids[j]]))
             results[b].input_logprobs = out
-
-    def _check_finished(self, r: SampleRequest, res: SampleResult) -> dict | None:
-        """SGLang's order: stop string, then stop token / EOS, then length."""
-        tok = res.output_ids[-1]
-        if r.stop and self.decode is not None:
-            text = self.decode(res.output_ids)
-            for s in r.stop:
-                if s in text:
-                    return {"type": "stop", "matched": s}
-        if tok in r.stop_token_ids or (not r.ignore_eos and tok in self.eos_ids):
-            return {"type": "stop", "matched": tok}
-        if len(res.output_ids) >= r.max_new_tokens:
-            return {"type": "length", "length": r.max_new_tokens}
-        return None
-
-    def _finish(self, res: SampleResult, r: SampleRequest, reason: dict) -> None:
-        res.finish_reason = reason
-        if not r.return_logprob:
-            res.output_logprobs = []
