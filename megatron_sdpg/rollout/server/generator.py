@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from megatron_sdpg.rollout.server.requests import SampleRequest
+from megatron_sdpg.rollout.server.kv_cache import new_cache
 from megatron_sdpg.rollout.server.sampling import sample, seed_key
 
 
@@ -48,8 +49,9 @@ class SampleResult:
 _RUNNING, _LENGTH, _STOP_TOKEN, _STOP_STR, _ABORT = 0, 1, 2, 3, 4  # finish codes of a row
 
 
+@dataclass
 class _Rows:
-    """The per-row sampling settings of a batch as tensors.
+    """The per-row sampling settings of the rows in the model's batch, as tensors.
 
     Attributes:
         temps: ``[b, 1]`` fp32 temperatures.
@@ -61,16 +63,32 @@ class _Rows:
         filtered: Whether any row needs the top-k/top-p mask.
     """
 
-    def __init__(self, reqs: list[SampleRequest], eos_ids: set[int], seeds: list[int]):
-        self.temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32)[:, None]
-        self.top_k = torch.tensor([r.top_k for r in reqs], dtype=torch.long)
-        self.top_p = torch.tensor([r.top_p for r in reqs], dtype=torch.float32)
-        self.keys = torch.tensor([seed_key(s) for s in seeds], dtype=torch.long)
-        self.max_new = torch.tensor([r.max_new_tokens for r in reqs], dtype=torch.long)
+    temps: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    keys: torch.Tensor
+    max_new: torch.Tensor
+    stop_ids: torch.Tensor
+    filtered: bool
+
+    @classmethod
+    def of(cls, reqs: list[SampleRequest], eos_ids: set[int], seeds: list[int]) -> "_Rows":
         stops = [sorted(set(r.stop_token_ids) | (set() if r.ignore_eos else eos_ids)) for r in reqs]
         width = max(1, max(len(s) for s in stops))
-        self.stop_ids = torch.tensor([s + [-1] * (width - len(s)) for s in stops], dtype=torch.long)
-        self.filtered = any(r.top_k > 1 or r.top_p < 1.0 for r in reqs)
+        return cls(
+            temps=torch.tensor([r.temperature for r in reqs], dtype=torch.float32)[:, None],
+            top_k=torch.tensor([r.top_k for r in reqs], dtype=torch.long),
+            top_p=torch.tensor([r.top_p for r in reqs], dtype=torch.float32),
+            keys=torch.tensor([seed_key(s) for s in seeds], dtype=torch.long),
+            max_new=torch.tensor([r.max_new_tokens for r in reqs], dtype=torch.long),
+            stop_ids=torch.tensor([s + [-1] * (width - len(s)) for s in stops], dtype=torch.long),
+            filtered=any(r.top_k > 1 or r.top_p < 1.0 for r in reqs),
+        )
+
+    def select(self, idx: torch.Tensor) -> "_Rows":
+        """The rows ``idx`` (``[n]`` int64)."""
+        return _Rows(self.temps[idx], self.top_k[idx], self.top_p[idx], self.keys[idx], self.max_new[idx],
+                     self.stop_ids[idx], self.filtered)
 
 
 class BatchGenerator:
@@ -93,14 +111,6 @@ class BatchGenerator:
         params = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values to cache.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:
-            return DynamicCache()
 
     def _forward(self, ids, mask, pos, cache, keep: int):
         kwargs = {self._cache_kw: cache}
@@ -137,49 +147,56 @@ class BatchGenerator:
             mask[b, width - len(r.input_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         want_prompt_lp = any(r.return_logprob and r.logprob_start_len >= 0 for r in reqs)
-        cache = self._new_cache()
+        steps = max(r.max_new_tokens for r in reqs)
+        cache = new_cache(self.model.config, width + steps)
         logits = self._forward(ids, mask, pos, cache, keep=0 if want_prompt_lp else 1)
         results = [SampleResult() for _ in reqs]
         if want_prompt_lp:
             self._prompt_logprobs(reqs, results, logits, width)
-        rows = _Rows(reqs, self.eos_ids, [r.seed if r.seed is not None else self._draw_seed() for r in reqs])
-        steps = int(rows.max_new.max())
+        rows = _Rows.of(reqs, self.eos_ids, [r.seed if r.seed is not None else self._draw_seed() for r in reqs])
         out_ids = torch.full((bsz, max(steps, 1)), self.pad_id, dtype=torch.long)
         out_lp = torch.zeros((bsz, max(steps, 1)), dtype=torch.float32)
         length = torch.zeros(bsz, dtype=torch.long)
         reason = torch.where(rows.max_new == 0, _LENGTH, _RUNNING)  # [b] int64 finish codes
         matched_str: dict[int, str] = {}
         stop_rows = [b for b, r in enumerate(reqs) if r.stop and self.decode is not None]
-        last = logits[:, -1, :]
-        cur_pos = pos[:, -1]
+        live = torch.arange(bsz)  # the rows in the model's batch (finished rows are dropped now and then)
+        last, cur_pos = logits[:, -1, :], pos[:, -1]
         for t in range(steps):
-            done = reason != _RUNNING
             if aborted is not None and abort_pending():
-                for b in (~done).nonzero()[:, 0].tolist():
-                    if aborted(reqs[b].rid):
+                for b in live.tolist():
+                    if reason[b] == _RUNNING and aborted(reqs[b].rid):
                         reason[b] = _ABORT
-                done = reason != _RUNNING
-            if bool(done.all()):
+            running = reason[live] == _RUNNING
+            n_running = int(running.sum())
+            if n_running == 0:
                 break
+            if n_running <= len(live) * 7 // 8:  # drop finished rows: less attention and MLP work per step
+                keep = running.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                live, rows, running = live[keep], rows.select(keep), running[keep]
+                last, mask, cur_pos = last[keep], mask[keep], cur_pos[keep]
             scaled = last / rows.temps
             tok = sample(scaled, rows.keys, torch.tensor(t), rows.top_k, rows.top_p, rows.filtered)
-            tok = torch.where(done, self.pad_id, tok)
-            out_ids[:, t] = tok
-            out_lp[:, t] = scaled.gather(1, tok[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
-            length += ~done
-            hit = torch.zeros(bsz, dtype=torch.bool)
-            for b in stop_rows:  # SGLang's order: stop string, then stop token / EOS, then length
-                if not done[b]:
-                    text = self.decode(out_ids[b, : t + 1].tolist())
-                    found = next((s for s in reqs[b].stop if s in text), None)
-                    if found is not None:
-                        matched_str[b], hit[b] = found, True
-            reason = torch.where(~done & hit, _STOP_STR, reason)
-            hit = ~done & ~hit & (tok[:, None] == rows.stop_ids).any(-1)
-            reason = torch.where(hit, _STOP_TOKEN, reason)
-            reason = torch.where((reason == _RUNNING) & (length >= rows.max_new), _LENGTH, reason)
-            if t + 1 < steps and not bool((reason != _RUNNING).all()):
-                mask = torch.cat([mask, torch.ones((bsz, 1), dtype=torch.long)], dim=1)
+            tok = torch.where(running, tok, self.pad_id)
+            out_ids[live, t] = tok
+            out_lp[live, t] = scaled.gather(1, tok[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+            length[live] += running
+            code = reason[live]
+            if stop_rows:  # SGLang's order: stop string, then stop token / EOS, then length
+                hit = torch.zeros(bsz, dtype=torch.bool)
+                for b in stop_rows:
+                    if reason[b] == _RUNNING:
+                        text = self.decode(out_ids[b, : t + 1].tolist())
+                        found = next((s for s in reqs[b].stop if s in text), None)
+                        if found is not None:
+                            matched_str[b], hit[b] = found, True
+                code = torch.where(hit[live], _STOP_STR, code)
+            code = torch.where((code == _RUNNING) & (tok[:, None] == rows.stop_ids).any(-1), _STOP_TOKEN, code)
+            code = torch.where((code == _RUNNING) & (length[live] >= rows.max_new), _LENGTH, code)
+            reason[live] = code
+            if t + 1 < steps and bool((code == _RUNNING).any()):
+                mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
                 cur_pos = cur_pos + 1
                 last = self._forward(tok.unsqueeze(1), mask, cur_pos.unsqueeze(1), cache, keep=1)[:, -1, :]
         for b, (r, res, n, code, toks, lps) in enumerate(
