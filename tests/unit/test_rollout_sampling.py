@@ -191,3 +191,12 @@ def test_stop_strings_and_abort_in_a_batch(engine):
     assert res[0].output_ids == free[: first + 1] and res[0].finish_reason == {"type": "stop", "matched": stop_word}
     assert res[1].output_ids == gen.generate([other])[0].output_ids and res[1].finish_reason["type"] == "length"
     assert res[2].output_ids == [] and res[2].finish_reason["type"] == "abort"
+
+
+def test_negative_threads_is_refused_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "megatron_sdpg.rollout.server", "--hf-dir", str(tmp_path), "--port",
+                           "1", "--threads", "-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "--threads: must be >= 0, got -1"
