@@ -200,3 +200,34 @@ def test_negative_threads_is_refused_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "megatron_sdpg.rollout.server", "--hf-dir", str(tmp_path), "--port",
                            "1", "--threads", "-1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "--threads: must be >= 0, got -1"
+
+
+def test_reserved_kv_cache_matches_dynamic_cache_through_growth_and_dropped_rows(engine):
+    from transformers import DynamicCache
+
+    from megatron_sdpg.rollout.server.kv_cache import new_cache
+
+    model, _ = engine
+    ids = torch.tensor([[0, 2, 5, 6], [2, 9, 10, 11], [0, 0, 2, 7]])
+    mask = (ids != 0).long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [DynamicCache(config=model.config), new_cache(model.config, capacity=5)]  # grows twice
+    outs = [[], []]
+    with torch.no_grad():
+        for c, cache in enumerate(caches):
+            m, p, tok = mask, pos[:, -1:], ids
+            pp = pos
+            for step in range(8):
+                logits = model(input_ids=tok, attention_mask=m, position_ids=pp, past_key_values=cache).logits[:, -1]
+                outs[c].append(logits)
+                tok = logits.argmax(-1, keepdim=True)
+                if step == 3:  # drop the middle row
+                    keep = torch.tensor([0, 2])
+                    cache.batch_select_indices(keep)
+                    m, p, tok = m[keep], p[keep], tok[keep]
+                m = torch.cat([m, torch.ones(len(m), 1, dtype=torch.long)], 1)
+                p = p + 1
+                pp = p
+    assert type(caches[1].layers[0]).__name__ == "_ReservedLayer" and caches[1].layers[0]._k.shape[-2] >= 12
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)

@@ -47,6 +47,7 @@ class SampleResult:
 
 
 _RUNNING, _LENGTH, _STOP_TOKEN, _STOP_STR, _ABORT = 0, 1, 2, 3, 4  # finish codes of a row
+_RESERVE = 256  # completion positions the KV cache reserves up front (long completions rarely run to the end)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class BatchGenerator:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         want_prompt_lp = any(r.return_logprob and r.logprob_start_len >= 0 for r in reqs)
         steps = max(r.max_new_tokens for r in reqs)
-        cache = new_cache(self.model.config, width + steps)
+        cache = new_cache(self.model.config, width + min(steps, _RESERVE))  # grows by doubling past that
         logits = self._forward(ids, mask, pos, cache, keep=0 if want_prompt_lp else 1)
         results = [SampleResult() for _ in reqs]
         if want_prompt_lp:
@@ -184,14 +185,8 @@ class BatchGenerator:
             length[live] += running
             code = reason[live]
             if stop_rows:  # SGLang's order: stop string, then stop token / EOS, then length
-                hit = torch.zeros(bsz, dtype=torch.bool)
-                for b in stop_rows:
-                    if reason[b] == _RUNNING:
-                        text = self.decode(out_ids[b, : t + 1].tolist())
-                        found = next((s for s in reqs[b].stop if s in text), None)
-                        if found is not None:
-                            matched_str[b], hit[b] = found, True
-                code = torch.where(hit[live], _STOP_STR, code)
+                code = torch.where(self._stop_strings(reqs, stop_rows, reason, out_ids[:, : t + 1], matched_str)[live],
+                                   _STOP_STR, code)
             code = torch.where((code == _RUNNING) & (tok[:, None] == rows.stop_ids).any(-1), _STOP_TOKEN, code)
             code = torch.where((code == _RUNNING) & (length[live] >= rows.max_new), _LENGTH, code)
             reason[live] = code
@@ -199,6 +194,24 @@ class BatchGenerator:
                 mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
                 cur_pos = cur_pos + 1
                 last = self._forward(tok.unsqueeze(1), mask, cur_pos.unsqueeze(1), cache, keep=1)[:, -1, :]
+        self._fill_results(reqs, results, length, reason, out_ids, out_lp, matched_str)
+        return results
+
+    def _stop_strings(self, reqs, stop_rows: list[int], reason: torch.Tensor, out_ids: torch.Tensor,
+                      matched: dict[int, str]) -> torch.Tensor:
+        """Running rows whose decoded output ``[b, t]`` now contains a stop string: ``[b]`` bool; fills ``matched``."""
+        hit = torch.zeros(len(reqs), dtype=torch.bool)
+        for b in stop_rows:
+            if reason[b] == _RUNNING:
+                text = self.decode(out_ids[b].tolist())
+                found = next((s for s in reqs[b].stop if s in text), None)
+                if found is not None:
+                    matched[b], hit[b] = found, True
+        return hit
+
+    @staticmethod
+    def _fill_results(reqs, results, length, reason, out_ids, out_lp, matched_str) -> None:
+        """Each row's ids and log-probs ``[:length]`` and finish reason, from the ``[b, steps]`` buffers."""
         for b, (r, res, n, code, toks, lps) in enumerate(
                 zip(reqs, results, length.tolist(), reason.tolist(), out_ids.tolist(), out_lp.tolist())):
             res.output_ids = toks[:n]
@@ -211,7 +224,6 @@ class BatchGenerator:
                 res.finish_reason = {"type": "stop", "matched": toks[n - 1]}
             else:
                 res.finish_reason = {"type": "length", "length": r.max_new_tokens}
-        return results
 
     def _draw_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self._seed_gen))
