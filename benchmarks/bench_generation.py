@@ -9,7 +9,8 @@ Both sides run in this one process on the same model (``artifacts/tiny_model``,
 fp32), the same batch (``--prompts`` student prompts of the model's task, each
 repeated ``--samples`` times, left-padded) and the same sampling (temperature
 ``--temperature``, whole vocabulary, up to ``--max-new-tokens``), with the same
-torch intra-op thread count, alternated ``--reps`` times after one warm-up each:
+torch intra-op thread count (and ``OMP_WAIT_POLICY=PASSIVE``, as the server sets it),
+alternated ``--reps`` times after one warm-up each:
 
 - project: ``BatchGenerator.generate`` (what ``/generate`` runs; it also returns
   the log-prob of every sampled token, as the trainer asks);
@@ -32,7 +33,9 @@ import statistics
 import sys
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CPU server sets it (before torch loads libgomp)
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

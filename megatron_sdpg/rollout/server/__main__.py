@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
     if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
         sys.exit(f"--hf-dir: {args.hf_dir} has no config.json")
+    # Idle OpenMP threads sleep instead of spinning (read once, when torch loads libgomp): with a
+    # second thread, spinning waits cost ~10x the CPU time and wall time whenever another process
+    # holds a core (measured in docs/rollout.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from aiohttp import web
     from transformers import AutoModelForCausalLM, AutoTokenizer
