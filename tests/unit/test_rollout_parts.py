@@ -16,7 +16,6 @@ from megatron_sdpg.config.errors import ConfigError
 from megatron_sdpg.rollout.config import RolloutConfig, SamplingConfig
 from megatron_sdpg.rollout.launcher import cpu_server_command, sglang_command
 from megatron_sdpg.rollout.protocol import group_request_json, sampling_params_json
-from megatron_sdpg.rollout.server.generator import _filtered_probs
 from megatron_sdpg.rollout.server.requests import BadRequest, parse_generate
 from megatron_sdpg.rollout.sync.base import iter_buckets
 from megatron_sdpg.rollout.sync.disk import write_hf_checkpoint
@@ -90,25 +89,6 @@ def test_sglang_request_normalisation():
 def test_bad_generate_bodies(body, message):
     with pytest.raises(BadRequest, match=message):
         parse_generate(body, vocab_size=16)
-
-
-@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.6), (5, 0.3)])
-def test_filtered_probs_match_a_float64_reference(top_k, top_p):
-    logits = torch.randn(50, generator=torch.Generator().manual_seed(top_k * 10 + int(top_p * 10)))
-    got = _filtered_probs(logits.float(), top_k, top_p).double()
-    p = torch.softmax(logits.double(), -1)
-    order = torch.argsort(p, descending=True).tolist()
-    keep = order[: top_k or len(order)]
-    mass, kept = 0.0, []
-    kept_mass = float(p[keep].sum())
-    for i in keep:  # smallest prefix whose mass reaches top_p of what top-k kept
-        kept.append(i)
-        mass += float(p[i])
-        if mass >= top_p * kept_mass:
-            break
-    ref = torch.zeros_like(p)
-    ref[kept] = p[kept] / p[kept].sum()
-    assert torch.allclose(got, ref, atol=1e-6)
 
 
 def test_safetensors_codec_roundtrip_and_pickle_rejected():

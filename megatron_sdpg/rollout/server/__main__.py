@@ -7,7 +7,8 @@ Usage::
 
 It binds to 127.0.0.1 unless ``--host`` says otherwise. Sampling is
 reproducible per sample with ``sampling_seed``; unseeded samples draw their
-seeds from ``--seed`` in arrival order.
+seeds from ``--seed`` in arrival order. The decode step runs on ``--threads``
+cores (default: all this process may use).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--seed", type=int, default=0, help="seeds the seeds of unseeded samples")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads of the decode step (0: every core this process may run on, "
+                        "whatever OMP_NUM_THREADS it inherited)")
     p.add_argument("--max-batch", type=int, default=256, help="most samples decoded together")
     p.add_argument("--max-body-mb", type=int, default=4096, help="largest accepted request body")
     p.add_argument("--max-n", type=int, default=1024, help="largest sampling_params.n of a request")
@@ -40,12 +43,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads < 0:
+        print(f"--threads: must be >= 0, got {args.threads}", file=sys.stderr)
+        sys.exit(2)
     for flag in ("max_n", "max_new_tokens", "max_queued_tokens", "max_batch", "health_timeout_s", "weight_group_timeout_s"):
         if not getattr(args, flag) > 0:  # (also false for NaN)
             print(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}", file=sys.stderr)
             sys.exit(2)
     if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
         sys.exit(f"--hf-dir: {args.hf_dir} has no config.json")
+    # Idle OpenMP threads sleep instead of spinning (read once, when torch loads libgomp): with a
+    # second thread, spinning waits cost ~10x the CPU time and wall time whenever another process
+    # holds a core (measured in docs/rollout.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from aiohttp import web
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_sdpg.rollout.server.app import ServerState, build_app
     from megatron_sdpg.rollout.server.requests import Limits
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    # The trainer launches this server with OMP_NUM_THREADS=1 (torchrun's default for its ranks); the ranks
+    # wait while it generates, so by default it takes every core it may run on.
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=getattr(torch, args.dtype)).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)

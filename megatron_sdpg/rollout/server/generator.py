@@ -9,8 +9,11 @@ sglang 0.5.23 (``Sampler.forward`` and the input-logprob path):
 * prompt tokens (``logprob_start_len >= 0``): ``log_softmax(logits)`` of the raw
   logits, temperature not applied; position 0 has no log-prob (``None``).
 
-Each sample draws from its own ``torch.Generator`` seeded with its
-``sampling_seed``, so a seeded sample does not depend on the other rows.
+Every decode step samples all rows at once (``sampling.sample``): a row's draw
+at output position ``t`` is a Gumbel-max over noise hashed from its
+``sampling_seed``, ``t`` and the token id, so a seeded sample does not depend on
+the other rows of its batch. Stop ids, EOS and ``max_new_tokens`` are tensor
+masks; only stop strings need Python (decoding the rows that have them).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Callable
 import torch
 
 from megatron_sdpg.rollout.server.requests import SampleRequest
+from megatron_sdpg.rollout.server.kv_cache import new_cache
+from megatron_sdpg.rollout.server.sampling import sample, seed_key
 
 
 @dataclass
@@ -41,19 +46,50 @@ class SampleResult:
     finish_reason: dict | None = None
 
 
-def _filtered_probs(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Sampling distribution of one row after top-k and top-p, ``[v] -> [v]``."""
-    probs = torch.softmax(scaled, dim=-1)
-    if top_k > 0:
-        kth = torch.topk(probs, top_k).values[-1]
-        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        drop = (cum - sorted_p) > top_p * cum[-1]  # keep the smallest prefix reaching top_p
-        sorted_p = torch.where(drop, torch.zeros_like(sorted_p), sorted_p)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return probs / probs.sum()
+_RUNNING, _LENGTH, _STOP_TOKEN, _STOP_STR, _ABORT = 0, 1, 2, 3, 4  # finish codes of a row
+_RESERVE = 256  # completion positions the KV cache reserves up front (long completions rarely run to the end)
+
+
+@dataclass
+class _Rows:
+    """The per-row sampling settings of the rows in the model's batch, as tensors.
+
+    Attributes:
+        temps: ``[b, 1]`` fp32 temperatures.
+        top_k: ``[b]`` int64 (0: whole vocabulary, 1: greedy).
+        top_p: ``[b]`` fp32.
+        keys: ``[b]`` int64 seed keys (``sampling.seed_key``).
+        max_new: ``[b]`` int64.
+        stop_ids: ``[b, s]`` int64 ids that end a row (stop ids, and EOS unless ignored), padded with -1.
+        filtered: Whether any row needs the top-k/top-p mask.
+    """
+
+    temps: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    keys: torch.Tensor
+    max_new: torch.Tensor
+    stop_ids: torch.Tensor
+    filtered: bool
+
+    @classmethod
+    def of(cls, reqs: list[SampleRequest], eos_ids: set[int], seeds: list[int]) -> "_Rows":
+        stops = [sorted(set(r.stop_token_ids) | (set() if r.ignore_eos else eos_ids)) for r in reqs]
+        width = max(1, max(len(s) for s in stops))
+        return cls(
+            temps=torch.tensor([r.temperature for r in reqs], dtype=torch.float32)[:, None],
+            top_k=torch.tensor([r.top_k for r in reqs], dtype=torch.long),
+            top_p=torch.tensor([r.top_p for r in reqs], dtype=torch.float32),
+            keys=torch.tensor([seed_key(s) for s in seeds], dtype=torch.long),
+            max_new=torch.tensor([r.max_new_tokens for r in reqs], dtype=torch.long),
+            stop_ids=torch.tensor([s + [-1] * (width - len(s)) for s in stops], dtype=torch.long),
+            filtered=any(r.top_k > 1 or r.top_p < 1.0 for r in reqs),
+        )
+
+    def select(self, idx: torch.Tensor) -> "_Rows":
+        """The rows ``idx`` (``[n]`` int64)."""
+        return _Rows(self.temps[idx], self.top_k[idx], self.top_p[idx], self.keys[idx], self.max_new[idx],
+                     self.stop_ids[idx], self.filtered)
 
 
 class BatchGenerator:
@@ -77,14 +113,6 @@ class BatchGenerator:
         # transformers 5 renamed past_key_values to cache.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:
-            return DynamicCache()
-
     def _forward(self, ids, mask, pos, cache, keep: int):
         kwargs = {self._cache_kw: cache}
         return self.model(
@@ -92,12 +120,21 @@ class BatchGenerator:
         ).logits.float()
 
     @torch.no_grad()
-    def generate(self, reqs: list[SampleRequest], aborted: Callable[[str], bool] = lambda rid: False) -> list[SampleResult]:
+    def generate(self, reqs: list[SampleRequest], aborted: Callable[[str], bool] | None = None,
+                 abort_pending: Callable[[], bool] = lambda: True) -> list[SampleResult]:
         """Generates every request in one batch.
+
+        Each decode step is a handful of tensor ops over all rows: one forward, the
+        batched draw (``sampling.sample``), the log-probs, and the stop conditions
+        (stop ids, EOS, ``max_new_tokens``) as masks. Only rows with stop strings
+        are decoded in Python, and only while they run.
 
         Args:
             reqs: The samples; prompts may differ in length.
-            aborted: Checked for each unfinished rid before every decode step.
+            aborted: Tells whether a rid was aborted; asked for each unfinished row
+                before a decode step when ``abort_pending()`` says an abort may concern
+                this batch. ``None``: nothing is aborted.
+            abort_pending: Cheap check run before every decode step.
 
         Returns:
             One ``SampleResult`` per request, in order.
@@ -111,51 +148,82 @@ class BatchGenerator:
             mask[b, width - len(r.input_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         want_prompt_lp = any(r.return_logprob and r.logprob_start_len >= 0 for r in reqs)
-        cache = self._new_cache()
+        steps = max(r.max_new_tokens for r in reqs)
+        cache = new_cache(self.model.config, width + min(steps, _RESERVE))  # grows by doubling past that
         logits = self._forward(ids, mask, pos, cache, keep=0 if want_prompt_lp else 1)
         results = [SampleResult() for _ in reqs]
         if want_prompt_lp:
             self._prompt_logprobs(reqs, results, logits, width)
-        last = logits[:, -1, :]
-        gens = [torch.Generator().manual_seed(r.seed if r.seed is not None else self._draw_seed()) for r in reqs]
-        temps = torch.tensor([r.temperature for r in reqs], dtype=torch.float32).unsqueeze(-1)
-        done = [False] * bsz
-        for b, r in enumerate(reqs):
-            if r.max_new_tokens == 0:
-                self._finish(results[b], r, {"type": "length", "length": 0})
-                done[b] = True
-        cur_pos = pos[:, -1]
-        while not all(done):
-            scaled = last / temps
-            logprobs = torch.log_softmax(scaled, dim=-1)
-            next_ids = torch.full((bsz,), self.pad_id, dtype=torch.long)
-            for b, r in enumerate(reqs):
-                if done[b]:
-                    continue
-                if aborted(r.rid):
-                    self._finish(results[b], r, {"type": "abort", "message": "Aborted by /abort_request"})
-                    done[b] = True
-                    continue
-                if r.top_k == 1:
-                    tok = int(torch.argmax(scaled[b]))
-                else:
-                    probs = _filtered_probs(scaled[b], r.top_k, r.top_p)
-                    tok = int(torch.multinomial(probs, 1, generator=gens[b]))
-                next_ids[b] = tok
-                res = results[b]
-                res.output_ids.append(tok)
-                if r.return_logprob:
-                    res.output_logprobs.append(float(logprobs[b, tok]))
-                reason = self._check_finished(r, res)
-                if reason is not None:
-                    self._finish(res, r, reason)
-                    done[b] = True
-            if all(done):
+        rows = _Rows.of(reqs, self.eos_ids, [r.seed if r.seed is not None else self._draw_seed() for r in reqs])
+        out_ids = torch.full((bsz, max(steps, 1)), self.pad_id, dtype=torch.long)
+        out_lp = torch.zeros((bsz, max(steps, 1)), dtype=torch.float32)
+        length = torch.zeros(bsz, dtype=torch.long)
+        reason = torch.where(rows.max_new == 0, _LENGTH, _RUNNING)  # [b] int64 finish codes
+        matched_str: dict[int, str] = {}
+        stop_rows = [b for b, r in enumerate(reqs) if r.stop and self.decode is not None]
+        live = torch.arange(bsz)  # the rows in the model's batch (finished rows are dropped now and then)
+        last, cur_pos = logits[:, -1, :], pos[:, -1]
+        for t in range(steps):
+            if aborted is not None and abort_pending():
+                for b in live.tolist():
+                    if reason[b] == _RUNNING and aborted(reqs[b].rid):
+                        reason[b] = _ABORT
+            running = reason[live] == _RUNNING
+            n_running = int(running.sum())
+            if n_running == 0:
                 break
-            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=torch.long)], dim=1)
-            cur_pos = cur_pos + 1
-            last = self._forward(next_ids.unsqueeze(1), mask, cur_pos.unsqueeze(1), cache, keep=1)[:, -1, :]
+            if n_running <= len(live) * 7 // 8:  # drop finished rows: less attention and MLP work per step
+                keep = running.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                live, rows, running = live[keep], rows.select(keep), running[keep]
+                last, mask, cur_pos = last[keep], mask[keep], cur_pos[keep]
+            scaled = last / rows.temps
+            tok = sample(scaled, rows.keys, torch.tensor(t), rows.top_k, rows.top_p, rows.filtered)
+            tok = torch.where(running, tok, self.pad_id)
+            out_ids[live, t] = tok
+            out_lp[live, t] = scaled.gather(1, tok[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+            length[live] += running
+            code = reason[live]
+            if stop_rows:  # SGLang's order: stop string, then stop token / EOS, then length
+                code = torch.where(self._stop_strings(reqs, stop_rows, reason, out_ids[:, : t + 1], matched_str)[live],
+                                   _STOP_STR, code)
+            code = torch.where((code == _RUNNING) & (tok[:, None] == rows.stop_ids).any(-1), _STOP_TOKEN, code)
+            code = torch.where((code == _RUNNING) & (length[live] >= rows.max_new), _LENGTH, code)
+            reason[live] = code
+            if t + 1 < steps and bool((code == _RUNNING).any()):
+                mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+                cur_pos = cur_pos + 1
+                last = self._forward(tok.unsqueeze(1), mask, cur_pos.unsqueeze(1), cache, keep=1)[:, -1, :]
+        self._fill_results(reqs, results, length, reason, out_ids, out_lp, matched_str)
         return results
+
+    def _stop_strings(self, reqs, stop_rows: list[int], reason: torch.Tensor, out_ids: torch.Tensor,
+                      matched: dict[int, str]) -> torch.Tensor:
+        """Running rows whose decoded output ``[b, t]`` now contains a stop string: ``[b]`` bool; fills ``matched``."""
+        hit = torch.zeros(len(reqs), dtype=torch.bool)
+        for b in stop_rows:
+            if reason[b] == _RUNNING:
+                text = self.decode(out_ids[b].tolist())
+                found = next((s for s in reqs[b].stop if s in text), None)
+                if found is not None:
+                    matched[b], hit[b] = found, True
+        return hit
+
+    @staticmethod
+    def _fill_results(reqs, results, length, reason, out_ids, out_lp, matched_str) -> None:
+        """Each row's ids and log-probs ``[:length]`` and finish reason, from the ``[b, steps]`` buffers."""
+        for b, (r, res, n, code, toks, lps) in enumerate(
+                zip(reqs, results, length.tolist(), reason.tolist(), out_ids.tolist(), out_lp.tolist())):
+            res.output_ids = toks[:n]
+            res.output_logprobs = lps[:n] if r.return_logprob else []
+            if code == _ABORT:
+                res.finish_reason = {"type": "abort", "message": "Aborted by /abort_request"}
+            elif code == _STOP_STR:
+                res.finish_reason = {"type": "stop", "matched": matched_str[b]}
+            elif code == _STOP_TOKEN:
+                res.finish_reason = {"type": "stop", "matched": toks[n - 1]}
+            else:
+                res.finish_reason = {"type": "length", "length": r.max_new_tokens}
 
     def _draw_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self._seed_gen))
@@ -172,22 +240,3 @@ class BatchGenerator:
             for j in range(r.logprob_start_len, p):
                 out.append(None if j == 0 else float(raw[b, off + j - 1, r.input_ids[j]]))
             results[b].input_logprobs = out
-
-    def _check_finished(self, r: SampleRequest, res: SampleResult) -> dict | None:
-        """SGLang's order: stop string, then stop token / EOS, then length."""
-        tok = res.output_ids[-1]
-        if r.stop and self.decode is not None:
-            text = self.decode(res.output_ids)
-            for s in r.stop:
-                if s in text:
-                    return {"type": "stop", "matched": s}
-        if tok in r.stop_token_ids or (not r.ignore_eos and tok in self.eos_ids):
-            return {"type": "stop", "matched": tok}
-        if len(res.output_ids) >= r.max_new_tokens:
-            return {"type": "length", "length": r.max_new_tokens}
-        return None
-
-    def _finish(self, res: SampleResult, r: SampleRequest, reason: dict) -> None:
-        res.finish_reason = reason
-        if not r.return_logprob:
-            res.output_logprobs = []

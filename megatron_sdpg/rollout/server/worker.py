@@ -180,6 +180,9 @@ class ModelWorker:
         def aborted(rid: str) -> bool:
             return rid in self.aborted_rids or epoch_of[id(by_rid[rid])] != self.abort_epoch
 
-        results = self.generator.generate(reqs, aborted)
+        def abort_pending() -> bool:  # before every decode step: no per-row work unless an abort came in
+            return bool(self.aborted_rids) or any(j.epoch != self.abort_epoch for j in jobs)
+
+        results = self.generator.generate(reqs, aborted, abort_pending)
         self.aborted_rids.difference_update(by_rid)
         return results
