@@ -14,9 +14,12 @@ The model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = this GPU's parameters)
   each layer's input (``h``) is kept, and one layer is re-materialised at a time.
   Stage ``i`` of a 1F1B pipeline holds ``min(m, pp - i)`` micro-batches in flight,
   plus one layer's transient gradients during backward;
-* logits and KL buffers on the last stage: the ``[b, s, V/tp]`` logits and their
-  transposed copy, the ``[T, V/tp]`` response rows, the fused KL kernel's three
-  ``[chunk, V/tp]`` fp32 work buffers and its ``[T, V/tp]`` gradient buffer;
+* logits and KL buffers on the last stage, the largest of three phases: forward, the
+  ``[b, s, V/tp]`` logits and their transposed copy; the loss, the logits, the
+  ``[T, V/tp]`` response rows and the fused KL kernel's three ``[chunk, V/tp]`` fp32
+  work buffers; backward, the rows (the kernel writes their gradient in place:
+  ``inplace_backward``), the logits' gradient and its transposed copy (measured on
+  CPU: tests/dist/test_planner_vs_measured.py);
 * the teacher's ``[T, V/tp]`` logits: those of the last stage's in-flight micro-batches
   (one under 1F1B) when the teacher view of each micro-batch is computed right before
   its student view (inline at ``pp == 1``; inside the pipeline schedule at ``pp > 1``,
@@ -198,7 +201,10 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
                 full_logits = b * s_student * vocab * e
                 rows = resp_rows * vocab * e
                 kl_work = 3 * min(work.kl_chunk_size, resp_rows) * vocab * FP32
-                logits_kl = 2 * full_logits + rows + kl_work + rows  # + gradient buffer of the rows
+                logits_kl = max(2 * full_logits,  # forward: the output layer's logits and their transposed copy
+                                full_logits + rows + kl_work,  # loss: the logits, the response rows, KL work
+                                rows + 2 * full_logits)  # backward: the rows (their gradient written in place),
+                #                                          the logits' gradient and its transposed copy
                 teacher = kept * rows
         params = sp.total
         out.append(StageMemory(

@@ -72,10 +72,14 @@ def test_memory_by_hand():
     assert s0.activations == 2 * 2 * layer + bwd  # 2 layers x 2 micro-batches in flight (pp - stage)
     assert s1.activations == 2 * 1 * layer + 2 * 128 * 64 * 2 + bwd  # + final norm and output layer inputs
     full_logits, rows = 128 * 500 * 2, 88 * 500 * 2
-    assert s1.logits_and_kl == 2 * full_logits + rows + 3 * 88 * 500 * 4 + rows
+    # The largest of the three phases (forward: logits + transposed copy; loss: logits, rows, the KL kernel's
+    # 3 x 88 fp32 chunk rows; backward: rows with their gradient in place, logits' gradient + transposed copy).
+    kl_work = 3 * 88 * 500 * 4
+    assert s1.logits_and_kl == full_logits + rows + kl_work > max(2 * full_logits, rows + 2 * full_logits)
     assert s1.teacher_logits == 4 * rows  # pp > 1: the teacher pass keeps every micro-batch's logits
     assert s0.logits_and_kl == s0.teacher_logits == 0
-    assert s1.peak == 2593920 + bwd and s0.peak == 1528832 + bwd
+    assert s1.peak == 2593920 - (2 * full_logits + rows + kl_work + rows) + s1.logits_and_kl + bwd
+    assert s0.peak == 1528832 + bwd
     assert worst_stage(stages) is s1
     # The teacher per micro-batch inside the pipeline schedule: the last stage (1F1B) holds one in flight.
     in_schedule = estimate_memory(SMALL, TP2_PP2_DP2, SMALL_WORK, PlanAssumptions(), distributed_optimizer=True)[1]
@@ -253,3 +257,17 @@ def test_workload_follows_the_trainers_teacher_and_fused_output_rules():
     assert load_config(path).fused_output_off_reason() is None
     assert load_config(path, ["parallel.sequence_parallel=true", "algorithm.fused_output=false"]
                        ).fused_output_off_reason() is None
+
+
+def test_70b_fits_on_4_nodes_dp2_with_the_teacher_per_microbatch_and_fused_output():
+    """Issue 19's goal: half the training GPUs (TP 8 x PP 2 x DP 2); the pre-pass on logits does not fit."""
+    from megatron_sdpg.plan import make_plan
+
+    path = os.path.join(CONFIGS, "sdpg_70b.yaml")
+    now = make_plan(load_config(path), 32, PlanAssumptions())
+    assert now["layout"].dp == 2 and now["work"].fused_output and now["work"].teacher_per_microbatch
+    assert now["worst"].peak / 2**30 < PlanAssumptions().usable_gib
+    assert max(st.teacher_logits for st in now["stages"]) < 2**27  # one micro-batch's [T, h] bf16: 64 MiB
+    before = make_plan(load_config(path, ["algorithm.fused_output=false"]), 32,
+                       PlanAssumptions(teacher_in_schedule=False))
+    assert before["worst"].peak / 2**30 > PlanAssumptions().usable_gib + 15  # 93.1 GiB: every micro-batch's logits
