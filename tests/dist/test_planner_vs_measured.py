@@ -10,6 +10,9 @@
    per-GPU peak for the same configuration, with the local-spec kernels and torch's
    AdamW that run on CPU, must be within 20%: once where the model states dominate
    and once where activations (unfused attention included) are the larger part.
+3. The same for an SDPG step whose last-stage vocabulary and teacher terms dominate, through
+   the trainer's pieces, on logits and with ``algorithm.fused_output``, the teacher per
+   micro-batch (inline) and its pre-pass (every micro-batch's teacher data kept).
 """
 
 from __future__ import annotations
