@@ -43,6 +43,9 @@ def _parse(argv):
     p.add_argument("--unfused-optimizer", action="store_true", help="torch AdamW step temporaries (CPU)")
     p.add_argument("--colocated-engine-fraction", type=float, default=0.0,
                    help="GPU share held by colocated SGLang engines (their --mem-fraction-static)")
+    p.add_argument("--teacher-prepass", action="store_true",
+                   help="at PP > 1, model the teacher pre-pass (every micro-batch's teacher data kept on the last "
+                        "stage) instead of the teacher per micro-batch inside the pipeline schedule")
     p.add_argument("--require-fit", action="store_true", help="exit 1 when the layout does not fit")
     return p.parse_args(argv)
 
@@ -97,6 +100,14 @@ ROWS = (
 )
 
 
+def _teacher_mode(plan: dict) -> str:
+    from megatron_sdpg.planning.memory import teacher_per_microbatch
+
+    if teacher_per_microbatch(plan["work"], plan["layout"].pp, plan["assume"]):
+        return "per micro-batch" + (" (in the pipeline schedule)" if plan["layout"].pp > 1 else " (inline)")
+    return "pre-pass (every micro-batch kept)"
+
+
 def format_table(plan: dict) -> str:
     """The human-readable report printed before the JSON line."""
     m, lay, w, a, fl = plan["model"], plan["layout"], plan["work"], plan["assume"], plan["flops"]
@@ -110,7 +121,9 @@ def format_table(plan: dict) -> str:
         f"step: {w.sequences_per_step} sequences, {w.microbatches_per_rank(lay.dp)} micro-batches per DP rank of "
         f"{w.sequences_per_microbatch} x {w.student_len} student tokens"
         + (f" / {w.teacher_len} teacher tokens" if w.teacher_forward else "")
-        + f"; teacher pass {'yes' if w.teacher_forward else 'no'}, reference copy {'yes' if w.reference_model else 'no'}",
+        + f"; teacher pass {_teacher_mode(plan) if w.teacher_forward else 'no'}, "
+        f"reference copy {'yes' if w.reference_model else 'no'}, vocabulary terms from "
+        + ("hidden states (algorithm.fused_output)" if w.fused_output else "logits"),
         "",
         f"{'memory per GPU (GiB)':<30}" + "".join(f"{'stage ' + str(s.stage):>10}" for s in stages),
         f"{'  parameters (millions)':<30}" + "".join(f"{s.params / 1e6:>10.1f}" for s in stages),
@@ -168,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     assume = PlanAssumptions(gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib,
                              peak_tflops=args.peak_tflops, mfu=args.mfu,
                              fused_kernels=not args.local_kernels, fused_optimizer=not args.unfused_optimizer,
-                             colocated_engine_fraction=args.colocated_engine_fraction)
+                             colocated_engine_fraction=args.colocated_engine_fraction,
+                             teacher_in_schedule=not args.teacher_prepass)
     try:
         cfg = load_config(args.config, args.overrides)
         nodes = cfg.parallel.nodes if args.nodes is None else args.nodes

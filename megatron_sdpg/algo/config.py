@@ -108,10 +108,12 @@ class AlgorithmConfig:
     # Compute the loss's vocabulary terms from the last stage's hidden states and the output layer's
     # shard in token chunks (ops/fused_output.py): no [T, V/tp] logits of the student or the teacher
     # exist, and the teacher passes keep [T, h] hidden states instead of [T, V/tp] logits. Checked
-    # against float64 and equal to the logits path in two training steps at 1 rank, TP2 and PP2
-    # (tests/dist/test_fused_output_trainer.py). Off by default until the whole suite (every layout,
-    # resume, the accuracy run) has run with it on; parallel.sequence_parallel is not supported yet.
-    fused_output: bool = False
+    # against float64 (TP 1/2/4, fp32/bf16, tied/untied, padded vocabulary, temperature) and equal
+    # to the logits path in training at 1 rank, TP2 and PP2 for every objective and divergence
+    # (tests/dist/test_fused_output_trainer.py). With parallel.sequence_parallel (hidden states
+    # split over TP, not supported by the op) the trainer uses the logits path and logs why
+    # (SDPGConfig.fused_output_off_reason).
+    fused_output: bool = True
 
     def schedule_steps(self) -> int:
         """T of the beta schedule."""

@@ -61,6 +61,16 @@ class SDPGConfig:
         if self.algorithm.reward_scheme == "plus_minus_one" and self.reward.wrong_reward == 0.0:
             self.reward.wrong_reward = -1.0  # the scheme's value unless the user chose another
 
+    def fused_output_off_reason(self) -> str | None:
+        """Why ``algorithm.fused_output`` cannot be used with this config (one line), or None.
+
+        The trainer then takes the logits path and logs the line; the planner plans that path.
+        """
+        if self.algorithm.fused_output and self.parallel.sequence_parallel:
+            return ("algorithm.fused_output is on but parallel.sequence_parallel splits the hidden states over "
+                    "TP, which ops/fused_output does not take: using the logits path")
+        return None
+
     def _validate_across_sections(self) -> None:
         """Settings that two sections must agree on."""
         algo, sampling = self.algorithm, self.rollout.sampling

@@ -28,6 +28,11 @@ class PlanAssumptions:
         fused_optimizer: A fused multi-tensor Adam (TE/apex on GPU) with no temporaries.
             False models torch's single-tensor AdamW (CPU), whose step allocates two
             temporaries the size of the largest parameter.
+        teacher_in_schedule: At ``pp > 1`` the teacher view of each micro-batch runs inside
+            the pipeline schedule right before its student view (issue 19, item 1), so the
+            last stage keeps the teacher data of its in-flight micro-batches only. False
+            models the pre-pass through every stage, which keeps every micro-batch's
+            teacher data of the step on the last stage (``plan --teacher-prepass``).
     """
 
     gpu_memory_gib: float = 79.6
@@ -37,6 +42,7 @@ class PlanAssumptions:
     fused_kernels: bool = True
     fused_optimizer: bool = True
     colocated_engine_fraction: float = 0.0
+    teacher_in_schedule: bool = True
 
     def validate(self) -> None:
         require(self.gpu_memory_gib > 0, "--gpu-memory-gib", f"must be > 0, got {self.gpu_memory_gib}")

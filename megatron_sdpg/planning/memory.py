@@ -14,12 +14,18 @@ The model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = this GPU's parameters)
   each layer's input (``h``) is kept, and one layer is re-materialised at a time.
   Stage ``i`` of a 1F1B pipeline holds ``min(m, pp - i)`` micro-batches in flight,
   plus one layer's transient gradients during backward;
-* logits and KL buffers on the last stage: the ``[b, s, V/tp]`` logits and their
-  transposed copy, the ``[T, V/tp]`` response rows, the fused KL kernel's three
-  ``[chunk, V/tp]`` fp32 work buffers and its ``[T, V/tp]`` gradient buffer;
-* the teacher's ``[T, V/tp]`` logits: one micro-batch at a time when the teacher
-  forward runs inline (``pp == 1``), every micro-batch of the step otherwise (the
-  teacher pass precedes the update; train/passes.py).
+* logits and KL buffers on the last stage, the largest of three phases: forward, the
+  ``[b, s, V/tp]`` logits and their transposed copy; the loss, the logits, the
+  ``[T, V/tp]`` response rows and the fused KL kernel's three ``[chunk, V/tp]`` fp32
+  work buffers; backward, the rows (the kernel writes their gradient in place:
+  ``inplace_backward``), the logits' gradient and its transposed copy (measured on
+  CPU: tests/dist/test_planner_vs_measured.py);
+* the teacher's ``[T, V/tp]`` logits: those of the last stage's in-flight micro-batches
+  (one under 1F1B) when the teacher view of each micro-batch is computed right before
+  its student view (inline at ``pp == 1``; inside the pipeline schedule at ``pp > 1``,
+  ``PlanAssumptions.teacher_in_schedule``), every micro-batch of the step when a
+  pre-pass precedes the update (several updates per step without
+  ``teacher_per_microbatch``, the frozen initial teacher; train/passes.py).
 
 With ``fused_output`` (ops/fused_output.py) the last stage holds instead: the
 ``[b, s, h]`` hidden states' transposed copy and the ``[T, h]`` response rows;
@@ -27,7 +33,7 @@ the op's two ``[c, V/tp]`` fp32 logits chunks (``c`` = 224 tokens), the bf16
 product of one chunk, the inner ops' three ``[chunk, V/tp]`` buffers, the fp32
 ``[V/tp, h]`` weight-gradient accumulator and its cast, and the fp32 ``[T, h]``
 hidden-state gradient; the teacher keeps ``[T, h]`` hidden states per micro-batch
-(plus, with the pre-pass, one copy of the ``[V/tp, h]`` output shard).
+kept (as above), plus, with the pre-pass, one copy of the ``[V/tp, h]`` output shard.
 
 A GPU's peak is ``static + max(step working set, optimizer temporaries)``.
 """
@@ -136,6 +142,21 @@ def _in_flight(stage: int, pp: int, microbatches: int, vpp: int | None) -> float
     return n
 
 
+def teacher_per_microbatch(work: Workload, pp: int, assume: PlanAssumptions) -> bool:
+    """Whether the last stage keeps the teacher data of its in-flight micro-batches only."""
+    return work.teacher_per_microbatch and (pp == 1 or assume.teacher_in_schedule)
+
+
+def teacher_microbatches_kept(work: Workload, layout: ParallelLayout, assume: PlanAssumptions) -> int:
+    """Micro-batches whose teacher data the last stage holds at once (0 without a teacher)."""
+    if not work.teacher_forward:
+        return 0
+    m = work.microbatches_per_rank(layout.dp)
+    if not teacher_per_microbatch(work, layout.pp, assume):
+        return m
+    return min(m, -(-int(_in_flight(layout.pp - 1, layout.pp, m, layout.vpp) * 1000) // 1000))
+
+
 def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, assume: PlanAssumptions,
                     distributed_optimizer: bool) -> list[StageMemory]:
     """Per-GPU memory of every pipeline stage.
@@ -172,15 +193,19 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
         logits_kl = teacher = 0
         if last:
             activations += 2 * b * s_student * h * e  # final norm input, output layer input
+            kept = teacher_microbatches_kept(work, layout, assume)
             if work.fused_output:
-                logits_kl, teacher = _fused_output_bytes(work, b * s_student, resp_rows, vocab, h, e, pp, m)
+                logits_kl, teacher = _fused_output_bytes(work, b * s_student, resp_rows, vocab, h, e, kept,
+                                                         prepass=not teacher_per_microbatch(work, pp, assume))
             else:
                 full_logits = b * s_student * vocab * e
                 rows = resp_rows * vocab * e
                 kl_work = 3 * min(work.kl_chunk_size, resp_rows) * vocab * FP32
-                logits_kl = 2 * full_logits + rows + kl_work + rows  # + gradient buffer of the rows
-                if work.teacher_forward:
-                    teacher = rows if pp == 1 else m * rows
+                logits_kl = max(2 * full_logits,  # forward: the output layer's logits and their transposed copy
+                                full_logits + rows + kl_work,  # loss: the logits, the response rows, KL work
+                                rows + 2 * full_logits)  # backward: the rows (their gradient written in place),
+                #                                          the logits' gradient and its transposed copy
+                teacher = kept * rows
         params = sp.total
         out.append(StageMemory(
             stage=sp.stage,
@@ -198,18 +223,17 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
     return out
 
 
-def _fused_output_bytes(work: Workload, tokens: int, resp_rows: int, vocab: int, h: int, e: int, pp: int,
-                        m: int) -> tuple[int, int]:
+def _fused_output_bytes(work: Workload, tokens: int, resp_rows: int, vocab: int, h: int, e: int, kept: int,
+                        prepass: bool) -> tuple[int, int]:
     """``(logits_and_kl, teacher)`` bytes of the last stage with ``fused_output`` (module docstring)."""
     chunk = min(resp_rows, FUSED_CHUNK_TOKENS)
     work_bytes = (2 * chunk * vocab * FP32 + (chunk * vocab * e if e != FP32 else 0)
                   + 3 * min(work.kl_chunk_size, chunk) * vocab * FP32)
     grads = vocab * h * FP32 + (vocab * h * e if e != FP32 else 0) + resp_rows * h * FP32
     logits_kl = tokens * h * e + resp_rows * h * e + work_bytes + grads
-    teacher = 0
-    if work.teacher_forward:
-        rows = resp_rows * h * e
-        teacher = rows if pp == 1 else m * rows + vocab * h * e
+    teacher = kept * resp_rows * h * e
+    if kept and prepass:
+        teacher += vocab * h * e  # the output shard as of the pre-pass (later updates must not change it)
     return logits_kl, teacher
 
 

@@ -37,6 +37,11 @@ class Workload:
         kl_chunk_size: Tokens per chunk of the vocab-parallel KL / log-prob kernels.
         fused_output: ``algorithm.fused_output``: the vocabulary terms come from hidden
             states in chunks (no ``[T, V/tp]`` logits; the teacher keeps ``[T, h]``).
+        teacher_per_microbatch: The teacher view of each micro-batch is computed right
+            before its student view, so the last stage keeps the teacher data of the
+            micro-batches in flight only (train/trainer.py: ``algorithm.teacher_per_microbatch``
+            or one update per step, with the current weights as the teacher); False: a
+            pre-pass keeps every micro-batch's teacher data of the step until the update.
     """
 
     prompt_tokens: int
@@ -51,6 +56,7 @@ class Workload:
     update_passes: int = 1
     kl_chunk_size: int = 128
     fused_output: bool = False
+    teacher_per_microbatch: bool = True
 
     def validate(self) -> None:
         for name in ("prompt_tokens", "response_tokens", "sequences_per_step", "micro_batch_size",
@@ -98,14 +104,18 @@ def workload_from_config(cfg) -> Workload:
 
     Lengths are the configured maxima: ``data.max_prompt_tokens``,
     ``data.max_teacher_prompt_tokens`` and ``rollout.sampling.max_new_tokens``.
-    The passes follow the trainer (train/setup.py): a teacher forward when
+    The passes follow the trainer (train/setup.py, train/trainer.py): a teacher forward when
     ``beta_base > 0`` (the schedule's peak) or the objective is OPSD, a frozen
     reference copy when the reference KL is on (``alpha > 0``, not OPSD) or the
     teacher is the initial policy, an old-policy pass when
-    ``ppo_epochs * mini_batches > 1``.
+    ``ppo_epochs * mini_batches > 1``; the teacher per micro-batch when the trainer
+    inlines it (``teacher_per_microbatch`` or one update, current-weights teacher; the
+    frozen initial teacher takes the pre-pass); ``fused_output`` unless the config rules
+    it out (``SDPGConfig.fused_output_off_reason``: sequence parallelism).
     """
     algo, train = cfg.algorithm, cfg.train
     teacher = algo.beta_base > 0 or algo.objective == "opsd"
+    updates = train.ppo_epochs * train.mini_batches
     return Workload(
         prompt_tokens=cfg.data.max_prompt_tokens,
         teacher_prompt_tokens=cfg.data.max_teacher_prompt_tokens if teacher else cfg.data.max_prompt_tokens,
@@ -115,8 +125,9 @@ def workload_from_config(cfg) -> Workload:
         max_tokens_per_microbatch=train.max_tokens_per_microbatch,
         teacher_forward=teacher,
         reference_model=(algo.alpha > 0 and algo.objective != "opsd") or algo.teacher_source == "initial",
-        old_logprob_pass=train.ppo_epochs * train.mini_batches > 1,
+        old_logprob_pass=updates > 1,
         update_passes=train.ppo_epochs,
         kl_chunk_size=algo.vocab_chunk_size or GPU_CHUNK_TOKENS,  # the planner sizes GPU memory
-        fused_output=algo.fused_output,
+        fused_output=algo.fused_output and cfg.fused_output_off_reason() is None,
+        teacher_per_microbatch=(algo.teacher_per_microbatch or updates == 1) and algo.teacher_source == "current",
     )

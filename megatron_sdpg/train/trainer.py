@@ -46,7 +46,12 @@ class Trainer:
         self.cfg = cfg
         self.groups = groups
         self.rank = dist.get_rank()
+        fused_off = cfg.fused_output_off_reason()
+        if fused_off:
+            cfg.algorithm.fused_output = False
         self.parts: TrainerParts = build_parts(cfg, groups)
+        if fused_off:
+            self._log_line(fused_off)
 
     # ------------------------------------------------------------------ loop
 

@@ -8,7 +8,8 @@ Tolerance: relative 1e-5 (fp32; the layouts differ only in summation order).
 
 In the same ranks a second model trains with the real SDPG objective through the
 trainer's own pieces (``plan_microbatches``, the reference log-prob pass, the
-teacher pass through every pipeline stage, ``sdpg_loss_fn``) at temperature 0.7,
+teacher pass through every pipeline stage, ``sdpg_loss_fn``; ``algorithm.fused_output`` as
+configured by default) at temperature 0.7,
 on 8 samples whose prompts, teacher prompts and responses all differ in length
 (one response is empty): micro-batches and DP ranks hold unequal token counts, so
 a per-micro-batch or per-rank mean would differ from the global token mean.
@@ -86,7 +87,10 @@ def _train_sdpg(groups):
     for step in range(SDPG_STEPS):
         mbs = plan_microbatches(samples, groups.layout.dp, groups.dp_rank, 2, 0, 0, with_teacher=True)
         passes.log_prob_pass(reference, mbs, "ref_log_probs", 0.7)
-        passes.teacher_pass(policy, mbs)
+        fused = cfg.algorithm.fused_output  # the default path (hidden states into ops.fused_output)
+        passes.teacher_pass(policy, mbs, hidden=fused)
+        for mb in mbs:
+            mb["emit_hidden"] = fused
         result = policy.train_step(mbs, partial(sdpg_loss_fn, cfg, groups, step))
         assert result.updated
         m = result.metrics

@@ -56,7 +56,8 @@ def test_stage_params_by_hand():
 
 def test_memory_by_hand():
     """Every term of both stages of a TP2 x PP2 x DP2 bf16 SDPG step, computed by hand."""
-    stages = estimate_memory(SMALL, TP2_PP2_DP2, SMALL_WORK, PlanAssumptions(), distributed_optimizer=True)
+    prepass = PlanAssumptions(teacher_in_schedule=False)
+    stages = estimate_memory(SMALL, TP2_PP2_DP2, SMALL_WORK, prepass, distributed_optimizer=True)
     p0, p1 = 2 * 18560 + 32000, 2 * 18560 + 32000 + 64
     # student 20+44 = 64 tokens, teacher 40+44 = 84 -> 88 (padded to 8); 16 sequences / dp 2 = 8 per rank,
     # 2 per micro-batch -> m = 4 micro-batches; T = 2*44 = 88 response rows; V/tp = 500.
@@ -71,11 +72,24 @@ def test_memory_by_hand():
     assert s0.activations == 2 * 2 * layer + bwd  # 2 layers x 2 micro-batches in flight (pp - stage)
     assert s1.activations == 2 * 1 * layer + 2 * 128 * 64 * 2 + bwd  # + final norm and output layer inputs
     full_logits, rows = 128 * 500 * 2, 88 * 500 * 2
-    assert s1.logits_and_kl == 2 * full_logits + rows + 3 * 88 * 500 * 4 + rows
+    # The largest of the three phases (forward: logits + transposed copy; loss: logits, rows, the KL kernel's
+    # 3 x 88 fp32 chunk rows; backward: rows with their gradient in place, logits' gradient + transposed copy).
+    kl_work = 3 * 88 * 500 * 4
+    assert s1.logits_and_kl == full_logits + rows + kl_work > max(2 * full_logits, rows + 2 * full_logits)
     assert s1.teacher_logits == 4 * rows  # pp > 1: the teacher pass keeps every micro-batch's logits
     assert s0.logits_and_kl == s0.teacher_logits == 0
-    assert s1.peak == 2593920 + bwd and s0.peak == 1528832 + bwd
+    assert s1.peak == 2593920 - (2 * full_logits + rows + kl_work + rows) + s1.logits_and_kl + bwd
+    assert s0.peak == 1528832 + bwd
     assert worst_stage(stages) is s1
+    # The teacher per micro-batch inside the pipeline schedule: the last stage (1F1B) holds one in flight.
+    in_schedule = estimate_memory(SMALL, TP2_PP2_DP2, SMALL_WORK, PlanAssumptions(), distributed_optimizer=True)[1]
+    assert in_schedule.teacher_logits == rows and in_schedule.peak == s1.peak - 3 * rows
+    # Several updates per step without teacher_per_microbatch: the pre-pass, whatever the assumption.
+    prepass_work = Workload(**{**SMALL_WORK.__dict__, "teacher_per_microbatch": False})
+    assert estimate_memory(SMALL, TP2_PP2_DP2, prepass_work, PlanAssumptions(), True)[1].teacher_logits == 4 * rows
+    # Interleaved 1F1B (vpp 2): the last stage holds 1 + (pp-1)/(pp*vpp) = 1.25 -> 2 micro-batches' teacher data.
+    vpp = ParallelLayout.resolve(ParallelConfig(tp=2, pp=2, vpp=2), 8)
+    assert estimate_memory(SMALL, vpp, SMALL_WORK, PlanAssumptions(), True)[1].teacher_logits == 2 * rows
 
 
 def test_memory_switches():
@@ -211,7 +225,7 @@ def test_plan_without_flags_plans_what_the_script_launches(size, tmp_path):
 def test_fused_output_memory_by_hand():
     """algorithm.fused_output: no [T, V/tp] buffers; the teacher keeps [T, h] hidden states."""
     fused = Workload(**{**SMALL_WORK.__dict__, "fused_output": True})
-    s1 = estimate_memory(SMALL, TP2_PP2_DP2, fused, PlanAssumptions(), True)[1]
+    s1 = estimate_memory(SMALL, TP2_PP2_DP2, fused, PlanAssumptions(teacher_in_schedule=False), True)[1]
     # T = 88 rows, V/tp = 500, h = 64, bf16; chunk = min(88, 224) = 88 tokens.
     work = 2 * 88 * 500 * 4 + 88 * 500 * 2 + 3 * 88 * 500 * 4
     grads = 500 * 64 * 4 + 500 * 64 * 2 + 88 * 64 * 4
@@ -219,5 +233,41 @@ def test_fused_output_memory_by_hand():
     assert s1.teacher_logits == 4 * 88 * 64 * 2 + 500 * 64 * 2  # m = 4 micro-batches + the output shard copy
     pp1 = ParallelLayout.resolve(ParallelConfig(tp=2, pp=1), 4)
     assert estimate_memory(SMALL, pp1, fused, PlanAssumptions(), True)[0].teacher_logits == 88 * 64 * 2
-    cfg = load_config(os.path.join(CONFIGS, "sdpg_70b.yaml"), ["algorithm.fused_output=true"])
-    assert workload_from_config(cfg).fused_output
+    # In the pipeline schedule: one micro-batch's hidden states, no copy of the output shard.
+    assert estimate_memory(SMALL, TP2_PP2_DP2, fused, PlanAssumptions(), True)[1].teacher_logits == 88 * 64 * 2
+    cfg = load_config(os.path.join(CONFIGS, "sdpg_70b.yaml"))
+    assert cfg.algorithm.fused_output and workload_from_config(cfg).fused_output  # the default
+    assert not workload_from_config(load_config(os.path.join(CONFIGS, "sdpg_70b.yaml"),
+                                                ["algorithm.fused_output=false"])).fused_output
+
+
+def test_workload_follows_the_trainers_teacher_and_fused_output_rules():
+    path = os.path.join(CONFIGS, "sdpg_70b.yaml")
+    assert workload_from_config(load_config(path)).teacher_per_microbatch  # one update per step
+    several = ["train.mini_batches=2"]
+    assert not workload_from_config(load_config(path, several)).teacher_per_microbatch  # the paper's pre-pass
+    assert workload_from_config(load_config(path, several + ["algorithm.teacher_per_microbatch=true"])
+                                ).teacher_per_microbatch
+    opsd = load_config(path, ["algorithm.preset=opsd"])  # the frozen initial policy: the pre-pass
+    assert opsd.algorithm.teacher_source == "initial" and not workload_from_config(opsd).teacher_per_microbatch
+    # Sequence parallelism rules the fused op out: the trainer and the planner take the logits path.
+    sp = load_config(path, ["parallel.sequence_parallel=true"])
+    assert sp.algorithm.fused_output and "parallel.sequence_parallel" in sp.fused_output_off_reason()
+    assert not workload_from_config(sp).fused_output
+    assert load_config(path).fused_output_off_reason() is None
+    assert load_config(path, ["parallel.sequence_parallel=true", "algorithm.fused_output=false"]
+                       ).fused_output_off_reason() is None
+
+
+def test_70b_fits_on_4_nodes_dp2_with_the_teacher_per_microbatch_and_fused_output():
+    """Issue 19's goal: half the training GPUs (TP 8 x PP 2 x DP 2); the pre-pass on logits does not fit."""
+    from megatron_sdpg.plan import make_plan
+
+    path = os.path.join(CONFIGS, "sdpg_70b.yaml")
+    now = make_plan(load_config(path), 32, PlanAssumptions())
+    assert now["layout"].dp == 2 and now["work"].fused_output and now["work"].teacher_per_microbatch
+    assert now["worst"].peak / 2**30 < PlanAssumptions().usable_gib
+    assert max(st.teacher_logits for st in now["stages"]) < 2**27  # one micro-batch's [T, h] bf16: 64 MiB
+    before = make_plan(load_config(path, ["algorithm.fused_output=false"]), 32,
+                       PlanAssumptions(teacher_in_schedule=False))
+    assert before["worst"].peak / 2**30 > PlanAssumptions().usable_gib + 15  # 93.1 GiB: every micro-batch's logits
