@@ -15,6 +15,8 @@ from megatron_sdpg.config.errors import require
 
 ENGINE_KINDS = ("cpu", "sglang")
 SYNC_STRATEGIES = ("disk", "tensor", "distributed")
+# ``algorithm.tis_cap`` when ``off_policy_steps=1`` leaves it null: min(pi_old / pi_rollout, 2) on the policy gradient.
+OFF_POLICY_TIS_CAP = 2.0
 
 
 @dataclass
@@ -94,7 +96,8 @@ class RolloutConfig:
             the weights that train on them. ``1``: one-step-off-policy overlap; the engines
             generate step k+1's samples with the weights step k starts from while the
             trainer updates on step k's, and the loss's rollout log-probs (TIS, SG[rho])
-            correct for the one step of staleness (``docs/rollout.md``, "Overlap").
+            correct for the one step of staleness (``docs/rollout.md``, "Overlap");
+            ``algorithm.tis_cap`` left null becomes ``OFF_POLICY_TIS_CAP`` (2.0).
     """
 
     engine: str = "cpu"
