@@ -98,7 +98,9 @@ def test_batches_are_one_version_behind_the_correction_applies_and_resume_is_det
 
 
 def _dies_within_timeout(cmd, run_dir, timeout=300, kill_engine=None):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    # Its own session: a hung run is stopped with its ranks (and their verifier workers), not only torchrun.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT,
+                            start_new_session=True)
     try:
         if kill_engine is not None:
             path = os.path.join(run_dir, "metrics.jsonl")
@@ -110,7 +112,7 @@ def _dies_within_timeout(cmd, run_dir, timeout=300, kill_engine=None):
         out, _ = proc.communicate(timeout=timeout)  # a hang fails here
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the group of the session started above, by its id
             proc.communicate(timeout=60)
     return proc.returncode, out
 
