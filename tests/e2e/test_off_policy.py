@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from megatron_sdpg.testing.distributed import free_port
@@ -98,9 +99,7 @@ def test_batches_are_one_version_behind_the_correction_applies_and_resume_is_det
 
 
 def _dies_within_timeout(cmd, run_dir, timeout=300, kill_engine=None):
-    # Its own session: a hung run is stopped with its ranks (and their verifier workers), not only torchrun.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
     try:
         if kill_engine is not None:
             path = os.path.join(run_dir, "metrics.jsonl")
@@ -111,8 +110,14 @@ def _dies_within_timeout(cmd, run_dir, timeout=300, kill_engine=None):
             kill_engine()
         out, _ = proc.communicate(timeout=timeout)  # a hang fails here
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group of the session started above, by its id
+        if proc.poll() is None:  # a hung run is stopped with its ranks and their workers (own sessions)
+            tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+            for p in tree:
+                try:
+                    p.send_signal(signal.SIGKILL)
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(tree, timeout=30)
             proc.communicate(timeout=60)
     return proc.returncode, out
 
