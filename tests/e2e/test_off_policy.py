@@ -54,6 +54,7 @@ def _train(hf_dir, run_dir, *overrides, timeout=400):
     return [r for r in read_metrics(run_dir) if not r.get("final")]
 
 
+@pytest.mark.timeout(1200)  # three short runs: ~13 min with the fixture on a machine at load 35
 def test_batches_are_one_version_behind_the_correction_applies_and_resume_is_deterministic(tiny_task_model,
                                                                                           tmp_path):
     hf_dir = tiny_task_model[0]
