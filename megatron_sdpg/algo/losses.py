@@ -14,7 +14,8 @@ with ``rho = pi / pi_rollout`` (``pi_old`` when no rollout log-probs are given)
 when ``sg_rho_factors`` is on (appendix A.3) and 1 otherwise, capped at
 ``sg_rho_cap`` when set (metrics ``sg_rho_max``, before the cap, and
 ``sg_rho_capped_frac``), ``m_i`` the
-positive-advantage gate, ``w_tis`` the truncated IS weight (``tis_cap``).
+positive-advantage gate, ``w_tis`` the truncated IS weight (``tis_cap``; metrics
+``tis_weight``, its mean, and ``tis_capped_frac``).
 ``policy_gradient_term`` False drops the PPO-clip term (the rest stays).
 Objective ``opsd``: ``l_t = beta(k) * D_t`` with ``D`` the configured divergence
 to the teacher (no reward term, no reference KL).
@@ -210,6 +211,7 @@ def sdpg_loss(
             rho = (log_probs.detach() - behaviour).clamp(-20.0, 20.0).exp()
             top = torch.where(mask, rho, torch.zeros_like(rho)).max() if rho.numel() else rho.new_zeros(())
             metrics["sg_rho" + MAX_SUFFIX] = (top.float(), one)
+            metrics["sg_rho"] = (_masked_sum(rho, mask), n_tok)  # the mean, before the cap
             cap = cfg.sg_rho_cap if cfg.sg_rho_cap is not None else math.inf
             metrics["sg_rho_capped_frac"] = (_masked_sum((rho > cap).float(), mask), n_tok)
             rho = rho.clamp(max=cap)
@@ -220,7 +222,10 @@ def sdpg_loss(
                 log_probs, batch.old_log_probs, batch.advantages, cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip_c
             )
             if cfg.tis_cap is not None and batch.rollout_log_probs is not None:
-                pg = pg * truncated_is_weight(batch.old_log_probs, batch.rollout_log_probs, cfg.tis_cap)
+                tis = truncated_is_weight(batch.old_log_probs, batch.rollout_log_probs, cfg.tis_cap)
+                pg = pg * tis
+                metrics["tis_weight"] = (_masked_sum(tis, mask), n_tok)
+                metrics["tis_capped_frac"] = (_masked_sum((tis >= cfg.tis_cap).float(), mask), n_tok)
             per_token = per_token + pg
             metrics["policy_loss"] = (_masked_sum(pg, mask), n_tok)
             metrics["clip_frac"] = (_masked_sum(clipped.float(), mask), n_tok)

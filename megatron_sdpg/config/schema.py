@@ -11,7 +11,7 @@ from megatron_sdpg.data.config import DataConfig
 from megatron_sdpg.models.architecture import ModelConfig
 from megatron_sdpg.platform.layout import ParallelConfig
 from megatron_sdpg.rewards.config import RewardConfig
-from megatron_sdpg.rollout.config import RolloutConfig
+from megatron_sdpg.rollout.config import OFF_POLICY_TIS_CAP, RolloutConfig
 from megatron_sdpg.train.step import OptimizerConfig
 
 
@@ -58,6 +58,9 @@ class SDPGConfig:
             self.algorithm.temperature = self.rollout.sampling.temperature or 1.0
         if not self.rollout.model_path and self.model.hf_dir:
             self.rollout.model_path = self.model.hf_dir
+        if self.rollout.off_policy_steps and self.algorithm.tis_cap is None:
+            # One step stale samples: the policy gradient is weighted by min(pi_old / pi_rollout, cap).
+            self.algorithm.tis_cap = OFF_POLICY_TIS_CAP
         if self.algorithm.reward_scheme == "plus_minus_one" and self.reward.wrong_reward == 0.0:
             self.reward.wrong_reward = -1.0  # the scheme's value unless the user chose another
 

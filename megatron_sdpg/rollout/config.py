@@ -15,6 +15,8 @@ from megatron_sdpg.config.errors import require
 
 ENGINE_KINDS = ("cpu", "sglang")
 SYNC_STRATEGIES = ("disk", "tensor", "distributed")
+# ``algorithm.tis_cap`` when ``off_policy_steps=1`` leaves it null: min(pi_old / pi_rollout, 2) on the policy gradient.
+OFF_POLICY_TIS_CAP = 2.0
 
 
 @dataclass
@@ -90,6 +92,12 @@ class RolloutConfig:
             picks a free one at start-up.
         post_sync_check_threshold: Max |Δ log-prob| allowed by the post-sync probe;
             ``None`` disables the check.
+        off_policy_steps: ``0`` (default): strictly on-policy, each step's samples come from
+            the weights that train on them. ``1``: one-step-off-policy overlap; the engines
+            generate step k+1's samples with the weights step k starts from while the
+            trainer updates on step k's, and the loss's rollout log-probs (TIS, SG[rho])
+            correct for the one step of staleness (``docs/rollout.md``, "Overlap");
+            ``algorithm.tis_cap`` left null becomes ``OFF_POLICY_TIS_CAP`` (2.0).
     """
 
     engine: str = "cpu"
@@ -119,6 +127,7 @@ class RolloutConfig:
     sync_master_address: str = ""
     sync_master_port: int = 0
     post_sync_check_threshold: float | None = 1e-3
+    off_policy_steps: int = 0
 
     def validate(self, prefix: str) -> None:
         require(self.engine in ENGINE_KINDS, f"{prefix}.engine", f"must be one of {ENGINE_KINDS}, got {self.engine!r}")
@@ -165,6 +174,11 @@ class RolloutConfig:
             "colocated SGLang engines share the trainer's GPUs, and NCCL cannot join two ranks on one GPU: "
             "use tensor (CUDA IPC) or disk",
         )
+        require(type(self.off_policy_steps) is int and self.off_policy_steps in (0, 1), f"{prefix}.off_policy_steps",
+                f"must be 0 (on-policy) or 1 (generation overlaps the update), got {self.off_policy_steps!r}")
+        require(not (self.off_policy_steps and self.colocate), f"{prefix}.off_policy_steps",
+                "1 overlaps generation with the training passes, which colocated engines "
+                "(rollout.colocate=true) cannot: they release their memory for the passes")
         for key in self.sglang_args:
             require(
                 isinstance(key, str) and key and not key.startswith("-"),

@@ -163,7 +163,9 @@ def save_checkpoint(parts, steps_done: int) -> str:
             "step": steps_done,
             "weight_version": steps_done,
             "scheduler": parts.policy.scheduler.state_dict(),
-            "source": parts.source.state_dict(),
+            # (off_policy_steps=1: the position before the prefetched batch's prompts, which a resume regenerates)
+            "source": (parts.source_state_before_prefetch if parts.source_state_before_prefetch is not None
+                       else parts.source.state_dict()),
             "world_size": dist.get_world_size(),
             "layout": parts.groups.layout.describe(),
         }

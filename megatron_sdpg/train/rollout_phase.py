@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from megatron_sdpg.data.problem import Problem
 from megatron_sdpg.train.batch import TrainSample
+from megatron_sdpg.train.overlap import weight_version_number
 
 
 @dataclass
@@ -42,6 +43,8 @@ def collect_rollouts(ctx: RolloutContext, problems: list[Problem], seed: int, al
     Returns:
         ``(samples, metrics)``; with dynamic sampling, groups whose rewards are
         all equal are dropped (``rollout/dropped_groups`` counts them).
+        ``rollout/weight_version``: the engines' weight version the samples were
+        generated with (the oldest, when they differ; absent if not reported).
     """
     import torch
 
@@ -53,6 +56,9 @@ def collect_rollouts(ctx: RolloutContext, problems: list[Problem], seed: int, al
     groups, metrics = ctx.client.generate(student, n=ctx.n_samples, sampling=ctx.sampling, seed=seed)
     metrics["data/teacher_context_truncated"] = float(ctx.builder.truncations - truncated_before)
     flat = [o for g in groups for o in g]
+    version = weight_version_number([o.weight_version for o in flat])
+    if version is not None:  # the weights that generated the batch (the trainer adds rollout/staleness)
+        metrics["rollout/weight_version"] = float(version)
     answers = [problems[o.group].answer for o in flat]
     t0 = time.perf_counter()
     scored = ctx.verifier.score(_texts(ctx.tokenizer, flat), answers)

@@ -93,6 +93,9 @@ class TrainerParts:
     sync: Any = None
     launcher: Any = None
     synced_version: int | None = None  # the weight version last synced to the engines (None: initial weights)
+    # rollout.off_policy_steps=1: the prompt source's position before the next step's prompts were drawn
+    # (checkpoints save it: the prefetched batch is not saved, a resumed run regenerates it)
+    source_state_before_prefetch: dict | None = None
     log: Any = None
     closers: list = field(default_factory=list)
     engines_released: bool = False

@@ -4,7 +4,8 @@ Global rank 0 drives the rollout engines and the verifier and broadcasts the
 samples; every rank then takes its data-parallel share, runs the no-gradient
 passes (reference, old policy, teacher) and the update through megatron's
 pipeline schedule, and joins the weight export that rank 0 streams to the
-engines.
+engines. With ``rollout.off_policy_steps=1`` the next step's batch is generated
+during the passes and the update (``megatron_sdpg/train/overlap.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from megatron_sdpg.platform.distributed import ParallelGroups
 from megatron_sdpg.train import passes
 from megatron_sdpg.train.batch import plan_microbatches
 from megatron_sdpg.train.checkpoint import save_checkpoint
+from megatron_sdpg.train.overlap import BackgroundCall
 from megatron_sdpg.train.setup import TrainerParts, build_parts
 from megatron_sdpg.train.step import comm_device
 from megatron_sdpg.train.teacher_memory import TeacherMemory
@@ -52,6 +54,11 @@ class Trainer:
         self.parts: TrainerParts = build_parts(cfg, groups)
         if fused_off:
             self._log_line(fused_off)
+        # rollout.off_policy_steps=1: the next step's batch, as (step, problems, seed) on every rank while
+        # rank 0 generates it on a background thread, then as (step, samples, metrics) once it is complete.
+        self._next_batch: tuple[int, list, int] | None = None
+        self._next_batch_call: BackgroundCall | None = None
+        self._prefetched: tuple[int, list, dict] | None = None
 
     # ------------------------------------------------------------------ loop
 
@@ -95,12 +102,17 @@ class Trainer:
         t_step = time.perf_counter()
         need_teacher = parts.needs_teacher(step)
         mbs, metrics = self._rollout_until_every_rank_is_fed(step, need_teacher)
+        if "rollout/weight_version" in metrics:  # v_step trains on samples from this version
+            metrics["rollout/staleness"] = step - metrics["rollout/weight_version"]
+        if cfg.rollout.off_policy_steps and step + 1 < cfg.train.steps:
+            self._start_next_batch(step + 1)  # generated with the engines' weights while this step trains
         if mbs is not None and cfg.rollout.colocate:
             # Colocated engines free their memory before any rank starts the passes (the broadcast holds them).
             metrics.update(_broadcast(parts.release_engines() if self.rank == 0 else None))
         metrics["time/rollout_s"] = time.perf_counter() - t_step
         if mbs is None:
             metrics["skipped_updates"] = cfg.train.ppo_epochs * cfg.train.mini_batches
+            metrics.update(self._finish_next_batch())
             return metrics
 
         beta = parts.beta(step)
@@ -145,6 +157,7 @@ class Trainer:
         # hidden states kept for the loss; other stages: the teacher half of the pipeline activations).
         metrics["memory/teacher_peak_mb"] = -_fewest_on_any_rank(-teacher_memory.peak) / 2**20
 
+        metrics.update(self._finish_next_batch())  # no weights reach the engines while a batch is in flight
         t0 = time.perf_counter()
         metrics.update(parts.sync_weights(version=step + 1))
         metrics["time/sync_s"] = time.perf_counter() - t0
@@ -168,10 +181,17 @@ class Trainer:
         cfg, parts = self.cfg, self.parts
         samples, metrics, rounds = [], {}, 0
         while True:
-            problems = parts.source.next_batch()  # on every rank: the prompt sources stay in step
-            # Round 0 keeps the step's seed; refills get seeds no other step uses.
-            seed = cfg.train.seed * 100_003 + step + rounds * 1_000_003
-            more, more_metrics = self._on_rank0(lambda: parts.rollout(problems, seed=seed))
+            if rounds == 0 and self._prefetched is not None:  # generated during the previous step
+                ready, more, more_metrics = self._prefetched
+                if ready != step:
+                    raise AssertionError(f"the prefetched batch is step {ready}'s, not step {step}'s")
+                self._prefetched = None
+                parts.source_state_before_prefetch = None
+            else:
+                problems = parts.source.next_batch()  # on every rank: the prompt sources stay in step
+                # Round 0 keeps the step's seed; refills get seeds no other step uses.
+                seed = cfg.train.seed * 100_003 + step + rounds * 1_000_003
+                more, more_metrics = self._on_rank0(lambda: parts.rollout(problems, seed=seed))
             offset = max((s.group for s in samples), default=-1) + 1
             samples += [replace(s, group=s.group + offset) for s in more]
             dropped = metrics.get("rollout/dropped_groups", 0.0) + more_metrics.get("rollout/dropped_groups", 0.0)
@@ -195,6 +215,47 @@ class Trainer:
                                f"train.mini_batches={cfg.train.mini_batches}; update skipped on every rank")
                 return None, metrics
             rounds += 1
+
+    def _start_next_batch(self, step: int) -> None:
+        """Draws ``step``'s prompts (every rank) and starts generating them on rank 0, in the background.
+
+        The prompt source's position before the draw is what a checkpoint saved before
+        ``step`` records, so a resumed run draws these prompts again (and regenerates them).
+        """
+        parts = self.parts
+        parts.source_state_before_prefetch = parts.source.state_dict()
+        problems = parts.source.next_batch()
+        seed = self.cfg.train.seed * 100_003 + step  # the seed step's round 0 has on-policy too
+        self._next_batch = (step, problems, seed)
+        if self.rank == 0:
+            self._next_batch_call = BackgroundCall(lambda: parts.rollout(problems, seed=seed),
+                                                   name=f"rollout-step{step}")
+
+    def _finish_next_batch(self) -> dict:
+        """Waits for the batch started by :meth:`_start_next_batch` and broadcasts it (every rank).
+
+        Called before the weight sync, so the engines never receive weights mid-batch. A
+        restarted engine (``EngineRestartedError``) is handled as on-policy: every rank syncs
+        the current engine weights again and rank 0 regenerates the batch with them.
+
+        Returns:
+            ``time/next_batch_wait_s``: how long generation outlasted this step's work.
+        """
+        if self._next_batch is None:
+            return {}
+        step, problems, seed = self._next_batch
+        pending = [self._next_batch_call]
+        self._next_batch, self._next_batch_call = None, None
+        t0 = time.perf_counter()
+
+        def result():
+            if pending:
+                return pending.pop().result()
+            return self.parts.rollout(problems, seed=seed)
+
+        samples, metrics = self._on_rank0(result)
+        self._prefetched = (step, samples, metrics)
+        return {"time/next_batch_wait_s": time.perf_counter() - t0}
 
     def evaluate(self) -> dict:
         """Held-out greedy accuracy without and with the privileged context (rank 0)."""

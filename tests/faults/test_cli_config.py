@@ -50,6 +50,10 @@ CASES = [
     (["data.task_options.bogus=1"], "data.task_options"),
     (["data.task_options.terms=99"], "data.task_options"),
     (["data.task=files", "data.train_files=[a.jsonl]"], "data.eval_files"),
+    (["rollout.off_policy_steps=2"], "rollout.off_policy_steps"),
+    (["rollout.off_policy_steps=-1"], "rollout.off_policy_steps"),
+    (["rollout.off_policy_steps=true"], "rollout.off_policy_steps"),
+    (["rollout.off_policy_steps=1", "rollout.colocate=true"], "rollout.off_policy_steps"),
 ]
 
 

@@ -156,6 +156,47 @@ def test_teacher_temperature_scaling(scaling, divergence):
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_one_step_stale_rollout_is_corrected_by_tis_and_sg_rho_against_the_current_policy():
+    """rollout.off_policy_steps=1 with one update per batch: pi_old is the trainer's current policy
+    (``old_log_probs=None``: its own detached log-probs), the rollout log-probs are the stale engine's.
+    The PPO ratio is then 1, and the staleness enters through the truncated IS weight
+    ``min(pi/pi_rollout, cap)`` on the policy gradient and SG[rho] on the KL terms (float64 by hand)."""
+    s, t, b = _batch()
+    logp = s.double().log_softmax(-1).gather(1, b.target[:, None]).squeeze(1)
+    # The engine's (one step older) log-probs: off by up to 1.2 nats, one token beyond the cap e^0.9 > 2.
+    b.rollout_log_probs = (logp - torch.tensor([0.3, -0.4, 0.9, 0.05, -1.2, 0.2, 0.0], dtype=torch.float64)).float()
+    b.old_log_probs = None
+    beta, alpha, cap = 0.5 * min(1, 100 / 50) * min(1, 300 / 350), 0.1, 2.0
+    cfg = apply_preset("sdpg", beta_base=0.5, alpha=alpha, tis_cap=cap)
+    x = s.clone().requires_grad_(True)
+    loss_sum, n, metrics = sdpg_loss(x, t, b, cfg, step=100)
+    (loss_sum / n).backward()
+
+    xd = s.double().requires_grad_(True)
+    ls, lt = xd.log_softmax(-1), t.double().log_softmax(-1)
+    lp = ls.gather(1, b.target[:, None]).squeeze(1)
+    adv, mask = b.advantages.double(), b.loss_mask.double()
+    ratio = torch.exp(lp - lp.detach())  # pi / pi_old with pi_old = the current policy: 1, gradient of pi
+    w = torch.exp(lp.detach() - b.rollout_log_probs.double())  # pi_old / pi_rollout
+    pg = -adv * ratio * w.clamp(max=cap)
+    kl = (ls.exp() * (ls - lt)).sum(-1)
+    urkl = 0.5 * (lp - b.ref_log_probs.double()) ** 2
+    per_token = pg + beta * w * (adv > 0).double() * kl + alpha * w * urkl
+    expected = (per_token * mask).sum()
+    (expected / mask.sum()).backward()
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+    m = reduce_metrics([metrics])
+    assert m["tis_weight"] == pytest.approx((w.clamp(max=cap) * mask).sum().item() / 6, rel=1e-5)
+    assert m["tis_capped_frac"] == pytest.approx(1 / 6)  # e^0.9 only (token 6 is padding)
+    assert m["sg_rho"] == pytest.approx((w * mask).sum().item() / 6, rel=1e-5)
+    assert m["rollout_logp_abs_diff"] == pytest.approx(3.05 / 6, rel=1e-4)
+    assert m["clip_frac"] == 0.0  # the ratio is 1: the staleness is not clipped away
+    # The weight matters: without TIS (on-policy) the same stale batch gives another loss.
+    plain = sdpg_loss(s, t, b, apply_preset("sdpg", beta_base=0.5, alpha=alpha), step=100)
+    assert abs(plain[0].item() - expected.item()) > 1e-3 and "tis_weight" not in plain[2]
+
+
 def test_explicit_per_sequence_gate_replaces_the_advantage_gate():
     s, t, b = _batch()
     cfg = apply_preset("sdpg", beta_base=0.5, alpha=0.0)

@@ -87,3 +87,15 @@ def test_package_imports_without_cuda_extras():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_off_policy_steps_defaults_to_on_policy_and_one_step_gets_a_tis_cap():
+    """rollout.off_policy_steps: 0 by default (tis_cap untouched); 1 fills a null algorithm.tis_cap with 2.0
+    (the staleness correction) and keeps an explicit one; the resolved file round-trips."""
+    assert load_config(None).rollout.off_policy_steps == 0
+    assert load_config(None).algorithm.tis_cap is None
+    assert load_config(None, ["rollout.off_policy_steps=1"]).algorithm.tis_cap == 2.0
+    assert load_config(None, ["rollout.off_policy_steps=1", "algorithm.tis_cap=3.5"]).algorithm.tis_cap == 3.5
+    for value in ("2", "-1"):
+        with pytest.raises(ConfigError, match=r"^rollout\.off_policy_steps: must be 0 \(on-policy\) or 1"):
+            load_config(None, [f"rollout.off_policy_steps={value}"])
