@@ -52,12 +52,15 @@ import argparse
 import io
 import json
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.bench_vocab_parallel_kl import _PeakMemory
+# `python benchmarks/bench_fused_kl.py` puts benchmarks/ on the path, not the repository root it imports from.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_vocab_parallel_kl import _PeakMemory  # noqa: E402
 from megatron_sdpg.ops.fused_output import fused_output_terms
 from megatron_sdpg.ops.vocab_parallel_fused import log_probs_kl_entropy
 from megatron_sdpg.testing.distributed import run_on_ranks
