@@ -19,17 +19,16 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from megatron_sdpg.testing.distributed import free_port
+from megatron_sdpg.testing.processes import kill_tree
 from megatron_sdpg.train.checkpoint import complete_checkpoints
 from megatron_sdpg.train.metrics_log import read_metrics
 
@@ -69,21 +68,6 @@ def _hf_tensors(hf_dir: str) -> dict:
     return out
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILLs ``pid`` and every descendant (the engines run in their own sessions)."""
-    try:
-        procs = [psutil.Process(pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
 def _assert_same(resumed: dict, reference: dict) -> None:
     for key in ("loss", "reward", "grad_norm", "rollout_logp_abs_diff", "distill_kl"):
         a, b = resumed[key], reference[key]
@@ -120,7 +104,7 @@ def test_kill_resume_and_reshard(hf_dir, tmp_path):
             assert time.monotonic() < deadline, "run B wrote no step-2 checkpoint in time"
             time.sleep(0.2)
     finally:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         proc.wait(timeout=30)
     latest = complete_checkpoints(run_b)[-1][0]
     assert latest in (2, 3, 4)

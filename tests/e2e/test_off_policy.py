@@ -24,10 +24,10 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from megatron_sdpg.testing.distributed import free_port
+from megatron_sdpg.testing.processes import kill_tree
 from megatron_sdpg.testing.rollout import start_cpu_server
 from megatron_sdpg.train.metrics_log import read_metrics
 
@@ -112,13 +112,7 @@ def _dies_within_timeout(cmd, run_dir, timeout=300, kill_engine=None):
         out, _ = proc.communicate(timeout=timeout)  # a hang fails here
     finally:
         if proc.poll() is None:  # a hung run is stopped with its ranks and their workers (own sessions)
-            tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-            for p in tree:
-                try:
-                    p.send_signal(signal.SIGKILL)
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(tree, timeout=30)
+            kill_tree(proc.pid)
             proc.communicate(timeout=60)
     return proc.returncode, out
 
