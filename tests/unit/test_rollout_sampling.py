@@ -193,13 +193,14 @@ def test_stop_strings_and_abort_in_a_batch(engine):
     assert res[2].output_ids == [] and res[2].finish_reason["type"] == "abort"
 
 
-def test_negative_threads_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("flag, value", [("--threads", "-1"), ("--batch-wait-ms", "-1.0")])
+def test_negative_threads_or_batch_wait_is_refused_in_one_line(tmp_path, flag, value):
     import subprocess
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "megatron_sdpg.rollout.server", "--hf-dir", str(tmp_path), "--port",
-                           "1", "--threads", "-1"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip() == "--threads: must be >= 0, got -1"
+                           "1", flag, value], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"{flag}: must be >= 0, got {value}"
 
 
 def test_reserved_kv_cache_matches_dynamic_cache_through_growth_and_dropped_rows(engine):
@@ -231,3 +232,42 @@ def test_reserved_kv_cache_matches_dynamic_cache_through_growth_and_dropped_rows
     assert type(caches[1].layers[0]).__name__ == "_ReservedLayer" and caches[1].layers[0]._k.shape[-2] >= 12
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+class _CountingGenerator:
+    """The real engine, recording the size of every batch the worker hands it."""
+
+    def __init__(self, gen: BatchGenerator):
+        self.gen, self.sizes = gen, []
+
+    def generate(self, reqs, aborted=None, abort_pending=lambda: True):
+        self.sizes.append(len(reqs))
+        return self.gen.generate(reqs, aborted, abort_pending)
+
+
+def _group(g: int, n: int = 4) -> list[SampleRequest]:
+    return [SampleRequest(rid=f"g{g}-{k}", input_ids=[2, 5 + g], max_new_tokens=6, seed=10 * g + k, ignore_eos=True)
+            for k in range(n)]
+
+
+def test_worker_gathers_groups_arriving_one_by_one_into_one_batch(engine):
+    """A trainer posts one request per group, a few ms apart: the worker waits for them (``--batch-wait-ms``)
+    instead of decoding the first group alone; a control job ends the gathering; results stay per job."""
+    import time
+
+    from megatron_sdpg.rollout.server.worker import ModelWorker
+
+    _, gen = engine
+    counting = _CountingGenerator(gen)
+    worker = ModelWorker(counting, max_batch=64, gather_s=0.25, gather_max_s=2.0)
+    futures = []
+    for g in range(5):
+        futures.append(worker.submit_generate(_group(g)))
+        time.sleep(0.02)
+    control = worker.submit(lambda: "control")
+    after = worker.submit_generate(_group(9))
+    results = [f.result(timeout=60) for f in futures]
+    assert control.result(timeout=60) == "control" and len(after.result(timeout=60)) == 4
+    for g, res in enumerate(results):  # each job gets its own rows, equal to a run of the group alone
+        assert [r.output_ids for r in res] == [r.output_ids for r in gen.generate(_group(g))]
+    assert counting.sizes == [20, 4]

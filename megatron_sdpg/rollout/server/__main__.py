@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch intra-op threads of the decode step (0: every core this process may run on, "
                         "whatever OMP_NUM_THREADS it inherited)")
     p.add_argument("--max-batch", type=int, default=256, help="most samples decoded together")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="before a batch starts, wait this long after the last /generate arrived for more "
+                        "(0: start at once); a trainer's groups arrive as separate requests")
     p.add_argument("--max-body-mb", type=int, default=4096, help="largest accepted request body")
     p.add_argument("--max-n", type=int, default=1024, help="largest sampling_params.n of a request")
     p.add_argument("--max-new-tokens", type=int, default=32768, help="largest sampling_params.max_new_tokens")
@@ -50,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
         if not getattr(args, flag) > 0:  # (also false for NaN)
             print(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}", file=sys.stderr)
             sys.exit(2)
+    if not args.batch_wait_ms >= 0:  # (also false for NaN)
+        print(f"--batch-wait-ms: must be >= 0, got {args.batch_wait_ms}", file=sys.stderr)
+        sys.exit(2)
     if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
         sys.exit(f"--hf-dir: {args.hf_dir} has no config.json")
     # Idle OpenMP threads sleep instead of spinning (read once, when torch loads libgomp): with a
@@ -73,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = None  # input_ids only; responses carry "text": null
     state = ServerState(model, tokenizer, args.hf_dir, seed=args.seed, max_batch=args.max_batch,
                         limits=Limits(max_n=args.max_n, max_new_tokens=args.max_new_tokens),
-                        max_queued_tokens=args.max_queued_tokens, weight_group_timeout_s=args.weight_group_timeout_s)
+                        max_queued_tokens=args.max_queued_tokens, weight_group_timeout_s=args.weight_group_timeout_s,
+                        batch_wait_s=args.batch_wait_ms / 1000.0)
     state.weight_version = args.weight_version
     app = build_app(state, max_body_bytes=args.max_body_mb * 2**20, health_timeout_s=args.health_timeout_s)
     print(f"cpu rollout server (not for production) on http://{args.host}:{args.port} pid {os.getpid()}", flush=True)

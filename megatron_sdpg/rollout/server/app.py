@@ -44,10 +44,11 @@ class ServerState:
         limits: Bounds on ``n`` and ``max_new_tokens`` of one request.
         max_queued_tokens: Most prompt + max_new_tokens tokens queued at once.
         weight_group_timeout_s: Bound on joining (and each collective of) a weight-update group.
+        batch_wait_s: How long a batch waits after the last ``/generate`` arrived for more (``ModelWorker.gather_s``).
     """
 
     def __init__(self, model, tokenizer, model_path: str, seed: int, max_batch: int, limits: Limits = Limits(),
-                 max_queued_tokens: int = 1 << 22, weight_group_timeout_s: float = 120.0):
+                 max_queued_tokens: int = 1 << 22, weight_group_timeout_s: float = 120.0, batch_wait_s: float = 0.005):
         self.model = model
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -67,7 +68,8 @@ class ServerState:
         self.decode = decode
         self.weights = ModelWeights(model)
         self.worker = ModelWorker(BatchGenerator(model, eos_ids, decode, seed), max_batch=max_batch,
-                                  max_queued_tokens=max_queued_tokens, ready=self.weights.not_ready)
+                                  max_queued_tokens=max_queued_tokens, ready=self.weights.not_ready,
+                                  gather_s=batch_wait_s)
 
     def not_healthy(self) -> str | None:
         """Why the server cannot serve, or ``None``."""
