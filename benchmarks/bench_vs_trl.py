@@ -19,6 +19,10 @@ completion tokens of every sample, per step) and the step split (generation; for
 backward + optimizer; reference pass; the rest), ``throughput_ratio`` = project / TRL train
 tokens/s, and on the ``sdpg`` line ``sdpg_grpo_ratio`` = project SDPG s/step / project GRPO
 (on-policy) s/step. Differences that remain between the two sides are listed in ``notes``.
+In an off-policy run the batch a step trains on was generated during the previous step, so its
+``generation_s`` is the step's wait for the next batch (``time/next_batch_wait_s``, generation
+that outlasted the step's own work) and ``generation_overlapped_s`` the batch's whole generation
+time; the split's parts then still add up to the step.
 
 Usage::
 
@@ -54,6 +58,8 @@ NOTES = [
     "TRL has no SDPG: the sdpg line compares project SDPG with TRL GRPO",
     "the project's split also has weight sync and rollout overhead (verifier, batching, broadcast), TRL's the "
     "reward and advantage glue: both under other_s",
+    "off-policy project runs: generation_s is the wait for the overlapped next batch, generation_overlapped_s "
+    "its whole generation time",
 ]
 
 
@@ -134,15 +140,25 @@ def run_project(name: str, args, workdir: str, megatron_dir: str) -> dict:
         raise RuntimeError(f"project run {name} failed (rc {rc}):\n{_tail(log)}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
+    return summarise(project_steps(records))
+
+
+def project_steps(records: list[dict]) -> list[dict]:
+    """Per-step figures of a project run from its ``metrics.jsonl`` records, in step order."""
     steps = []
     for r in sorted((r for r in records if not r.get("final")), key=lambda r: r["step"]):
         gen, ref, upd = r["rollout/gen_time_s"], r.get("time/logprob_passes_s", 0.0), r["time/update_s"]
+        overlap = {}
+        if r.get("rollout/staleness", 0) >= 1:  # off-policy: generated while the previous step trained
+            overlap, gen = {"generation_overlapped_s": gen}, 0.0
+        # off-policy: after its own update a step waits for the next batch, generation that outlasted its work
+        gen += r.get("time/next_batch_wait_s", 0.0)
         steps.append({"step_s": r["step_s"], "generation_s": gen, "reference_s": ref, "update_s": upd,
-                      "other_s": r["step_s"] - gen - ref - upd,
+                      "other_s": r["step_s"] - gen - ref - upd, **overlap,
                       "train_tokens": r["rollout/prompt_tokens"] + r["rollout/completion_tokens"],
                       "prompt_tokens": r["rollout/prompt_tokens"],
                       "completion_tokens": r["rollout/completion_tokens"], "reward": r.get("reward")})
-    return summarise(steps)
+    return steps
 
 
 # ----------------------------------------------------------------------------------------------- TRL
@@ -155,6 +171,8 @@ def summarise(steps: list[dict]) -> dict:
     for key in ("step_s", "generation_s", "update_s", "reference_s", "other_s", "train_tokens", "prompt_tokens",
                 "completion_tokens"):
         out[key] = _median([s[key] for s in timed])
+    if all("generation_overlapped_s" in s for s in timed):
+        out["generation_overlapped_s"] = _median([s["generation_overlapped_s"] for s in timed])
     out["train_tokens_per_s"] = _median([s["train_tokens"] / s["step_s"] for s in timed])
     out["mean_reward"] = _median([s["reward"] for s in timed if s.get("reward") is not None])
     return out

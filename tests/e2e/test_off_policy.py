@@ -17,6 +17,7 @@
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ import pytest
 from megatron_sdpg.testing.distributed import free_port
 from megatron_sdpg.testing.processes import kill_tree
 from megatron_sdpg.testing.rollout import start_cpu_server
+from benchmarks.bench_vs_trl import project_steps
 from megatron_sdpg.train.metrics_log import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,6 +80,15 @@ def test_batches_are_one_version_behind_the_correction_applies_and_resume_is_det
     # Steps 0 and 1 waited for the next batch before their sync; the last step started none.
     assert steps[0]["time/next_batch_wait_s"] >= 0 and steps[1]["time/next_batch_wait_s"] >= 0
     assert "time/next_batch_wait_s" not in steps[2]
+    # benchmarks/bench_vs_trl.py's split of these steps: generation on the step's own path is step 0's rollout
+    # plus each wait for the overlapped next batch; the parts add up to the step and none is negative.
+    split = project_steps(steps)
+    assert [("generation_overlapped_s" in s) for s in split] == [False, True, True]
+    for r, s in zip(steps, split):
+        own = r["rollout/gen_time_s"] if r["rollout/staleness"] == 0 else 0.0
+        assert math.isclose(s["generation_s"], own + r.get("time/next_batch_wait_s", 0.0))
+        assert min(s["generation_s"], s["reference_s"], s["update_s"], s["other_s"]) >= 0, s
+        assert math.isclose(s["generation_s"] + s["reference_s"] + s["update_s"] + s["other_s"], s["step_s"])
     # The step-2 checkpoint holds the prompt position after two batches, not after the prefetched third.
     state = json.load(open(os.path.join(run, "checkpoints", "step_2", "trainer_state.json")))
     assert state["source"]["index"] == 2 * PROMPTS, state["source"]
