@@ -14,18 +14,25 @@ The model (bytes; ``e`` = 2 for bf16, 4 for fp32; ``P`` = this GPU's parameters)
   each layer's input (``h``) is kept, and one layer is re-materialised at a time.
   Stage ``i`` of a 1F1B pipeline holds ``min(m, pp - i)`` micro-batches in flight,
   plus one layer's transient gradients during backward;
-* logits and KL buffers on the last stage, the largest of three phases: forward, the
-  ``[b, s, V/tp]`` logits and their transposed copy; the loss, the logits, the
-  ``[T, V/tp]`` response rows and the fused KL kernel's three ``[chunk, V/tp]`` fp32
-  work buffers; backward, the rows (the kernel writes their gradient in place:
-  ``inplace_backward``), the logits' gradient and its transposed copy (measured on
-  CPU: tests/dist/test_planner_vs_measured.py);
+* logits and KL buffers on the last stage: the output layer runs on the ``[T]`` response
+  rows only (``models/output_hidden.py``), so the ``[T, V/tp]`` logits and, in the loss,
+  the fused KL kernel's three ``[chunk, V/tp]`` fp32 work buffers; in backward the kernel
+  writes the rows' gradient in place (``inplace_backward``) (measured on CPU:
+  tests/dist/test_planner_vs_measured.py; before the row selection the ``[b, s, V/tp]``
+  logits of every position and their transposed copy were also alive);
 * the teacher's ``[T, V/tp]`` logits: those of the last stage's in-flight micro-batches
   (one under 1F1B) when the teacher view of each micro-batch is computed right before
   its student view (inline at ``pp == 1``; inside the pipeline schedule at ``pp > 1``,
   ``PlanAssumptions.teacher_in_schedule``), every micro-batch of the step when a
   pre-pass precedes the update (several updates per step without
-  ``teacher_per_microbatch``, the frozen initial teacher; train/passes.py).
+  ``teacher_per_microbatch``, the frozen initial teacher; train/passes.py);
+* with the teacher inside the pipeline schedule (``pp > 1``), the teacher halves of the
+  ``[s + s_t, b, h]`` activations every stage receives and sends: ``min(pp - i + 1, m)``
+  ``[s_t, b, h]`` halves on the first and last stage ``i`` (the in-flight micro-batches
+  plus the previous one, still referenced while the next arrives; rounded-up in-flight
+  count + 1 under the interleaved schedule), twice that on a middle
+  stage (received and sent); measured at PP2 in tests/dist/test_teacher_in_schedule.py.
+  Counted with the full ``h`` (an upper bound under sequence parallelism, ``h / tp``).
 
 With ``fused_output`` (ops/fused_output.py) the last stage holds instead: the
 ``[b, s, h]`` hidden states' transposed copy and the ``[T, h]`` response rows;
@@ -66,7 +73,8 @@ class StageMemory:
         weights, gradients, optimizer, reference_weights: Static terms.
         activations: Saved activations of the micro-batches in flight.
         logits_and_kl: Logits, response rows and KL kernel buffers (last stage).
-        teacher_logits: Teacher logits kept for the student pass (last stage).
+        teacher_logits: Teacher data kept for the student pass: logits or hidden states (last stage),
+            and the teacher halves of pipeline activations (every stage, teacher in the schedule).
         optimizer_temp: Temporaries of an unfused optimizer step.
         in_flight: Micro-batches whose activations are held at once.
     """
@@ -176,6 +184,7 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
     b = work.sequences_per_microbatch
     m = work.microbatches_per_rank(layout.dp)
     s_student = -(-work.student_len // cp)
+    s_teacher = -(-work.teacher_len // cp)
     resp_rows = -(-work.response_tokens_per_microbatch // cp)
     vocab = cfg.padded_vocab_size(tp) // tp
     h = cfg.hidden_size
@@ -198,14 +207,16 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
                 logits_kl, teacher = _fused_output_bytes(work, b * s_student, resp_rows, vocab, h, e, kept,
                                                          prepass=not teacher_per_microbatch(work, pp, assume))
             else:
-                full_logits = b * s_student * vocab * e
+                # The output layer runs on the response rows only (models/output_hidden.py:select_output_rows):
+                # forward, their [T, V/tp] logits; loss, those and the KL kernel's work buffers; backward, the
+                # rows with their gradient written in place.
                 rows = resp_rows * vocab * e
                 kl_work = 3 * min(work.kl_chunk_size, resp_rows) * vocab * FP32
-                logits_kl = max(2 * full_logits,  # forward: the output layer's logits and their transposed copy
-                                full_logits + rows + kl_work,  # loss: the logits, the response rows, KL work
-                                rows + 2 * full_logits)  # backward: the rows (their gradient written in place),
-                #                                          the logits' gradient and its transposed copy
+                logits_kl = rows + kl_work
                 teacher = kept * rows
+        if pp > 1 and work.teacher_forward and teacher_per_microbatch(work, pp, assume):
+            halves = min(m, -(-int(in_flight * 1000) // 1000) + 1) * b * s_teacher * h * e
+            teacher += halves if sp.stage in (0, pp - 1) else 2 * halves
         params = sp.total
         out.append(StageMemory(
             stage=sp.stage,

@@ -72,24 +72,33 @@ def test_memory_by_hand():
     assert s0.activations == 2 * 2 * layer + bwd  # 2 layers x 2 micro-batches in flight (pp - stage)
     assert s1.activations == 2 * 1 * layer + 2 * 128 * 64 * 2 + bwd  # + final norm and output layer inputs
     full_logits, rows = 128 * 500 * 2, 88 * 500 * 2
-    # The largest of the three phases (forward: logits + transposed copy; loss: logits, rows, the KL kernel's
-    # 3 x 88 fp32 chunk rows; backward: rows with their gradient in place, logits' gradient + transposed copy).
+    # The output layer runs on the 88 response rows only: their logits and the KL kernel's 3 x 88 fp32 chunk
+    # rows (backward writes the rows' gradient in place).
     kl_work = 3 * 88 * 500 * 4
-    assert s1.logits_and_kl == full_logits + rows + kl_work > max(2 * full_logits, rows + 2 * full_logits)
+    assert s1.logits_and_kl == rows + kl_work
     assert s1.teacher_logits == 4 * rows  # pp > 1: the teacher pass keeps every micro-batch's logits
     assert s0.logits_and_kl == s0.teacher_logits == 0
     assert s1.peak == 2593920 - (2 * full_logits + rows + kl_work + rows) + s1.logits_and_kl + bwd
     assert s0.peak == 1528832 + bwd
     assert worst_stage(stages) is s1
     # The teacher per micro-batch inside the pipeline schedule: the last stage (1F1B) holds one in flight.
-    in_schedule = estimate_memory(SMALL, TP2_PP2_DP2, SMALL_WORK, PlanAssumptions(), distributed_optimizer=True)[1]
-    assert in_schedule.teacher_logits == rows and in_schedule.peak == s1.peak - 3 * rows
+    # Every stage also holds the teacher halves [s_t = 88, b = 2, h = 64] of the activations it receives and
+    # sends: min(pp - stage + 1, m) of them on the first and last stage (3 and 2 here), twice that in between.
+    half = 88 * 2 * 64 * 2
+    first, in_schedule = estimate_memory(SMALL, TP2_PP2_DP2, SMALL_WORK, PlanAssumptions(), distributed_optimizer=True)
+    assert in_schedule.teacher_logits == rows + 2 * half and in_schedule.peak == s1.peak - 3 * rows + 2 * half
+    assert first.teacher_logits == 3 * half and first.peak == s0.peak + 3 * half
+    pp4 = estimate_memory(SMALL, ParallelLayout.resolve(ParallelConfig(tp=1, pp=4), 8), SMALL_WORK,
+                          PlanAssumptions(), distributed_optimizer=True)
+    assert [st.teacher_logits for st in pp4[:3]] == [4 * half, 2 * 4 * half, 2 * 3 * half]  # m = 4 caps stage 0
+    assert pp4[3].teacher_logits == 88 * 1000 * 2 + 2 * half  # V/tp = 1000 at tp 1
     # Several updates per step without teacher_per_microbatch: the pre-pass, whatever the assumption.
     prepass_work = Workload(**{**SMALL_WORK.__dict__, "teacher_per_microbatch": False})
     assert estimate_memory(SMALL, TP2_PP2_DP2, prepass_work, PlanAssumptions(), True)[1].teacher_logits == 4 * rows
     # Interleaved 1F1B (vpp 2): the last stage holds 1 + (pp-1)/(pp*vpp) = 1.25 -> 2 micro-batches' teacher data.
     vpp = ParallelLayout.resolve(ParallelConfig(tp=2, pp=2, vpp=2), 8)
-    assert estimate_memory(SMALL, vpp, SMALL_WORK, PlanAssumptions(), True)[1].teacher_logits == 2 * rows
+    # (And 2 + 1 activation halves.)
+    assert estimate_memory(SMALL, vpp, SMALL_WORK, PlanAssumptions(), True)[1].teacher_logits == 2 * rows + 3 * half
 
 
 def test_memory_switches():
@@ -234,7 +243,9 @@ def test_fused_output_memory_by_hand():
     pp1 = ParallelLayout.resolve(ParallelConfig(tp=2, pp=1), 4)
     assert estimate_memory(SMALL, pp1, fused, PlanAssumptions(), True)[0].teacher_logits == 88 * 64 * 2
     # In the pipeline schedule: one micro-batch's hidden states, no copy of the output shard.
-    assert estimate_memory(SMALL, TP2_PP2_DP2, fused, PlanAssumptions(), True)[1].teacher_logits == 88 * 64 * 2
+    # (Plus the last stage's two [88, 2, 64] teacher activation halves.)
+    assert (estimate_memory(SMALL, TP2_PP2_DP2, fused, PlanAssumptions(), True)[1].teacher_logits
+            == 88 * 64 * 2 + 2 * 88 * 2 * 64 * 2)
     cfg = load_config(os.path.join(CONFIGS, "sdpg_70b.yaml"))
     assert cfg.algorithm.fused_output and workload_from_config(cfg).fused_output  # the default
     assert not workload_from_config(load_config(os.path.join(CONFIGS, "sdpg_70b.yaml"),
@@ -267,7 +278,9 @@ def test_70b_fits_on_4_nodes_dp2_with_the_teacher_per_microbatch_and_fused_outpu
     now = make_plan(load_config(path), 32, PlanAssumptions())
     assert now["layout"].dp == 2 and now["work"].fused_output and now["work"].teacher_per_microbatch
     assert now["worst"].peak / 2**30 < PlanAssumptions().usable_gib
-    assert max(st.teacher_logits for st in now["stages"]) < 2**27  # one micro-batch's [T, h] bf16: 64 MiB
+    # One micro-batch's [T, h] bf16 (64 MiB) and the in-flight teacher activation halves: 0.33 GiB at most
+    # (the pre-pass kept 15.66 GiB).
+    assert max(st.teacher_logits for st in now["stages"]) < 0.35 * 2**30
     before = make_plan(load_config(path, ["algorithm.fused_output=false"]), 32,
                        PlanAssumptions(teacher_in_schedule=False))
     assert before["worst"].peak / 2**30 > PlanAssumptions().usable_gib + 15  # 93.1 GiB: every micro-batch's logits
