@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_sdpg.data.prompts import PromptBuilder, encode
-from megatron_sdpg.eval import evaluate
+from megatron_sdpg.eval import evaluate, response_budget  # noqa: F401 (response_budget re-exported)
 from megatron_sdpg.rewards.pool import VerifierPool
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,16 @@ def _loss_sum(model, ids, mask, labels) -> tuple[torch.Tensor, int]:
     return loss, int((target != -100).sum())
 
 
-def response_budget(tokenizer, task, problems, margin: int = 4) -> int:
-    """Generation cap for evaluations: the longest reference response (+EOS) plus a margin."""
-    refs = [task.reference_response] + ([task.teacher_reference_response]
-                                        if hasattr(task, "teacher_reference_response") else [])
-    return max(len(encode(tokenizer, ref(p))) for ref in refs for p in problems[:512]) + 1 + margin
+def warm_start_targets(task, batch: list, n_teacher: int) -> list[str]:
+    """The reference responses of one warm-start batch, in batch order.
+
+    The first ``n_teacher`` problems are trained under the teacher prompt, on
+    ``task.teacher_reference_response`` where the task has one (else
+    ``task.reference_response``); the rest under the student prompt, on
+    ``task.reference_response``.
+    """
+    teacher = getattr(task, "teacher_reference_response", task.reference_response)
+    return [teacher(p) for p in batch[:n_teacher]] + [task.reference_response(p) for p in batch[n_teacher:]]
 
 
 def _pick(history: list[dict], target: tuple[float, float]) -> dict:
@@ -128,13 +133,11 @@ def warm_start(model, tokenizer, task, builder: PromptBuilder, cfg: WarmStartCon
     history: list[dict] = []
     snapshots: dict[int, dict] = {}
     n_teacher = round(cfg.batch_size * cfg.teacher_fraction)
-    teacher_reference = getattr(task, "teacher_reference_response", task.reference_response)
     with VerifierPool(task.default_verifier) as pool:
         for step in range(1, cfg.steps + 1):
             model.train()
             batch = problems[(step - 1) * cfg.batch_size : step * cfg.batch_size]
-            responses = [encode(tokenizer, teacher_reference(p)) + eos for p in batch[:n_teacher]]
-            responses += [encode(tokenizer, task.reference_response(p)) + eos for p in batch[n_teacher:]]
+            responses = [encode(tokenizer, text) + eos for text in warm_start_targets(task, batch, n_teacher)]
             groups = [
                 ([builder.teacher_ids(p) for p in batch[:n_teacher]], responses[:n_teacher]),
                 ([builder.student_ids(p) for p in batch[n_teacher:]], responses[n_teacher:]),
