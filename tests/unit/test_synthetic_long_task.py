@@ -92,6 +92,26 @@ def test_reference_order_left_to_right_student_targets_and_hashed_teacher_target
         get_task("synthetic-long", reference_order="random")
 
 
+def test_teacher_mix_gives_a_hashed_share_of_teacher_targets_the_students_order():
+    mixed = get_task("synthetic-long", teacher_mix=0.3)
+    problems = mixed.problems("train", 1000, seed=6)
+    own = 0
+    for p in problems:
+        numbers = [int(x) for x in p.question.split("+")]
+        teacher = mixed.teacher_reference_response(p)
+        assert mixed.reference_response(p) == chain(numbers) and verify(teacher, p.answer)
+        if teacher == chain(numbers):
+            own += 1
+        else:
+            assert teacher == chain([numbers[i] for i in solution_order(p.question)])
+    assert 240 <= own <= 360  # ~30% of the questions, a fixed hash of the question
+    assert [mixed.teacher_reference_response(p) for p in problems[:50]] == [
+        get_task("synthetic-long", teacher_mix=0.3).teacher_reference_response(p) for p in problems[:50]]
+    for bad in (1.5, -0.1, True, "x", float("nan")):
+        with pytest.raises(ValueError, match="teacher_mix="):
+            get_task("synthetic-long", teacher_mix=bad)
+
+
 def test_plan_context_and_options():
     task = get_task("synthetic-long", terms=4, digits=3, min_digits=1, context="plan")
     for p in task.problems("valid", 30):

@@ -69,6 +69,9 @@ class SyntheticLongOptions:
         context: ``solution`` (one worked solution) or ``plan`` (its order of the numbers).
         reference_order: Order of the student prompt's warm-start target:
             ``left_to_right`` (the question's order) or ``hashed`` (the context's order).
+        teacher_mix: Share of problems (a hash of the question) whose teacher-prompt
+            warm-start target is the student's target instead of the context's solution,
+            so that the teacher also learns to continue a response in another order.
     """
 
     terms: int = 7
@@ -76,6 +79,7 @@ class SyntheticLongOptions:
     min_digits: int = 2
     context: str = "solution"
     reference_order: str = "left_to_right"
+    teacher_mix: float = 0.0
 
     def problems_with_options(self) -> str | None:
         """A one-line description of what is wrong, or None."""
@@ -89,6 +93,9 @@ class SyntheticLongOptions:
             return f"need 1 <= min_digits ({self.min_digits}) <= digits ({self.digits}) <= 6"
         if self.context not in ("solution", "plan"):
             return f"context={self.context!r} must be 'solution' or 'plan'"
+        if isinstance(self.teacher_mix, bool) or not isinstance(self.teacher_mix, (int, float)) \
+                or not 0.0 <= self.teacher_mix <= 1.0:
+            return f"teacher_mix={self.teacher_mix!r} must be a number in [0, 1]"
         if self.reference_order not in REFERENCE_ORDERS:
             return f"reference_order={self.reference_order!r} must be one of {list(REFERENCE_ORDERS)}"
         return None
@@ -188,10 +195,18 @@ class SyntheticLongTask:
         return self.teacher_reference_response(problem)
 
     def teacher_reference_response(self, problem: Problem) -> str:
-        """The teacher prompt's warm-start target: the worked solution in the context's order, boxed."""
+        """The teacher prompt's warm-start target: the worked solution in the context's order, boxed
+        (for a ``teacher_mix`` share of the questions, by hash: the student's target)."""
         question = problem.question
+        if self.options.teacher_mix > 0 and _unit_hash("teacher:" + question) < self.options.teacher_mix:
+            return self.reference_response(problem)
         operands = [int(x) for x in question.split("+")]
         return _boxed_chain([operands[i] for i in solution_order(question)])
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1), a fixed function of ``text``."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
 
 
 def _boxed_chain(numbers: list[int]) -> str:
