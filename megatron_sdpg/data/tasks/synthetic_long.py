@@ -34,8 +34,10 @@ solution (:meth:`SyntheticLongTask.teacher_reference_response`) and the student 
   has used; it reuses and skips numbers and stays at 0% without the context
   (docs/synthetic_task.md).
 
-The option changes only the warm start's targets; questions, context, splits and the
-verifier (any valid order) are the same for both.
+``teacher_mix`` (default 0) gives that share of the questions (a hash of the question)
+the student's target under the teacher prompt too, so the teacher also learns to continue
+a response in another order than the context's. Both options change only the warm start's
+targets; questions, context, splits and the verifier (any valid order) are the same.
 
 ``problem.answer`` is the solved equation, ``47+85+36+12+90+63=333``: the verifier
 needs the question's numbers to check the work (its interface is ``(response, answer)``).
