@@ -30,7 +30,7 @@ import time
 import torch
 
 from megatron_sdpg.config.errors import ConfigError
-from megatron_sdpg.data.prompts import PromptBuilder
+from megatron_sdpg.data.prompts import PromptBuilder, encode
 from megatron_sdpg.data.templates import get_template
 from megatron_sdpg.rewards.config import RewardConfig
 from megatron_sdpg.rewards.pool import VerifierPool
@@ -72,6 +72,18 @@ def _generate(model, tokenizer, prompts, samples, temperature, max_new_tokens, b
             tokens = row[: row.index(eos) + 1] if finished else row
             out.append((tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finished))
     return out
+
+
+def response_budget(tokenizer, task, problems, margin: int = 4) -> int:
+    """Generation cap for a generated task: its longest reference response (+EOS) plus a margin.
+
+    Covers ``task.reference_response`` and, where the task has one,
+    ``task.teacher_reference_response`` (the target under the teacher prompt), over the
+    first 512 of ``problems``.
+    """
+    refs = [task.reference_response] + ([task.teacher_reference_response]
+                                        if hasattr(task, "teacher_reference_response") else [])
+    return max(len(encode(tokenizer, ref(p))) for ref in refs for p in problems[:512]) + 1 + margin
 
 
 def evaluate(
@@ -249,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=None, help="k: samples per problem (default 1; --files 32)")
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0; --files 1.0)")
     parser.add_argument("--with-context", action="store_true", help="also evaluate under the teacher prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64; --files 4096")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default 64 (a generated task: at least its longest reference response + EOS + 4); "
+                             "--files 4096")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -265,18 +279,24 @@ def main(argv: list[str] | None = None) -> dict:
         return _main_files(args, parser)
     args.samples = 1 if args.samples is None else args.samples
     args.temperature = 0.0 if args.temperature is None else args.temperature
-    args.max_new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
+    default_tokens = args.max_new_tokens is None
+    args.max_new_tokens = 64 if default_tokens else args.max_new_tokens
     try:
         _check_args(args)
         task, template, tokenizer, builder, model = _load_inputs(args)
     except ValueError as err:  # EvalInputError
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if default_tokens and hasattr(task, "reference_response"):  # synthetic-long's responses need > 64
+        args.max_new_tokens = max(64, response_budget(tokenizer, task, task.problems("heldout", min(args.n, 512))))
     result = evaluate(
         model, tokenizer, task, args.n, args.samples, args.temperature, args.with_context,
         builder=builder, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
     )
     result["template"] = template.name
+    result["max_new_tokens"] = args.max_new_tokens
+    if hasattr(task, "describe"):
+        result["task_options"] = task.describe()["task_options"]
     print(json.dumps(result), flush=True)
     return result
 

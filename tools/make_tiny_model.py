@@ -4,7 +4,8 @@
     python tools/make_tiny_model.py --out artifacts/tiny                  # ~1M params, <= ~5 min
     python tools/make_tiny_model.py --out /tmp/t --size test --steps 20   # seconds (tests)
     python tools/make_tiny_model.py --task synthetic-long --out artifacts/tiny_model_long \
-        --target-accuracy 0.10 0.35 --eval-every 100 --eval-n 100   # docs/synthetic_task.md
+        --target-accuracy 0.10 0.35 --eval-every 50 --eval-n 100 --steps 1500 --max-minutes 14 \
+        --teacher-fraction 0.5   # ~370 CPU-s; docs/synthetic_task.md
 
 Writes an HF directory loadable by AutoModelForCausalLM / AutoTokenizer, plus
 ``sdpg_task.json`` (task, options, template, warm-start figures). Prints one JSON

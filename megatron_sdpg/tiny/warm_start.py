@@ -2,7 +2,9 @@
 
 Each step trains on ``batch_size`` fresh training problems: a ``teacher_fraction`` of
 them under the teacher prompt, the rest under the student prompt, with the loss on
-the reference response and EOS only. Learning is abrupt, so every ``eval_every``
+the reference response and EOS only (under the teacher prompt the task's
+``teacher_reference_response`` where it has one, e.g. ``synthetic-long``'s solution in the
+context's order while the student prompt learns another order). Learning is abrupt, so every ``eval_every``
 steps the model is evaluated greedily on the *valid* split (never the held-out one)
 with and without the privileged context. The kept checkpoint is the one whose
 no-context accuracy lies in ``target`` with the highest with-context accuracy (else
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_sdpg.data.prompts import PromptBuilder, encode
-from megatron_sdpg.eval import evaluate
+from megatron_sdpg.eval import evaluate, response_budget  # noqa: F401 (response_budget re-exported)
 from megatron_sdpg.rewards.pool import VerifierPool
 
 log = logging.getLogger(__name__)
@@ -83,9 +85,16 @@ def _loss_sum(model, ids, mask, labels) -> tuple[torch.Tensor, int]:
     return loss, int((target != -100).sum())
 
 
-def response_budget(tokenizer, task, problems, margin: int = 4) -> int:
-    """Generation cap for evaluations: the longest reference response (+EOS) plus a margin."""
-    return max(len(encode(tokenizer, task.reference_response(p))) for p in problems[:512]) + 1 + margin
+def warm_start_targets(task, batch: list, n_teacher: int) -> list[str]:
+    """The reference responses of one warm-start batch, in batch order.
+
+    The first ``n_teacher`` problems are trained under the teacher prompt, on
+    ``task.teacher_reference_response`` where the task has one (else
+    ``task.reference_response``); the rest under the student prompt, on
+    ``task.reference_response``.
+    """
+    teacher = getattr(task, "teacher_reference_response", task.reference_response)
+    return [teacher(p) for p in batch[:n_teacher]] + [task.reference_response(p) for p in batch[n_teacher:]]
 
 
 def _pick(history: list[dict], target: tuple[float, float]) -> dict:
@@ -103,7 +112,8 @@ def warm_start(model, tokenizer, task, builder: PromptBuilder, cfg: WarmStartCon
     Args:
         model: A causal LM (trained in place).
         tokenizer: Its tokenizer.
-        task: A generated task with ``reference_response(problem)``.
+        task: A generated task with ``reference_response(problem)`` (and optionally
+            ``teacher_reference_response(problem)``, the target under the teacher prompt).
         builder: Builds the student / teacher prompts.
         cfg: Steps, batch, learning rate, evaluation cadence, target band.
     """
@@ -127,7 +137,7 @@ def warm_start(model, tokenizer, task, builder: PromptBuilder, cfg: WarmStartCon
         for step in range(1, cfg.steps + 1):
             model.train()
             batch = problems[(step - 1) * cfg.batch_size : step * cfg.batch_size]
-            responses = [encode(tokenizer, task.reference_response(p)) + eos for p in batch]
+            responses = [encode(tokenizer, text) + eos for text in warm_start_targets(task, batch, n_teacher)]
             groups = [
                 ([builder.teacher_ids(p) for p in batch[:n_teacher]], responses[:n_teacher]),
                 ([builder.student_ids(p) for p in batch[n_teacher:]], responses[n_teacher:]),

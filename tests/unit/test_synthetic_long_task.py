@@ -13,9 +13,11 @@ from megatron_sdpg.data.problem import Problem
 from megatron_sdpg.data.tasks import build_task, get_task
 from megatron_sdpg.data.tasks.synthetic import SPLITS, split_of
 from megatron_sdpg.data.tasks.synthetic_long import solution_order
+from megatron_sdpg.eval import response_budget
 from megatron_sdpg.data.templates import get_template
 from megatron_sdpg.rewards.registry import resolve_verifier
 from megatron_sdpg.rewards.worked_sum import verify
+from megatron_sdpg.tiny.warm_start import warm_start_targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,13 +47,69 @@ def test_generation_is_long_deterministic_and_the_context_is_one_valid_solution(
         numbers = [int(x) for x in p.question.split("+")]
         assert len(numbers) == 7 and all(10 <= x <= 99 for x in numbers)
         assert p.answer == f"{p.question}={sum(numbers)}"
-        response = task.reference_response(p)
+        response = task.teacher_reference_response(p)
         assert verify(response, p.answer) and response.count(";") == 5 and len(response) >= 60
-        # the context is the reference solution without the box: not the response string
+        # the context is the teacher's reference solution without the box: not the response string
         assert p.context == "solution " + response.replace("\\boxed{", "").removesuffix("}")
         assert p.context != response and p.answer not in p.context
         orders.add(tuple(solution_order(p.question)))
     assert len(orders) > 90  # the solution's order is a hash of the question: nearly all differ
+
+
+def chain(numbers: list[int]) -> str:
+    """Independent reference: ``numbers`` added left to right, every step written, the last boxed."""
+    steps, total = [], numbers[0]
+    for x in numbers[1:]:
+        steps.append(f"{total}+{x}={total + x}")
+        total += x
+    return ";".join(steps[:-1] + [steps[-1].replace(f"={total}", f"=\\boxed{{{total}}}")])
+
+
+def test_reference_order_left_to_right_student_targets_and_hashed_teacher_targets():
+    task = get_task("synthetic-long")
+    hashed = get_task("synthetic-long", reference_order="hashed")
+    assert task.options.reference_order == "left_to_right"
+    assert task.describe()["task_options"]["reference_order"] == "left_to_right"
+    assert hashed.describe()["task_options"]["reference_order"] == "hashed"
+    problems = task.problems("train", 40, seed=5)
+    assert problems == hashed.problems("train", 40, seed=5)  # the option changes only the warm-start targets
+    differ = 0
+    for p in problems:
+        numbers = [int(x) for x in p.question.split("+")]
+        student, teacher = task.reference_response(p), task.teacher_reference_response(p)
+        assert student == chain(numbers) and verify(student, p.answer)
+        assert teacher == chain([numbers[i] for i in solution_order(p.question)]) and verify(teacher, p.answer)
+        assert p.context == "solution " + teacher.replace("\\boxed{", "").removesuffix("}")
+        assert hashed.reference_response(p) == hashed.teacher_reference_response(p) == teacher
+        differ += student != teacher
+    assert differ >= 38  # the context is another order's solution, not the student's answer string
+    # one warm-start batch: teacher prompts on the context's order, student prompts left to right
+    targets = warm_start_targets(task, problems[:8], 3)
+    assert targets == [task.teacher_reference_response(p) for p in problems[:3]] + [
+        chain([int(x) for x in p.question.split("+")]) for p in problems[3:8]]
+    assert warm_start_targets(hashed, problems[:8], 3) == [hashed.teacher_reference_response(p) for p in problems[:8]]
+    with pytest.raises(ValueError, match="reference_order='random'"):
+        get_task("synthetic-long", reference_order="random")
+
+
+def test_teacher_mix_gives_a_hashed_share_of_teacher_targets_the_students_order():
+    mixed = get_task("synthetic-long", teacher_mix=0.3)
+    problems = mixed.problems("train", 1000, seed=6)
+    own = 0
+    for p in problems:
+        numbers = [int(x) for x in p.question.split("+")]
+        teacher = mixed.teacher_reference_response(p)
+        assert mixed.reference_response(p) == chain(numbers) and verify(teacher, p.answer)
+        if teacher == chain(numbers):
+            own += 1
+        else:
+            assert teacher == chain([numbers[i] for i in solution_order(p.question)])
+    assert 240 <= own <= 360  # ~30% of the questions, a fixed hash of the question
+    assert [mixed.teacher_reference_response(p) for p in problems[:50]] == [
+        get_task("synthetic-long", teacher_mix=0.3).teacher_reference_response(p) for p in problems[:50]]
+    for bad in (1.5, -0.1, True, "x", float("nan")):
+        with pytest.raises(ValueError, match="teacher_mix="):
+            get_task("synthetic-long", teacher_mix=bad)
 
 
 def test_plan_context_and_options():
@@ -150,7 +208,7 @@ def test_make_tiny_model_builds_for_the_task(tmp_path):
     out = tmp_path / "model"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "make_tiny_model.py"), "--out", str(out), "--size", "test",
            "--task", "synthetic-long", "--task-option", "terms=4", "--steps", "2", "--eval-every", "2",
-           "--eval-n", "4", "--report-n", "4", "--batch-size", "8"]
+           "--task-option", "reference_order=hashed", "--eval-n", "4", "--report-n", "4", "--batch-size", "8"]
     # ~10 CPU-seconds; the timeout is a hang guard with room for a machine shared by many jobs
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -159,6 +217,16 @@ def test_make_tiny_model_builds_for_the_task(tmp_path):
     assert summary["task_options"]["terms"] == 4 and summary["heldout_n"] == 4
     meta = json.load(open(out / "sdpg_task.json"))
     assert meta["history"][0]["step"] == 2
+    assert meta["task_options"] == {**get_task("synthetic-long").describe()["task_options"],
+                                    "terms": 4, "reference_order": "hashed"}
+    # the evaluation reads the options back from sdpg_task.json (terms overridden to 7), and its default
+    # generation cap grows to hold 7-term responses (61-67 tokens; the general default is 64)
+    proc = subprocess.run([sys.executable, "-m", "megatron_sdpg.eval", "--hf-dir", str(out), "--task", "synthetic-long",
+                           "--task-option", "terms=7", "--n", "2", "--threads", "1"], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["task_options"] == {**meta["task_options"], "terms": 7}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out))
@@ -167,3 +235,8 @@ def test_make_tiny_model_builds_for_the_task(tmp_path):
         for text in (task.reference_response(p), p.context):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             assert tok.unk_token_id not in ids and tok.decode(ids) == text
+    full = get_task("synthetic-long", reference_order="hashed")
+    longest = max(len(tok(ref(p), add_special_tokens=False)["input_ids"]) for p in full.problems("heldout", 2)
+                  for ref in (full.reference_response, full.teacher_reference_response))
+    assert longest > 64 and result["max_new_tokens"] == longest + 5
+    assert response_budget(tok, full, full.problems("heldout", 2)) == longest + 5

@@ -10,15 +10,34 @@ The verifier (``rewards/worked_sum.py``) checks every step's arithmetic and that
 use each question number exactly once, not only the final number: a boxed total without
 valid work is wrong.
 
-The reference solution is a chain (running total) in an order drawn from a hash of the
-question, so across problems every order is equally likely and a student cannot
-predict it. The privileged context (``context="solution"``) is that worked solution
-without the box, ``solution 63+12=75;75+47=122;...;248+85=333``: it helps (a teacher
-that follows its order copies every number) without being the only answer. A student
-that picks another order gets from the teacher the context's order at the first step
-that differs, and must then compute sums the context does not hold.
-``context="plan"`` gives only the order, ``order 63,12,47,90,36,85`` (the bookkeeping
-without the arithmetic).
+The privileged context (``context="solution"``) is one worked solution, a chain (running
+total) in an order drawn from a hash of the question, without the box,
+``solution 63+12=75;75+47=122;...;248+85=333``: across problems every order is equally
+likely, so a student cannot predict it. It helps (a teacher that follows its order copies
+every number) without being the only answer. ``context="plan"`` gives only the order,
+``order 63,12,47,90,36,85`` (the bookkeeping without the arithmetic).
+
+The warm start (``tools/make_tiny_model.py``) trains the teacher prompt on the context's
+solution (:meth:`SyntheticLongTask.teacher_reference_response`) and the student prompt on
+:meth:`SyntheticLongTask.reference_response`, whose order is the option
+``reference_order``:
+
+- ``left_to_right`` (default): the chain in the question's order,
+  ``47+85=132;132+36=168;...``. A ~1M-parameter student can learn it (the next number
+  is always the next one in the question), so the start model solves some problems
+  without the context; with the context it copies a solution in a *different* order,
+  so the teacher's partial sums are not the student's answer string: a student that
+  goes left to right gets from the teacher the context's order at the first step that
+  differs, and must then compute sums the context does not hold.
+- ``hashed``: the student is trained on the context's order too (the first version of
+  this task). A ~1M-parameter student cannot track which of 7 numbers a hashed order
+  has used; it reuses and skips numbers and stays at 0% without the context
+  (docs/synthetic_task.md).
+
+``teacher_mix`` (default 0) gives that share of the questions (a hash of the question)
+the student's target under the teacher prompt too, so the teacher also learns to continue
+a response in another order than the context's. Both options change only the warm start's
+targets; questions, context, splits and the verifier (any valid order) are the same.
 
 ``problem.answer`` is the solved equation, ``47+85+36+12+90+63=333``: the verifier
 needs the question's numbers to check the work (its interface is ``(response, answer)``).
@@ -38,6 +57,9 @@ from megatron_sdpg.data.problem import Problem
 from megatron_sdpg.data.tasks.synthetic import _BUCKETS, _HELDOUT_BUCKETS, _VALID_BUCKETS, SPLITS, split_of
 
 
+REFERENCE_ORDERS = ("left_to_right", "hashed")
+
+
 @dataclass(frozen=True)
 class SyntheticLongOptions:
     """Task options (``data.task_options`` in config).
@@ -47,12 +69,19 @@ class SyntheticLongOptions:
         digits: Most digits per number.
         min_digits: Fewest digits per number.
         context: ``solution`` (one worked solution) or ``plan`` (its order of the numbers).
+        reference_order: Order of the student prompt's warm-start target:
+            ``left_to_right`` (the question's order) or ``hashed`` (the context's order).
+        teacher_mix: Share of problems (a hash of the question) whose teacher-prompt
+            warm-start target is the student's target instead of the context's solution,
+            so that the teacher also learns to continue a response in another order.
     """
 
     terms: int = 7
     digits: int = 2
     min_digits: int = 2
     context: str = "solution"
+    reference_order: str = "left_to_right"
+    teacher_mix: float = 0.0
 
     def problems_with_options(self) -> str | None:
         """A one-line description of what is wrong, or None."""
@@ -66,6 +95,11 @@ class SyntheticLongOptions:
             return f"need 1 <= min_digits ({self.min_digits}) <= digits ({self.digits}) <= 6"
         if self.context not in ("solution", "plan"):
             return f"context={self.context!r} must be 'solution' or 'plan'"
+        if isinstance(self.teacher_mix, bool) or not isinstance(self.teacher_mix, (int, float)) \
+                or not 0.0 <= self.teacher_mix <= 1.0:
+            return f"teacher_mix={self.teacher_mix!r} must be a number in [0, 1]"
+        if self.reference_order not in REFERENCE_ORDERS:
+            return f"reference_order={self.reference_order!r} must be one of {list(REFERENCE_ORDERS)}"
         return None
 
 
@@ -156,10 +190,30 @@ class SyntheticLongTask:
         return Problem(id=pid, question=question, answer=f"{question}={sum(operands)}", context=context)
 
     def reference_response(self, problem: Problem) -> str:
-        """The worked solution in the context's order, last result boxed (used by the warm start)."""
+        """The student prompt's warm-start target: a worked chain in ``reference_order``, last result boxed."""
+        operands = [int(x) for x in problem.question.split("+")]
+        if self.options.reference_order == "left_to_right":
+            return _boxed_chain(operands)
+        return self.teacher_reference_response(problem)
+
+    def teacher_reference_response(self, problem: Problem) -> str:
+        """The teacher prompt's warm-start target: the worked solution in the context's order, boxed
+        (for a ``teacher_mix`` share of the questions, by hash: the student's target)."""
         question = problem.question
+        if self.options.teacher_mix > 0 and _unit_hash("teacher:" + question) < self.options.teacher_mix:
+            return self.reference_response(problem)
         operands = [int(x) for x in question.split("+")]
-        steps = chain_steps([operands[i] for i in solution_order(question)])
-        text = [f"{a}+{b}={c}" for a, b, c in steps[:-1]]
-        a, b, c = steps[-1]
-        return ";".join(text + [f"{a}+{b}=\\boxed{{{c}}}"])
+        return _boxed_chain([operands[i] for i in solution_order(question)])
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1), a fixed function of ``text``."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def _boxed_chain(numbers: list[int]) -> str:
+    """``"a+b=c;c+d=\\boxed{e}"``: ``numbers`` added left to right, every step written."""
+    steps = chain_steps(numbers)
+    text = [f"{a}+{b}={c}" for a, b, c in steps[:-1]]
+    a, b, c = steps[-1]
+    return ";".join(text + [f"{a}+{b}=\\boxed{{{c}}}"])
