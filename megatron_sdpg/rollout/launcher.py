@@ -325,7 +325,10 @@ class EngineLauncher:
                 cmd = sglang_command(cfg.model_path, cfg.host, port, cfg.tp_size, engine_options(cfg), i * cfg.tp_size,
                                      python)
             else:
-                cmd = cpu_server_command(cfg.model_path, cfg.host, port, cfg.sglang_args, python)
+                extra = dict(cfg.sglang_args)
+                if cfg.off_policy_steps:  # generation overlaps the training ranks: spinning threads would steal
+                    extra.setdefault("omp_wait", "passive")  # their cores (docs/rollout.md, CPU server)
+                cmd = cpu_server_command(cfg.model_path, cfg.host, port, extra, python)
             host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
             log = os.path.join(cfg.log_dir, f"engine{i}_port{port}.log")
             self.engines.append(EngineProcess(cmd, f"http://{host}:{port}", log))

@@ -180,3 +180,27 @@ def test_model_weights_load_dir_reads_into_parameters_and_casts(tmp_path):
     with pytest.raises(ValueError, match="lacks 1 weights"):
         w.load_dir(str(tmp_path / "v2"))
     assert torch.equal(model[0].bias, new["0.bias"])  # a rejected checkpoint writes nothing
+
+
+@pytest.mark.parametrize("off_policy, extra, wait", [
+    (0, {}, None),  # the server's default: a bounded spin (it has the cores while it decodes)
+    (1, {}, "passive"),  # generation overlaps the training ranks: idle threads must not hold their cores
+    (1, {"omp_wait": "spin"}, "spin"),  # an explicit rollout.sglang_args value wins
+])
+def test_cpu_engines_wait_passively_when_generation_overlaps_training(off_policy, extra, wait):
+    from megatron_sdpg.rollout.launcher import EngineLauncher
+
+    cfg = RolloutConfig(urls=[], model_path="/m", engine="cpu", off_policy_steps=off_policy, sglang_args=extra)
+    cmd = EngineLauncher(cfg).engines[0].command
+    assert (cmd[cmd.index("--omp-wait") + 1] if "--omp-wait" in cmd else None) == wait
+
+
+def test_cpu_server_omp_wait_choices_set_libgomp_unless_the_environment_does():
+    from megatron_sdpg.rollout.server.__main__ import OMP_WAIT_ENV, parse_args
+
+    assert parse_args(["--hf-dir", "/m", "--port", "1"]).omp_wait == "spin"
+    assert OMP_WAIT_ENV == {"spin": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "100000"},
+                            "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--hf-dir", "/m", "--port", "1", "--omp-wait", "busy"])
+    assert err.value.code == 2

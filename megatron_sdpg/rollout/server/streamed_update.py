@@ -74,14 +74,18 @@ async def receive_streamed_update(request: web.Request, weights: ModelWeights,
 
     # Hold the model worker (no generation runs meanwhile) and copy on the loop itself:
     # handing chunks to another thread costs more than the copy on a busy machine.
+    # The finite checks and casts of ``finish`` (torch ops) run on the model worker too: torch ops on the
+    # event loop's thread give it an OpenMP thread team of its own, after which the worker's decode
+    # steps ran ~30% slower (measured: 0.22 -> 0.29 s for 128 rows after one update).
     loop = asyncio.get_running_loop()
     started: asyncio.Future = loop.create_future()
     release = threading.Event()
+    finish: list[Callable[[], int]] = []
 
     def hold() -> int:
         loop.call_soon_threadsafe(lambda: started.done() or started.set_result(None))
         release.wait()
-        return 0
+        return finish[0]() if finish else 0
 
     held = run_on_worker(hold)
     pos = data_start
@@ -95,7 +99,7 @@ async def receive_streamed_update(request: web.Request, weights: ModelWeights,
             pos += len(chunk)
         if pos != n:
             raise BadRequest(f"body: Content-Length is {n} but the body ended after {pos} bytes")
-        return loader.finish()
+        finish.append(loader.finish)
     except ValueError:  # data the model refuses: still read the rest, so the client gets the answer
         await drain(content)
         raise
@@ -105,4 +109,6 @@ async def receive_streamed_update(request: web.Request, weights: ModelWeights,
         raise BadRequest(f"body: broken off after {pos} of {n} bytes ({type(e).__name__})") from None
     finally:
         release.set()
-        await asyncio.shield(held)
+        if not finish:
+            await asyncio.shield(held)
+    return await asyncio.shield(held)  # finish's ValueError (NaN, a short body) reaches the route from here
