@@ -110,6 +110,13 @@ def test_teacher_mix_gives_a_hashed_share_of_teacher_targets_the_students_order(
     for bad in (1.5, -0.1, True, "x", float("nan")):
         with pytest.raises(ValueError, match="teacher_mix="):
             get_task("synthetic-long", teacher_mix=bad)
+    # with reference_order=hashed the student's target is the context's solution already: the mix changes nothing
+    # (it recursed between the two targets without end)
+    hashed = get_task("synthetic-long", reference_order="hashed", teacher_mix=1.0)
+    for p in problems[:20]:
+        numbers = [int(x) for x in p.question.split("+")]
+        assert (hashed.teacher_reference_response(p) == hashed.reference_response(p)
+                == chain([numbers[i] for i in solution_order(p.question)]))
 
 
 def test_plan_context_and_options():

@@ -194,7 +194,7 @@ class SyntheticLongTask:
         operands = [int(x) for x in problem.question.split("+")]
         if self.options.reference_order == "left_to_right":
             return _boxed_chain(operands)
-        return self.teacher_reference_response(problem)
+        return _context_chain(problem.question)
 
     def teacher_reference_response(self, problem: Problem) -> str:
         """The teacher prompt's warm-start target: the worked solution in the context's order, boxed
@@ -202,8 +202,13 @@ class SyntheticLongTask:
         question = problem.question
         if self.options.teacher_mix > 0 and _unit_hash("teacher:" + question) < self.options.teacher_mix:
             return self.reference_response(problem)
-        operands = [int(x) for x in question.split("+")]
-        return _boxed_chain([operands[i] for i in solution_order(question)])
+        return _context_chain(question)
+
+
+def _context_chain(question: str) -> str:
+    """The worked solution in the context's (hashed) order, last result boxed."""
+    operands = [int(x) for x in question.split("+")]
+    return _boxed_chain([operands[i] for i in solution_order(question)])
 
 
 def _unit_hash(text: str) -> float:
