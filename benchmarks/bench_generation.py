@@ -9,7 +9,8 @@ Both sides run in this one process on the same model (``artifacts/tiny_model``,
 fp32), the same batch (``--prompts`` student prompts of the model's task, each
 repeated ``--samples`` times, left-padded) and the same sampling (temperature
 ``--temperature``, whole vocabulary, up to ``--max-new-tokens``), with the same
-torch intra-op thread count (and ``OMP_WAIT_POLICY=PASSIVE``, as the server sets it),
+torch intra-op thread count (and the server's default OpenMP waits, ``--omp-wait spin``; set
+``OMP_WAIT_POLICY=PASSIVE`` for the other choice),
 alternated ``--reps`` times after one warm-up each:
 
 - project: ``BatchGenerator.generate`` (what ``/generate`` runs; it also returns
@@ -33,7 +34,10 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CPU server sets it (before torch loads libgomp)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_sdpg.rollout.server.openmp import apply_omp_wait  # noqa: E402
+
+apply_omp_wait("spin")  # the CPU server's default --omp-wait (before torch loads libgomp); the environment wins
 
 import torch  # noqa: E402
 

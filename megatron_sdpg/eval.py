@@ -81,8 +81,7 @@ def response_budget(tokenizer, task, problems, margin: int = 4) -> int:
     ``task.teacher_reference_response`` (the target under the teacher prompt), over the
     first 512 of ``problems``.
     """
-    refs = [task.reference_response] + ([task.teacher_reference_response]
-                                        if hasattr(task, "teacher_reference_response") else [])
+    refs = {task.reference_response, getattr(task, "teacher_reference_response", task.reference_response)}
     return max(len(encode(tokenizer, ref(p))) for ref in refs for p in problems[:512]) + 1 + margin
 
 

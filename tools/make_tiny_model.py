@@ -31,7 +31,8 @@ from megatron_sdpg.data.templates import BUILTIN_TEMPLATES, get_template  # noqa
 from megatron_sdpg.eval import evaluate  # noqa: E402
 from megatron_sdpg.tiny.model import SIZES, build_model, num_parameters, save_hf_dir  # noqa: E402
 from megatron_sdpg.tiny.tokenizer import build_tokenizer  # noqa: E402
-from megatron_sdpg.tiny.warm_start import WarmStartConfig, response_budget, warm_start  # noqa: E402
+from megatron_sdpg.eval import response_budget  # noqa: E402
+from megatron_sdpg.tiny.warm_start import WarmStartConfig, warm_start  # noqa: E402
 
 
 def tokenizer_corpus(task, n: int = 300) -> list[str]:

@@ -150,6 +150,11 @@ def _in_flight(stage: int, pp: int, microbatches: int, vpp: int | None) -> float
     return n
 
 
+def _whole(micro_batches: float) -> int:
+    """An in-flight count rounded up to whole micro-batches (to 1e-3, so 2.0000001 stays 2)."""
+    return -(-int(micro_batches * 1000) // 1000)
+
+
 def teacher_per_microbatch(work: Workload, pp: int, assume: PlanAssumptions) -> bool:
     """Whether the last stage keeps the teacher data of its in-flight micro-batches only."""
     return work.teacher_per_microbatch and (pp == 1 or assume.teacher_in_schedule)
@@ -162,7 +167,7 @@ def teacher_microbatches_kept(work: Workload, layout: ParallelLayout, assume: Pl
     m = work.microbatches_per_rank(layout.dp)
     if not teacher_per_microbatch(work, layout.pp, assume):
         return m
-    return min(m, -(-int(_in_flight(layout.pp - 1, layout.pp, m, layout.vpp) * 1000) // 1000))
+    return min(m, _whole(_in_flight(layout.pp - 1, layout.pp, m, layout.vpp)))
 
 
 def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, assume: PlanAssumptions,
@@ -215,7 +220,7 @@ def estimate_memory(cfg: ModelConfig, layout: ParallelLayout, work: Workload, as
                 logits_kl = rows + kl_work
                 teacher = kept * rows
         if pp > 1 and work.teacher_forward and teacher_per_microbatch(work, pp, assume):
-            halves = min(m, -(-int(in_flight * 1000) // 1000) + 1) * b * s_teacher * h * e
+            halves = min(m, _whole(in_flight) + 1) * b * s_teacher * h * e
             teacher += halves if sp.stage in (0, pp - 1) else 2 * halves
         params = sp.total
         out.append(StageMemory(

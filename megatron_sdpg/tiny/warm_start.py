@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_sdpg.data.prompts import PromptBuilder, encode
-from megatron_sdpg.eval import evaluate, response_budget  # noqa: F401 (response_budget re-exported)
+from megatron_sdpg.eval import evaluate, response_budget
 from megatron_sdpg.rewards.pool import VerifierPool
 
 log = logging.getLogger(__name__)

@@ -196,11 +196,18 @@ def test_cpu_engines_wait_passively_when_generation_overlaps_training(off_policy
 
 
 def test_cpu_server_omp_wait_choices_set_libgomp_unless_the_environment_does():
-    from megatron_sdpg.rollout.server.__main__ import OMP_WAIT_ENV, parse_args
+    from megatron_sdpg.rollout.server.__main__ import parse_args
+    from megatron_sdpg.rollout.server.openmp import OMP_WAIT_ENV, apply_omp_wait
 
     assert parse_args(["--hf-dir", "/m", "--port", "1"]).omp_wait == "spin"
     assert OMP_WAIT_ENV == {"spin": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "100000"},
                             "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    env = {"PATH": "/bin"}
+    apply_omp_wait("spin", env)
+    assert env == {"PATH": "/bin", "OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "100000"}
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}  # set by the user: kept
+    apply_omp_wait("spin", env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "100000"}
     with pytest.raises(SystemExit) as err:
         parse_args(["--hf-dir", "/m", "--port", "1", "--omp-wait", "busy"])
     assert err.value.code == 2

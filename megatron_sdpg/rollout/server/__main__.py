@@ -18,9 +18,7 @@ import os
 import sys
 
 
-# The OpenMP wait settings of each --omp-wait choice (set unless the environment sets them).
-OMP_WAIT_ENV = {"spin": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "100000"},
-                "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+from megatron_sdpg.rollout.server.openmp import OMP_WAIT_ENV, apply_omp_wait
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch intra-op threads of the decode step (0: every core this process may run on, "
                         "whatever OMP_NUM_THREADS it inherited)")
     p.add_argument("--max-batch", type=int, default=256, help="most samples decoded together")
-    p.add_argument("--omp-wait", default="spin", choices=["spin", "passive"],
+    p.add_argument("--omp-wait", default="spin", choices=sorted(OMP_WAIT_ENV),
                    help="how idle OpenMP threads of the decode step wait: spin (about 0.1 ms, then sleep; the "
                         "default, for a server that has the cores while it decodes) or passive (sleep at once: "
                         "when other processes compete for the cores, e.g. generation overlapping training); "
@@ -68,12 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
         sys.exit(f"--hf-dir: {args.hf_dir} has no config.json")
-    # How idle OpenMP threads wait between the decode step's many small parallel regions (read once,
-    # when torch loads libgomp; docs/rollout.md): a bounded spin (100,000 iterations, ~0.1 ms, then
-    # sleep) decodes 1.7x faster than sleeping at once on an idle 2-core machine (0.19 vs 0.33 s for
-    # 128 rows), but costs ~10x when another process holds a core (passive then).
-    for name, value in OMP_WAIT_ENV[args.omp_wait].items():
-        os.environ.setdefault(name, value)
+    apply_omp_wait(args.omp_wait)  # before torch loads libgomp (rollout/server/openmp.py)
     import torch
     from aiohttp import web
     from transformers import AutoModelForCausalLM, AutoTokenizer
