@@ -9,7 +9,8 @@ the steps, prompts x samples, seed list and one learning rate (``--lr``): "hyper
 tuned equally" here means one shared lr/batch chosen before the comparison, not a per-method
 sweep.
 
-After each run, mean@k at temperature 1 is computed with ``python -m megatron_sdpg.eval`` on
+After each run, mean@k at the task config's rollout temperature (1.0 for ``synthetic``, 0.7 for
+``synthetic-long``) is computed with ``python -m megatron_sdpg.eval`` on
 the last weights synced to disk (``rollout.sync_strategy=disk`` writes
 ``RUN_DIR/weight_sync/v<step>`` with config and tokenizer files after every update; the
 newest complete one holds the final weights).
@@ -24,8 +25,9 @@ Usage::
     python benchmarks/reproduce_paper_mini.py --full            # 3 seeds, every method + ablations
     python benchmarks/reproduce_paper_mini.py --decomposition   # 3 seeds, what carries OPSD's lead
     python benchmarks/reproduce_paper_mini.py --aggregate-only  # rebuild tables/plots from OUT/runs
-    python benchmarks/reproduce_paper_mini.py --task synthetic-long --full --steps 60 --variant sdpg-beta1
-        # GRPO/OPSD/SDPG/SDPG gated (+ one variant) on the long task, artifacts/tiny_model_long
+    python benchmarks/reproduce_paper_mini.py --task synthetic-long --full
+        # 3 seeds, 50 steps: GRPO/OPSD/SDPG/SDPG gated + the decomposition's best variant (the frozen
+        # initial teacher) on the long task, artifacts/tiny_model_long (--variant adds one more)
 """
 
 from __future__ import annotations
@@ -88,7 +90,12 @@ DECOMPOSITION_VARIANTS = ("sdpg-initial", "sdpg-jsd", "sdpg-nopg", "opsd-current
 DECOMPOSITION_METHODS = ("sdpg-urkl", "opsd", *DECOMPOSITION_VARIANTS[:3], "sdpg-beta1", *DECOMPOSITION_VARIANTS[3:],
                          "grpo")
 QUICK_METHODS = ("grpo", "opsd", "sdpg-urkl")
-LONG_METHODS = ("grpo", "opsd", "sdpg-urkl", "sdpg-gated")  # --task synthetic-long (+ --variant)
+# --task synthetic-long: GRPO, OPSD, SDPG ungated and gated, and the decomposition's best variant of SDPG
+# (frozen initial teacher, 24.9 vs SDPG's 25.7 at step 120; chosen before any long-task run) (+ --variant).
+LONG_METHODS = ("grpo", "opsd", "sdpg-urkl", "sdpg-gated", "sdpg-initial")
+# --task synthetic-long --full: 50 steps, evaluations at 0 / 25 / 50, so that 15 runs (5 methods x 3 seeds) with
+# mean@4 on 500 problems fit in ~90 minutes of this 2-core machine (a step costs ~3.5x the synthetic task's).
+LONG_FULL_STEPS, LONG_EVAL_EVERY = 50, 25
 LABELS = {"grpo": "GRPO", "opsd": "OPSD", "sdpg-urkl": "SDPG-URKL", "sdpg-ufkl": "SDPG-UFKL",
           "sdpg-beta0": "SDPG beta=0", "sdpg-alpha0": "SDPG alpha=0", "sdpg-gated": "SDPG gated",
           "sdpg-schedule": "SDPG schedule", "sdpg-maskwrong": "SDPG KL masked after 1st wrong token",
@@ -134,6 +141,15 @@ def run_overrides(method: str, seed: int, steps: int, lr: float, run_dir: str, m
     if os.path.isfile(os.path.join(megatron_dir, "megatron_sdpg_model.json")):
         shared.append(f"model.megatron_dir={megatron_dir}")
     return shared + method_overrides(method, steps)
+
+
+def rollout_temperature(config_path: str) -> float:
+    """``rollout.sampling.temperature`` of a trainer YAML (1.0 where it is not set)."""
+    import yaml
+
+    with open(config_path) as f:
+        cfg = yaml.safe_load(f) or {}
+    return float(((cfg.get("rollout") or {}).get("sampling") or {}).get("temperature", 1.0))
 
 
 def latest_hf_weights(run_dir: str) -> str | None:
@@ -225,10 +241,10 @@ def _cell(stat: dict) -> str:
     return cell
 
 
-def markdown_table(table: dict, samples_k: int = 4) -> str:
+def markdown_table(table: dict, samples_k: int = 4, temperature: float = 1.0) -> str:
     """Table 1 in Markdown: accuracies in percent, mean ± sd over seeds (n seeds)."""
     cols = (("before", "before"), ("last", "last"), ("best", "best"), ("with_context", "with context (last)"),
-            (f"mean@{samples_k}", f"mean@{samples_k} T=1"))
+            (f"mean@{samples_k}", f"mean@{samples_k} T={temperature:g}"))
     lines = ["| method | seeds | " + " | ".join(c for _, c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for method, stats in table.items():
         n = max(s["n"] for s in stats.values())
@@ -345,7 +361,7 @@ def train_one(method: str, seed: int, args, run_dir: str) -> float:
 
 
 def eval_meank(run_dir: str, args) -> None:
-    """mean@k at temperature 1 on the final synced weights -> ``run_dir/meank.json``."""
+    """mean@k at ``args.meank_temperature`` on the final synced weights -> ``run_dir/meank.json``."""
     hf = latest_hf_weights(run_dir)
     if hf is None:
         raise RuntimeError(f"{run_dir}/weight_sync: no complete HF weights")
@@ -354,7 +370,7 @@ def eval_meank(run_dir: str, args) -> None:
         if not name.endswith((".safetensors", ".bin")) and not os.path.exists(os.path.join(hf, name)):
             shutil.copy2(os.path.join(args.model_dir, name), os.path.join(hf, name))
     cmd = [sys.executable, "-m", "megatron_sdpg.eval", "--hf-dir", hf, "--task", args.task, "--n", str(args.eval_n),
-           "--samples", str(args.meank), "--temperature", "1", "--threads", "2"]
+           "--samples", str(args.meank), "--temperature", str(args.meank_temperature), "--threads", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT,
                           timeout=3600)
     if proc.returncode:
@@ -385,7 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--eval-n", type=int, default=500)
-    parser.add_argument("--meank", type=int, default=4, help="k of mean@k at temperature 1 (0 = skip)")
+    parser.add_argument("--meank", type=int, default=4, help="k of mean@k (0 = skip)")
+    parser.add_argument("--meank-temperature", type=float, default=None,
+                        help="sampling temperature of mean@k (default: the task config's rollout temperature)")
     parser.add_argument("--layout", choices=("tp2", "dp2"), default="dp2",
                         help="2 ranks as TP2 or DP2 (DP2 measured faster on the tiny model: 39 s vs 49 s for 4 steps)")
     parser.add_argument("--no-reuse", dest="reuse", action="store_false",
@@ -395,7 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.model_dir = args.model_dir or TASKS[args.task]["model_dir"]
     explicit_methods = args.methods is not None
     full = args.full or args.decomposition
-    args.steps = args.steps or (120 if full else 40)
+    long_full = args.task == "synthetic-long" and full
+    args.steps = args.steps or (LONG_FULL_STEPS if long_full else 120 if full else 40)
     args.seeds = args.seeds or ([1, 2, 3] if full else [1])
     default_methods = ([m for m in METHODS if m not in POST_HOC + DECOMPOSITION_VARIANTS]
                        if args.full else list(DECOMPOSITION_METHODS) if args.decomposition else list(QUICK_METHODS))
@@ -404,7 +423,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.methods = list(LONG_METHODS)
     if args.variant and args.variant not in args.methods:
         args.methods.append(args.variant)
-    args.eval_every = args.eval_every if args.eval_every is not None else (40 if full else 20)
+    args.eval_every = args.eval_every if args.eval_every is not None else (
+        LONG_EVAL_EVERY if long_full else 40 if full else 20)
+    if args.meank_temperature is None:
+        args.meank_temperature = rollout_temperature(TASKS[args.task]["config"])
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         sys.exit(f"error: --model-dir {args.model_dir}: no config.json (build it with tools/make_tiny_model.py "
                  f"--task {args.task})")
@@ -428,7 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
             runs.setdefault(method, []).append(summarize_run(run_dir, args.meank))
     table = aggregate(runs, args.meank)
     settings = {k: getattr(args, k) for k in ("task", "full", "steps", "seeds", "methods", "lr", "prompts", "samples",
-                                              "eval_every", "eval_n", "meank", "layout", "model_dir")}
+                                              "eval_every", "eval_n", "meank", "meank_temperature", "layout",
+                                              "model_dir")}
     settings["overrides"] = {m: method_overrides(m, args.steps) for m in args.methods}
     settings["model_sha256"] = model_sha256(args.model_dir)
     result = {"settings": settings, "table": table, "timings": timings,
@@ -438,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     md = (f"# Paper in miniature ({'decomposition' if args.decomposition else 'full' if full else 'quick'} mode)\n\n"
           f"Task {args.task}; {args.steps} steps, {args.prompts} prompts x {args.samples} samples, lr {args.lr} "
           f"shared by every method, seeds {args.seeds}, {args.layout}; held-out accuracy on {args.eval_n} problems, percent, "
-          f"mean ± sd over seeds.\n\n" + markdown_table(table, args.meank)
+          f"mean ± sd over seeds.\n\n" + markdown_table(table, args.meank, args.meank_temperature)
           + "\nHeld-out greedy accuracy during training (percent, mean ± sd over seeds):\n\n"
           + accuracy_by_step_table(runs))
     _write_atomic(os.path.join(args.out, "results.md"), md)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import mmap
 import os
 from typing import Sequence
 
@@ -43,6 +45,23 @@ def _malloc_trim() -> None:
         ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled tensor ``[*shape]`` in an anonymous memory map of its own, its pages resident.
+
+    Freeing it unmaps the pages at once. From malloc they could stay with the process: after the
+    first release frees malloc's mapped chunks, glibc raises its mmap threshold, so the next
+    weights come from a thread's arena, whose top chunk ``malloc_trim`` does not return (measured:
+    14 of 21.5 MB kept by the second release, then reused by the resume).
+    """
+    numel = math.prod(shape)
+    if numel == 0:
+        return torch.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, numel * dtype.itemsize)  # the tensor keeps it alive; freed -> unmapped
+    out = torch.frombuffer(pages, dtype=dtype, count=numel).view(shape)
+    out.zero_()  # touch every page now, as SGLang's resume maps the memory now
+    return out
 
 
 class MemoryOccupation:
@@ -96,7 +115,7 @@ class MemoryOccupation:
         allocated = 0
         if "weights" in tags and self.weights_released:
             for p, shape, dtype in self._params:
-                p.data = torch.zeros(shape, dtype=dtype)
+                p.data = _mapped_zeros(shape, dtype)
                 allocated += p.numel() * p.element_size()
         self.released -= tags
         return allocated
