@@ -102,6 +102,8 @@ LABELS = {"grpo": "GRPO", "opsd": "OPSD", "sdpg-urkl": "SDPG-URKL", "sdpg-ufkl":
           "sdpg-beta1": "SDPG beta=1", "sdpg-initial": "SDPG, frozen initial teacher",
           "sdpg-jsd": "SDPG, JSD(0.5)", "sdpg-nopg": "SDPG, no PG term", "opsd-current": "OPSD, current teacher",
           "opsd-rkl": "OPSD, reverse KL"}
+# Training signals averaged over each run's last SIGNAL_STEPS steps (signals_table).
+SIGNALS, SIGNAL_STEPS = ("reward", "entropy", "response_length"), 10
 # Figure-3 panels: (file stem, title, metric key).
 CURVES = (("heldout_accuracy", "Held-out greedy accuracy", "eval/accuracy"),
           ("heldout_accuracy_with_context", "Held-out accuracy with the context", "eval/accuracy_with_context"),
@@ -214,9 +216,25 @@ def summarize_run(run_dir: str, samples_k: int = 4) -> dict:
     if os.path.isfile(path):
         with open(path) as f:
             meank = json.load(f).get(f"mean@{samples_k}")
+    late = {key: [v for _, v in curves.get(key, [])][-SIGNAL_STEPS:] for key in SIGNALS}
     return {"last": final.get("eval/accuracy"), "best": max(evals) if evals else None,
             "with_context": final.get("eval/accuracy_with_context"), "before": summary.get("accuracy_before"),
-            f"mean@{samples_k}": meank, "curves": curves}
+            f"mean@{samples_k}": meank, "curves": curves,
+            **{key: statistics.fmean(vals) if vals else None for key, vals in late.items()}}
+
+
+def signals_table(runs: dict[str, list[dict]]) -> str:
+    """Reward, entropy and response length over each run's last ``SIGNAL_STEPS`` training steps,
+    in Markdown (mean ± sd over seeds; reward in percent, entropy in nats/token, length in tokens)."""
+    lines = [f"| method | reward (%) | entropy | response length |", "|---|---|---|---|"]
+    for method, rs in runs.items():
+        cells = []
+        for key, scale, fmt in (("reward", 100, ".1f"), ("entropy", 1, ".3f"), ("response_length", 1, ".1f")):
+            stat = mean_sd([r.get(key) for r in rs])
+            cells.append("n/a" if stat["mean"] is None else f"{scale * stat['mean']:{fmt}}"
+                         + ("" if stat["sd"] is None else f" ± {scale * stat['sd']:{fmt}}"))
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def mean_sd(values: list[float | None]) -> dict:
@@ -252,12 +270,12 @@ def markdown_table(table: dict, samples_k: int = 4, temperature: float = 1.0) ->
     return "\n".join(lines) + "\n"
 
 
-def accuracy_by_step_table(runs: dict[str, list[dict]]) -> str:
-    """Held-out greedy accuracy at every evaluation step all of a method's seeds have, in
-    Markdown (percent, mean ± sd over seeds), one row per method."""
+def accuracy_by_step_table(runs: dict[str, list[dict]], key: str = "eval/accuracy") -> str:
+    """Held-out greedy accuracy (``key``: without or with the context) at every evaluation step all
+    of a method's seeds have, in Markdown (percent, mean ± sd over seeds), one row per method."""
     per_method = {}
     for method, rs in runs.items():
-        maps = [dict((p[0], p[1]) for p in r["curves"].get("eval/accuracy", [])) for r in rs]
+        maps = [dict((p[0], p[1]) for p in r["curves"].get(key, [])) for r in rs]
         steps = sorted(set.intersection(*(set(m) for m in maps))) if maps else []
         per_method[method] = {s: mean_sd([m[s] for m in maps]) for s in steps}
     steps = sorted({s for stats in per_method.values() for s in stats})
@@ -360,6 +378,15 @@ def train_one(method: str, seed: int, args, run_dir: str) -> float:
     return time.perf_counter() - start
 
 
+def meank_done(run_dir: str, temperature: float) -> bool:
+    """Whether ``run_dir/meank.json`` exists and was sampled at ``temperature``."""
+    try:
+        with open(os.path.join(run_dir, "meank.json")) as f:
+            return float(json.load(f).get("temperature", 1.0)) == temperature
+    except (OSError, ValueError):
+        return False
+
+
 def eval_meank(run_dir: str, args) -> None:
     """mean@k at ``args.meank_temperature`` on the final synced weights -> ``run_dir/meank.json``."""
     hf = latest_hf_weights(run_dir)
@@ -440,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
             timing = {}
             if not args.aggregate_only and not (done and args.reuse):
                 timing["train_s"] = round(train_one(method, seed, args, run_dir), 1)
-            if not args.aggregate_only and args.meank and not os.path.isfile(os.path.join(run_dir, "meank.json")):
+            if not args.aggregate_only and args.meank and not meank_done(run_dir, args.meank_temperature):
                 t0 = time.perf_counter()
                 eval_meank(run_dir, args)
                 timing["meank_s"] = round(time.perf_counter() - t0, 1)
@@ -463,7 +490,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"shared by every method, seeds {args.seeds}, {args.layout}; held-out accuracy on {args.eval_n} problems, percent, "
           f"mean ± sd over seeds.\n\n" + markdown_table(table, args.meank, args.meank_temperature)
           + "\nHeld-out greedy accuracy during training (percent, mean ± sd over seeds):\n\n"
-          + accuracy_by_step_table(runs))
+          + accuracy_by_step_table(runs)
+          + "\nHeld-out greedy accuracy with the privileged context during training:\n\n"
+          + accuracy_by_step_table(runs, "eval/accuracy_with_context")
+          + f"\nTraining signals, mean of the last {SIGNAL_STEPS} steps:\n\n" + signals_table(runs))
     _write_atomic(os.path.join(args.out, "results.md"), md)
     write_plots(runs, os.path.join(args.out, "plots"))
     print(md, flush=True)

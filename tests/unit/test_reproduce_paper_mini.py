@@ -211,3 +211,29 @@ def test_task_synthetic_long_plumbing(tmp_path):
     assert result["settings"]["task"] == "synthetic-long" and result["settings"]["methods"] == methods
     assert list(result["table"]) == methods
     assert "Task synthetic-long" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_signals_and_with_context_tables(tmp_path):
+    _write_run(tmp_path / "s1", [0.30, 0.40, 0.35], 0.90, 0.26)
+    _write_run(tmp_path / "s2", [0.28, 0.32, 0.38], 0.80, 0.26)
+    r1, r2 = rpm.summarize_run(str(tmp_path / "s1")), rpm.summarize_run(str(tmp_path / "s2"))
+    for r in (r1, r2):  # the mean of the last SIGNAL_STEPS training steps' values
+        for key in rpm.SIGNALS:
+            values = [v for _, v in r["curves"][key]]
+            assert r[key] == pytest.approx(statistics.fmean(values[-rpm.SIGNAL_STEPS:]))
+    rows = rpm.signals_table({"grpo": [r1, r2]}).splitlines()
+    assert rows[0] == "| method | reward (%) | entropy | response length |" and rows[2].startswith("| GRPO | ")
+    with_context = rpm.accuracy_by_step_table({"grpo": [r1, r2]}, "eval/accuracy_with_context").splitlines()
+    assert with_context[2].endswith("| 85.0 ± 7.1 |")  # the final evaluations, 0.90 and 0.80
+
+
+def test_meank_temperature_comes_from_the_task_config_and_a_stale_meank_is_redone(tmp_path):
+    assert rpm.rollout_temperature(rpm.TASKS["synthetic"]["config"]) == 1.0
+    assert rpm.rollout_temperature(rpm.TASKS["synthetic-long"]["config"]) == 0.7
+    (tmp_path / "c.yaml").write_text("train: {steps: 3}\n")
+    assert rpm.rollout_temperature(str(tmp_path / "c.yaml")) == 1.0
+    assert not rpm.meank_done(str(tmp_path), 0.7)
+    (tmp_path / "meank.json").write_text(json.dumps({"mean@4": 0.1, "temperature": 1.0}))
+    assert rpm.meank_done(str(tmp_path), 1.0) and not rpm.meank_done(str(tmp_path), 0.7)
+    md = rpm.markdown_table(rpm.aggregate({"grpo": []}), temperature=0.7)
+    assert "mean@4 T=0.7" in md.splitlines()[0]
