@@ -53,7 +53,7 @@ def _mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     Freeing it unmaps the pages at once. From malloc they could stay with the process: after the
     first release frees malloc's mapped chunks, glibc raises its mmap threshold, so the next
     weights come from a thread's arena, whose top chunk ``malloc_trim`` does not return (measured:
-    14 of 21.5 MB kept by the second release, then reused by the resume).
+    14 of 21.5 MB kept by a release, then reused by the next resume).
     """
     numel = math.prod(shape)
     if numel == 0:
