@@ -36,8 +36,9 @@ def test_decomposition_trains_evaluates_and_reuses_a_run(tiny_task_model, tmp_pa
     with open(os.path.join(model, "model.safetensors"), "rb") as f:
         assert result["settings"]["model_sha256"] == hashlib.sha256(f.read()).hexdigest()
     (seed1,) = result["runs"]["sdpg-nopg"]
-    assert set(seed1) == {"last", "best", "with_context", "before", "mean@2"}
-    assert all(0.0 <= v <= 1.0 for v in seed1.values())
+    assert set(seed1) == {"last", "best", "with_context", "before", "mean@2", "reward", "entropy", "response_length"}
+    assert all(0.0 <= seed1[k] <= 1.0 for k in ("last", "best", "with_context", "before", "mean@2", "reward"))
+    assert seed1["entropy"] > 0 and seed1["response_length"] > 0
     assert "SDPG, no PG term" in (out / "results.md").read_text()
     mtime = os.path.getmtime(run / "summary.json")
     again = _rpm(*args, timeout=300)  # a finished run (summary.json) is reused, not retrained
