@@ -305,6 +305,9 @@ def write_plots(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     fig_all, axes = plt.subplots(2, 3, figsize=(15, 8))
+    # One colour per plotted method (a method's index in METHODS repeated colours past ten).
+    palette = [f"C{i}" for i in range(10)] if len(runs) <= 10 else [plt.cm.tab20(i) for i in range(20)]
+    colors = {method: palette[i % len(palette)] for i, method in enumerate(runs)}
     for ax_all, (stem, title, key) in zip(axes.flat, CURVES):
         fig, ax = plt.subplots(figsize=(6, 4))
         for method, rs in runs.items():
@@ -312,7 +315,7 @@ def write_plots(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
             if pts:
                 for a in (ax, ax_all):
                     a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 8 else None,
-                           color=f"C{list(METHODS).index(method) % 10}", label=LABELS.get(method, method))
+                           color=colors[method], label=LABELS.get(method, method))
         for a in (ax, ax_all):
             a.set_title(title)
             a.set_xlabel("step")
