@@ -320,7 +320,8 @@ def write_plots(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
             a.set_title(title)
             a.set_xlabel("step")
             a.grid(alpha=0.3)
-            a.legend(fontsize=7)
+            if a.get_legend_handles_labels()[0]:  # e.g. no divergence curve for GRPO alone
+                a.legend(fontsize=7)
         path = os.path.join(out_dir, f"{stem}.png")
         fig.tight_layout()
         fig.savefig(path + ".tmp.png", dpi=100)
