@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="retrain runs that already have a summary.json in OUT/runs")
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild results from OUT/runs")
     args = parser.parse_args(argv)
+    if args.meank_temperature is not None and not (math.isfinite(args.meank_temperature)
+                                                   and args.meank_temperature >= 0):
+        parser.error(f"--meank-temperature: must be a finite number >= 0, got {args.meank_temperature}")
     args.model_dir = args.model_dir or TASKS[args.task]["model_dir"]
     explicit_methods = args.methods is not None
     full = args.full or args.decomposition

@@ -237,3 +237,10 @@ def test_meank_temperature_comes_from_the_task_config_and_a_stale_meank_is_redon
     assert rpm.meank_done(str(tmp_path), 1.0) and not rpm.meank_done(str(tmp_path), 0.7)
     md = rpm.markdown_table(rpm.aggregate({"grpo": []}), temperature=0.7)
     assert "mean@4 T=0.7" in md.splitlines()[0]
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf"])
+def test_bad_meank_temperature_is_refused_with_rc_2(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        rpm.main(["--aggregate-only", "--meank-temperature", bad])
+    assert e.value.code == 2 and "--meank-temperature: must be a finite number >= 0" in capsys.readouterr().err
