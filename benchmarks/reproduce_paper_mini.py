@@ -226,7 +226,7 @@ def summarize_run(run_dir: str, samples_k: int = 4) -> dict:
 def signals_table(runs: dict[str, list[dict]]) -> str:
     """Reward, entropy and response length over each run's last ``SIGNAL_STEPS`` training steps,
     in Markdown (mean ± sd over seeds; reward in percent, entropy in nats/token, length in tokens)."""
-    lines = [f"| method | reward (%) | entropy | response length |", "|---|---|---|---|"]
+    lines = ["| method | reward (%) | entropy | response length |", "|---|---|---|---|"]
     for method, rs in runs.items():
         cells = []
         for key, scale, fmt in (("reward", 100, ".1f"), ("entropy", 1, ".3f"), ("response_length", 1, ".1f")):
@@ -387,7 +387,7 @@ def meank_done(run_dir: str, temperature: float) -> bool:
     try:
         with open(os.path.join(run_dir, "meank.json")) as f:
             return float(json.load(f).get("temperature", 1.0)) == temperature
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, AttributeError):  # missing, not JSON, not an object, no number
         return False
 
 
