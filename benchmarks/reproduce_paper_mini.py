@@ -147,10 +147,9 @@ def run_overrides(method: str, seed: int, steps: int, lr: float, run_dir: str, m
 
 def rollout_temperature(config_path: str) -> float:
     """``rollout.sampling.temperature`` of a trainer YAML (1.0 where it is not set)."""
-    import yaml
+    from omegaconf import OmegaConf  # the trainer's own YAML loader (a declared dependency)
 
-    with open(config_path) as f:
-        cfg = yaml.safe_load(f) or {}
+    cfg = OmegaConf.to_container(OmegaConf.load(config_path)) or {}
     return float(((cfg.get("rollout") or {}).get("sampling") or {}).get("temperature", 1.0))
 
 
