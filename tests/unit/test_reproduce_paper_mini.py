@@ -207,7 +207,7 @@ def test_task_synthetic_long_plumbing(tmp_path):
     for method in methods:
         _write_run(tmp_path / "out" / "runs" / f"{method}_seed1", [0.2, 0.3], 0.7, 0.2, meank=0.1)
     result = rpm.main(["--task", "synthetic-long", "--aggregate-only", "--out", str(tmp_path / "out"),
-                       "--model-dir", str(model_dir), "--variant", "sdpg-beta1", "--steps", "6"])
+                       "--model-dir", str(model_dir), "--variant", "sdpg-beta1", "--steps", "6", "--quick"])
     assert result["settings"]["task"] == "synthetic-long" and result["settings"]["methods"] == methods
     assert list(result["table"]) == methods
     assert "Task synthetic-long" in (tmp_path / "out" / "results.md").read_text()
@@ -244,3 +244,21 @@ def test_bad_meank_temperature_is_refused_with_rc_2(bad, capsys):
     with pytest.raises(SystemExit) as e:
         rpm.main(["--aggregate-only", "--meank-temperature", bad])
     assert e.value.code == 2 and "--meank-temperature: must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_task_synthetic_long_alone_is_its_full_comparison(tmp_path):
+    """``--task synthetic-long`` without a mode reproduces docs/results.md's long table: 3 seeds, 50 steps."""
+    model_dir = tmp_path / "model"
+    os.makedirs(model_dir)
+    (model_dir / "config.json").write_text("{}")
+    for method in rpm.LONG_METHODS:
+        for seed in (1, 2, 3):
+            _write_run(tmp_path / "out" / "runs" / f"{method}_seed{seed}", [0.2, 0.3], 0.7, 0.2, meank=0.1)
+    settings = rpm.main(["--task", "synthetic-long", "--aggregate-only", "--out", str(tmp_path / "out"),
+                         "--model-dir", str(model_dir)])["settings"]
+    assert (settings["full"], settings["steps"], settings["seeds"], settings["eval_every"]) == (
+        True, rpm.LONG_FULL_STEPS, [1, 2, 3], rpm.LONG_EVAL_EVERY)
+    assert settings["methods"] == list(rpm.LONG_METHODS) and settings["meank_temperature"] == 0.7
+    quick = rpm.main(["--task", "synthetic-long", "--quick", "--aggregate-only", "--out", str(tmp_path / "out"),
+                      "--model-dir", str(model_dir)])["settings"]
+    assert (quick["full"], quick["steps"], quick["seeds"]) == (False, 40, [1])
