@@ -146,11 +146,10 @@ def run_overrides(method: str, seed: int, steps: int, lr: float, run_dir: str, m
 
 
 def rollout_temperature(config_path: str) -> float:
-    """``rollout.sampling.temperature`` of a trainer YAML (1.0 where it is not set)."""
-    from omegaconf import OmegaConf  # the trainer's own YAML loader (a declared dependency)
+    """``rollout.sampling.temperature`` of a trainer YAML, as the trainer resolves it (defaults included)."""
+    from megatron_sdpg.config.loader import load_config
 
-    cfg = OmegaConf.to_container(OmegaConf.load(config_path)) or {}
-    return float(((cfg.get("rollout") or {}).get("sampling") or {}).get("temperature", 1.0))
+    return load_config(config_path).rollout.sampling.temperature
 
 
 def latest_hf_weights(run_dir: str) -> str | None:
@@ -171,6 +170,8 @@ def latest_hf_weights(run_dir: str) -> str | None:
 
 def _read_jsonl(path: str) -> list[dict]:
     by_step: dict[tuple[int, bool], dict] = {}
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: missing (the run was never trained here)")
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -294,6 +295,14 @@ def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
     return [[s, statistics.fmean(m[s] for m in maps)] for s in sorted(common)]
 
 
+def method_colors(methods: list[str]) -> dict[str, object]:
+    """One distinct matplotlib colour per plotted method (up to 20), in plotting order."""
+    import matplotlib.pyplot as plt
+
+    palette = [f"C{i}" for i in range(10)] if len(methods) <= 10 else [plt.cm.tab20(i) for i in range(20)]
+    return {method: palette[i % len(palette)] for i, method in enumerate(methods)}
+
+
 def write_plots(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
     """One PNG per curve and ``figure3.png`` (all panels), one line per method."""
     import matplotlib
@@ -304,9 +313,7 @@ def write_plots(runs: dict[str, list[dict]], out_dir: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     fig_all, axes = plt.subplots(2, 3, figsize=(15, 8))
-    # One colour per plotted method (a method's index in METHODS repeated colours past ten).
-    palette = [f"C{i}" for i in range(10)] if len(runs) <= 10 else [plt.cm.tab20(i) for i in range(20)]
-    colors = {method: palette[i % len(palette)] for i, method in enumerate(runs)}
+    colors = method_colors(list(runs))
     for ax_all, (stem, title, key) in zip(axes.flat, CURVES):
         fig, ax = plt.subplots(figsize=(6, 4))
         for method, rs in runs.items():
@@ -484,7 +491,11 @@ def main(argv: list[str] | None = None) -> dict:
             if timing:
                 timings[f"{method}_seed{seed}"] = timing
                 print(json.dumps({"run": f"{method}_seed{seed}", **timing}), flush=True)
-            runs.setdefault(method, []).append(summarize_run(run_dir, args.meank))
+            try:
+                runs.setdefault(method, []).append(summarize_run(run_dir, args.meank))
+            except ValueError as e:  # e.g. --aggregate-only over runs that do not exist: one line, rc 2
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
     table = aggregate(runs, args.meank)
     settings = {k: getattr(args, k) for k in ("task", "full", "steps", "seeds", "methods", "lr", "prompts", "samples",
                                               "eval_every", "eval_n", "meank", "meank_temperature", "layout",

@@ -217,10 +217,11 @@ def test_signals_and_with_context_tables(tmp_path):
     _write_run(tmp_path / "s1", [0.30, 0.40, 0.35], 0.90, 0.26)
     _write_run(tmp_path / "s2", [0.28, 0.32, 0.38], 0.80, 0.26)
     r1, r2 = rpm.summarize_run(str(tmp_path / "s1")), rpm.summarize_run(str(tmp_path / "s2"))
-    for r in (r1, r2):  # the mean of the last SIGNAL_STEPS training steps' values
-        for key in rpm.SIGNALS:
-            values = [v for _, v in r["curves"][key]]
-            assert r[key] == pytest.approx(statistics.fmean(values[-rpm.SIGNAL_STEPS:]))
+    # _write_run: 6 training steps with reward 0.1 * step, entropy 0.5, length 24; all of them are "the last 10".
+    assert (r1["reward"], r1["entropy"], r1["response_length"]) == (pytest.approx(0.25), 0.5, 24.0)
+    long = tmp_path / "long"
+    _write_run(long, [0.1] * 8, 0.9, 0.1)  # 16 training steps: the last 10 are steps 6..15
+    assert rpm.summarize_run(str(long))["reward"] == pytest.approx(statistics.fmean(0.1 * s for s in range(6, 16)))
     rows = rpm.signals_table({"grpo": [r1, r2]}).splitlines()
     assert rows[0] == "| method | reward (%) | entropy | response length |" and rows[2].startswith("| GRPO | ")
     with_context = rpm.accuracy_by_step_table({"grpo": [r1, r2]}, "eval/accuracy_with_context").splitlines()
@@ -233,6 +234,8 @@ def test_meank_temperature_comes_from_the_task_config_and_a_stale_meank_is_redon
     (tmp_path / "c.yaml").write_text("train: {steps: 3}\n")
     assert rpm.rollout_temperature(str(tmp_path / "c.yaml")) == 1.0
     assert not rpm.meank_done(str(tmp_path), 0.7)
+    (tmp_path / "meank.json").write_text("[0.1]")  # not an object: redone, not a traceback
+    assert not rpm.meank_done(str(tmp_path), 1.0)
     (tmp_path / "meank.json").write_text(json.dumps({"mean@4": 0.1, "temperature": 1.0}))
     assert rpm.meank_done(str(tmp_path), 1.0) and not rpm.meank_done(str(tmp_path), 0.7)
     md = rpm.markdown_table(rpm.aggregate({"grpo": []}), temperature=0.7)
@@ -262,3 +265,28 @@ def test_task_synthetic_long_alone_is_its_full_comparison(tmp_path):
     quick = rpm.main(["--task", "synthetic-long", "--quick", "--aggregate-only", "--out", str(tmp_path / "out"),
                       "--model-dir", str(model_dir)])["settings"]
     assert (quick["full"], quick["steps"], quick["seeds"]) == (False, 40, [1])
+
+
+def test_plot_colours_are_distinct_per_method_and_a_lone_method_plots_without_warnings(tmp_path):
+    for methods in (list(rpm.DECOMPOSITION_METHODS), list(rpm.LONG_METHODS), list(rpm.METHODS)):
+        colours = rpm.method_colors(methods)
+        assert len({str(c) for c in colours.values()}) == len(methods), methods
+    _write_run(tmp_path / "s1", [0.30, 0.40], 0.90, 0.26)
+    run = rpm.summarize_run(str(tmp_path / "s1"))
+    del run["curves"]["distill_kl"]  # GRPO logs no divergence: that panel is empty
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns on a legend with no lines
+        rpm.write_plots({"grpo": [run]}, str(tmp_path / "plots"))
+
+
+def test_aggregating_runs_that_do_not_exist_is_one_line_rc_2(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    os.makedirs(model_dir)
+    (model_dir / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        rpm.main(["--aggregate-only", "--out", str(tmp_path / "out"), "--model-dir", str(model_dir)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0
+    assert err.startswith("error: ") and "grpo_seed1/metrics.jsonl: missing" in err
