@@ -28,10 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_sdpg.data.prompts import PromptBuilder  # noqa: E402
 from megatron_sdpg.data.tasks import get_task, parse_task_options  # noqa: E402
 from megatron_sdpg.data.templates import BUILTIN_TEMPLATES, get_template  # noqa: E402
-from megatron_sdpg.eval import evaluate  # noqa: E402
+from megatron_sdpg.eval import evaluate, response_budget  # noqa: E402
 from megatron_sdpg.tiny.model import SIZES, build_model, num_parameters, save_hf_dir  # noqa: E402
 from megatron_sdpg.tiny.tokenizer import build_tokenizer  # noqa: E402
-from megatron_sdpg.eval import response_budget  # noqa: E402
 from megatron_sdpg.tiny.warm_start import WarmStartConfig, warm_start  # noqa: E402
 
 

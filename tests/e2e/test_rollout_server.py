@@ -112,3 +112,21 @@ def test_unsupported_request_is_rejected_naming_the_field(setup):
         client.run(client.aclient.call(client.urls[0], "POST", "/generate", bad))
     with pytest.raises(RequestRejectedError, match=r"input_ids\[0\]: token id 999"):
         client.run(client.aclient.call(client.urls[0], "POST", "/generate", {"input_ids": [999]}))
+
+
+def test_passive_omp_waits_on_two_threads_serve_the_same_numbers(tmp_path):
+    """``--omp-wait passive`` (what the launcher passes under ``rollout.off_policy_steps: 1``) with a
+    2-thread decode: the server starts and its log-probs match the float64 dense forward."""
+    hf_dir = build_tiny_llama(str(tmp_path / "tiny"))
+    engine = start_cpu_server(hf_dir, str(tmp_path / "logs"), threads=2, omp_wait="passive")
+    client = RolloutClient([engine.url], max_retries=0, request_timeout_s=60.0)
+    try:
+        sampling = SamplingConfig(temperature=0.8, max_new_tokens=12, seed=123, ignore_eos=True)
+        groups, _ = client.generate(PROMPTS, n=2, sampling=sampling)
+        model = load_hf_model(hf_dir)
+        for s in (s for g in groups for s in g):
+            assert len(s.output_ids) == 12
+            _check_logprobs(model, s, 0.8)
+    finally:
+        client.close()
+        engine.stop()
