@@ -381,8 +381,15 @@ def train_one(method: str, seed: int, args, run_dir: str) -> float:
     os.makedirs(run_dir)
     _write_atomic(os.path.join(run_dir, "command.json"), json.dumps(cmd, indent=1))
     start = time.perf_counter()
+    from megatron_sdpg.testing.processes import kill_tree
+
     with open(os.path.join(run_dir, "train.log"), "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=7200)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            proc.wait(timeout=7200)
+        finally:  # a timeout or Ctrl-C: torchrun, its ranks and the CPU server go too, by PID
+            if proc.poll() is None:
+                kill_tree(proc.pid)
     if proc.returncode:
         raise RuntimeError(f"{method} seed {seed} failed (rc {proc.returncode}); see {run_dir}/train.log")
     return time.perf_counter() - start

@@ -50,10 +50,11 @@ def _malloc_trim() -> None:
 def _mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero-filled tensor ``[*shape]`` in an anonymous memory map of its own, its pages resident.
 
-    Freeing it unmaps the pages at once. From malloc they could stay with the process: after the
-    first release frees malloc's mapped chunks, glibc raises its mmap threshold, so the next
-    weights come from a thread's arena, whose top chunk ``malloc_trim`` does not return (measured:
-    14 of 21.5 MB kept by a release, then reused by the next resume).
+    Freeing it unmaps the pages at once. From malloc they could stay with the process (measured:
+    14 of 21.5 MB still resident after a release's ``malloc_trim``, then reused by the next resume);
+    likely, though not measured itself: after the first release frees malloc's mapped chunks, glibc
+    raises its mmap threshold, the next weights come from a thread's arena, and ``malloc_trim`` does
+    not shrink such an arena's top chunk.
     """
     numel = math.prod(shape)
     if numel == 0:
