@@ -39,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -529,4 +530,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so train_one's finally stops the run's whole tree.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     main()

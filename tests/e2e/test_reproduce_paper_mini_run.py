@@ -45,3 +45,46 @@ def test_decomposition_trains_evaluates_and_reuses_a_run(tiny_task_model, tmp_pa
     assert again.returncode == 0, again.stderr[-3000:]
     assert os.path.getmtime(run / "summary.json") == mtime
     assert json.loads((out / "results.json").read_text())["runs"] == result["runs"]
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_stops_the_run_tree_by_pid(tiny_task_model, tmp_path):
+    """SIGTERM to the script mid-run stops torchrun, its ranks and the CPU server it started (none outlive it)."""
+    import signal
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "reproduce_paper_mini.py"), "--methods", "grpo",
+           "--seeds", "1", "--steps", "500", "--eval-n", "4", "--meank", "0", "--prompts", "2", "--samples", "2",
+           "--model-dir", tiny_task_model[0], "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    me = psutil.Process(proc.pid)
+
+    def server_started() -> bool:
+        for child in me.children(recursive=True):
+            try:
+                if "rollout.server" in " ".join(child.cmdline()):
+                    return True
+            except psutil.Error:  # exited meanwhile
+                pass
+        return False
+
+    tree: list = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not server_started():
+            time.sleep(0.5)
+        tree = me.children(recursive=True)
+        assert len(tree) >= 4, [c.cmdline()[:4] for c in tree]  # torchrun, 2 ranks, the CPU server
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, [p.cmdline()[:4] for p in alive]
+    finally:  # whatever failed above, nothing of the run outlives the test
+        for p in [me, *tree]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
