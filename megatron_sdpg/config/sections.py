@@ -18,6 +18,10 @@ class TrainConfig:
         prompts_per_step: Prompts sampled per step (each gets ``rollout.n`` responses).
         micro_batch_size: Sequences per micro-batch.
         max_tokens_per_microbatch: Token budget of one micro-batch (0 = no budget).
+        pack_sequences: Pack several sequences into each row of a micro-batch (block-diagonal causal
+            attention mask, positions restarting per sequence) instead of one padded row each. Only
+            where megatron's local attention spec runs (no Transformer Engine: it would ignore the
+            mask) at PP1; elsewhere the trainer says so in one line and pads.
         ppo_epochs: Passes over each rollout batch.
         mini_batches: Optimizer steps per epoch (1 = fully on-policy).
         eval_every: Held-out evaluation period in steps (0 = only before and after).
@@ -30,6 +34,7 @@ class TrainConfig:
     prompts_per_step: int = 8
     micro_batch_size: int = 8
     max_tokens_per_microbatch: int = 0
+    pack_sequences: bool = True
     ppo_epochs: int = 1
     mini_batches: int = 1
     eval_every: int = 0

@@ -51,30 +51,82 @@ class TrainSample:
         return len(self.teacher_prompt_ids) + len(self.response_ids)
 
 
-def _collate_view(prompts: list[list[int]], responses: list[list[int]], pad_id: int, pad_to: int, rows: int):
-    """Right-padded tokens ``[rows, s]`` and the flat logit rows predicting each response token.
+def _collate_view(prompts: list[list[int]], responses: list[list[int]], pad_id: int, pad_to: int, rows: int,
+                  pack: bool = False):
+    """Right-padded tokens ``[r, s]`` and the flat logit rows predicting each response token.
 
-    Rows past ``len(prompts)`` are all padding (no response tokens): pipeline
-    parallelism needs every micro-batch of a call to have one shape.
+    Without ``pack`` each sequence has a row of its own; rows past
+    ``len(prompts)`` are all padding (no response tokens): pipeline parallelism
+    needs every micro-batch of a call to have one shape. With ``pack`` several
+    sequences share a row (:func:`pack_rows`) and the view gets an attention
+    mask that keeps them apart.
+
+    Returns:
+        ``(tokens [r, s], position_ids [r, s], resp_rows [T], attention_mask)``:
+        ``resp_rows`` in sequence order, then token order; ``attention_mask`` is
+        ``None`` (causal, one sequence a row) or, packed, ``[r, 1, s, s]`` bool,
+        True where a position may not attend (megatron's convention): another
+        sequence of the row, or a later position.
     """
-    b = max(rows, len(prompts))
-    tokens = torch.full((b, pad_to), pad_id, dtype=torch.long)
-    rows = []
+    placement = pack_rows([len(p) + len(r) for p, r in zip(prompts, responses)], pad_to) if pack else \
+        [(i, 0) for i in range(len(prompts))]
+    n_rows = max(rows, 1 + max((row for row, _ in placement), default=-1))
+    tokens = torch.full((n_rows, pad_to), pad_id, dtype=torch.long)
+    positions = torch.zeros((n_rows, pad_to), dtype=torch.long)
+    segment = torch.full((n_rows, pad_to), -1, dtype=torch.long)  # which sequence of its row a position holds
+    spans = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
         seq = p + r
-        if len(seq) > pad_to:
+        row, offset = placement[i]
+        if offset + len(seq) > pad_to:
             raise ValueError(f"sequence of {len(seq)} tokens does not fit the padded length {pad_to}")
-        tokens[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        start = i * pad_to + len(p) - 1  # the logit at position t predicts token t + 1
-        rows.append(torch.arange(start, start + len(r), dtype=torch.long))
-    resp_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-    positions = torch.arange(pad_to, dtype=torch.long).expand(b, pad_to).contiguous()
-    return tokens, positions, resp_rows
+        tokens[row, offset: offset + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        positions[row, offset: offset + len(seq)] = torch.arange(len(seq))
+        segment[row, offset: offset + len(seq)] = i
+        start = row * pad_to + offset + len(p) - 1  # the logit at position t predicts token t + 1
+        spans.append(torch.arange(start, start + len(r), dtype=torch.long))
+    resp_rows = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+    if not pack:
+        positions = torch.arange(pad_to, dtype=torch.long).expand(n_rows, pad_to).contiguous()
+        return tokens, positions, resp_rows, None
+    causal = torch.ones((pad_to, pad_to), dtype=torch.bool).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # padding attends to padding: no empty row
+    return tokens, positions, resp_rows, ~allowed[:, None]
+
+
+def pack_rows(lengths: list[int], row_len: int) -> list[tuple[int, int]]:
+    """First-fit decreasing placement of sequences into rows of ``row_len`` tokens.
+
+    Args:
+        lengths: Token count of each sequence (each at most ``row_len``).
+        row_len: Tokens per row.
+
+    Returns:
+        ``(row, offset)`` of each sequence, in input order. Deterministic (ties by
+        index), so every rank of a replica packs alike.
+    """
+    free: list[int] = []
+    out: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > row_len:
+            raise ValueError(f"sequence of {lengths[i]} tokens does not fit the padded length {row_len}")
+        row = next((k for k, f in enumerate(free) if f >= lengths[i]), len(free))
+        if row == len(free):
+            free.append(row_len)
+        out[i] = (row, row_len - free[row])
+        free[row] -= lengths[i]
+    return out
 
 
 def collate(samples: list[TrainSample], pad_id: int, student_len: int, teacher_len: int | None,
-            rows: int = 0) -> dict:
+            rows: int = 0, pack: bool = False) -> dict:
     """One micro-batch, padded to at least ``rows`` sequences.
+
+    With ``pack`` the sequences of each view are packed into rows of
+    ``student_len`` (``teacher_len``) tokens (:func:`pack_rows`), position ids
+    restart at 0 for each sequence, and the view has an ``attention_mask``
+    (``teacher_attention_mask``) ``[r, 1, s, s]`` keeping the sequences of a row
+    apart; ``b`` below is then the number of rows, not of sequences.
 
     Returns:
         A dict with ``tokens``/``position_ids`` ``[b, student_len]``,
@@ -85,7 +137,7 @@ def collate(samples: list[TrainSample], pad_id: int, student_len: int, teacher_l
     """
     prompts = [s.prompt_ids for s in samples]
     responses = [s.response_ids for s in samples]
-    tokens, positions, resp_rows = _collate_view(prompts, responses, pad_id, student_len, rows)
+    tokens, positions, resp_rows, mask = _collate_view(prompts, responses, pad_id, student_len, rows, pack)
     lengths = [len(r) for r in responses]
     mb = dict(
         tokens=tokens,
@@ -98,16 +150,20 @@ def collate(samples: list[TrainSample], pad_id: int, student_len: int, teacher_l
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
         num_sequences=len(samples),
     )
+    if mask is not None:
+        mb["attention_mask"] = mask
     if teacher_len is not None:
-        t_tokens, t_positions, t_rows = _collate_view([s.teacher_prompt_ids for s in samples], responses, pad_id,
-                                                      teacher_len, rows)
+        t_tokens, t_positions, t_rows, t_mask = _collate_view([s.teacher_prompt_ids for s in samples], responses,
+                                                              pad_id, teacher_len, rows, pack)
         mb.update(teacher_tokens=t_tokens, teacher_position_ids=t_positions, teacher_resp_rows=t_rows)
+        if t_mask is not None:
+            mb["teacher_attention_mask"] = t_mask
     return mb
 
 
 def plan_microbatches(samples: list[TrainSample], dp: int, dp_rank: int, micro_batch_size: int, max_tokens: int,
                       pad_id: int, with_teacher: bool, pad_multiple: int = 8, one_shape: bool = True,
-                      sort_by_length: bool = False) -> list[dict]:
+                      sort_by_length: bool = False, pack: bool = False) -> list[dict]:
     """This DP rank's micro-batches of a global batch, balanced by tokens across DP.
 
     With ``one_shape`` (pipeline parallelism needs it: its p2p buffers have one
@@ -122,6 +178,10 @@ def plan_microbatches(samples: list[TrainSample], dp: int, dp_rank: int, micro_b
     a mini-batch: the loss of a step with one update is the same. (Padding-free
     THD packing needs megatron's ``PackedSeqParams``, which only the Transformer
     Engine attention takes; the local spec that runs on CPU refuses it.)
+    ``pack`` (needs ``one_shape`` False, and an attention that honours a given
+    mask: megatron's local spec) packs each micro-batch's sequences into rows
+    of its padded longest sequence instead (:func:`collate`); buckets by length
+    would leave little to pack, so ``sort_by_length`` is then ignored.
 
     The split is deterministic, so every rank of a DP replica (its TP and PP
     peers) computes the same micro-batches.
@@ -140,7 +200,9 @@ def plan_microbatches(samples: list[TrainSample], dp: int, dp_rank: int, micro_b
     def _padded_len(s: TrainSample) -> int:
         return max(_pad(s.student_length), _pad(s.teacher_length) if with_teacher else 0)
 
-    if sort_by_length:
+    if pack and one_shape:
+        raise ValueError("packing needs micro-batches of their own shapes (one_shape=False)")
+    if sort_by_length and not pack:
         mine = sorted(mine, key=lambda i: (_padded_len(samples[i]), i))
     if not one_shape:
         groups = split_microbatches(mine, [_padded_len(s) for s in samples], micro_batch_size, max_tokens)
@@ -148,7 +210,7 @@ def plan_microbatches(samples: list[TrainSample], dp: int, dp_rank: int, micro_b
         for g in groups:
             chosen = [samples[i] for i in g]
             teacher_len = _pad(max(s.teacher_length for s in chosen)) if with_teacher else None
-            out.append(collate(chosen, pad_id, _pad(max(s.student_length for s in chosen)), teacher_len))
+            out.append(collate(chosen, pad_id, _pad(max(s.student_length for s in chosen)), teacher_len, pack=pack))
         return out
     student_len = _pad(max(lengths))
     teacher_len = _pad(max(s.teacher_length for s in samples)) if with_teacher else None

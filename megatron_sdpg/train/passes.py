@@ -111,15 +111,20 @@ def teacher_pass(model, microbatches: list[dict], hidden: bool = False, memory: 
     """
     views = [
         dict(mb, tokens=mb["teacher_tokens"], position_ids=mb["teacher_position_ids"],
-             resp_rows=mb["teacher_resp_rows"], _source=mb, emit_hidden=hidden, inline_teacher=False)
+             attention_mask=mb.get("teacher_attention_mask"), resp_rows=mb["teacher_resp_rows"], _source=mb,
+             emit_hidden=hidden, inline_teacher=False)
         for mb in microbatches
     ]
     model.forward_only(views, partial(_stash_teacher, {}, memory))
 
 
 def view_forward(model_chunk, tokens: torch.Tensor, position_ids: torch.Tensor, hidden: bool,
-                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+                 rows: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, bool]:
     """One view through this stage's chunk.
+
+    ``attention_mask``: ``None`` (causal) or ``[b, 1, s, s]`` bool, True where a
+    position may not attend (packed rows, :func:`~megatron_sdpg.train.batch.collate`).
 
     Returns:
         ``(output, selected)``: on the last stage ``[b, s, V/tp]`` logits (``[b, s, h]``
@@ -128,7 +133,7 @@ def view_forward(model_chunk, tokens: torch.Tensor, position_ids: torch.Tensor, 
         ``[s, b, h]`` activations elsewhere (``selected`` False).
     """
     with select_output_rows(model_chunk, rows, hidden=hidden) as selected:
-        return model_chunk(tokens, position_ids, None), selected
+        return model_chunk(tokens, position_ids, attention_mask), selected
 
 
 def forward_with_teacher(model_chunk, teacher_chunk, mb: dict, true_vocab: int, tp_rank: int,
@@ -179,7 +184,7 @@ def forward_with_teacher(model_chunk, teacher_chunk, mb: dict, true_vocab: int, 
         teacher.set_input_tensor(x_t)
         t_rows = mb["teacher_resp_rows"] if select_rows else None
         t_out, t_selected = view_forward(teacher_chunk, mb["teacher_tokens"], mb["teacher_position_ids"], hidden,
-                                         t_rows)
+                                         t_rows, mb.get("teacher_attention_mask"))
         if last:  # keep the response rows only: any full [b, s_t, V/tp] logits go before the student's exist
             if not hidden:
                 mask_padded_vocab(t_out, true_vocab, tp_rank)
@@ -192,7 +197,7 @@ def forward_with_teacher(model_chunk, teacher_chunk, mb: dict, true_vocab: int, 
                 memory.track(kept)
     student.set_input_tensor(x_s)
     s_out, mb["rows_selected"] = view_forward(model_chunk, mb["tokens"], mb["position_ids"], hidden,
-                                              mb.get("resp_rows") if select_rows else None)
+                                              mb.get("resp_rows") if select_rows else None, mb.get("attention_mask"))
     # The chunks would keep the received tensor alive until the next micro-batch; the graph holds what backward needs.
     student.set_input_tensor(None)
     teacher.set_input_tensor(None)

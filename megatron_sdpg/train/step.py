@@ -278,7 +278,7 @@ class PolicyModel:
         else:
             rows = mb.get("resp_rows") if self.select_response_rows else None
             output, mb["rows_selected"] = view_forward(model, mb["tokens"], mb["position_ids"],
-                                                       bool(mb.get("emit_hidden")), rows)
+                                                       bool(mb.get("emit_hidden")), rows, mb.get("attention_mask"))
         if mb.get("emit_hidden") and is_last_stage(model):  # algorithm.fused_output: hidden states
             mb["output_weight"], mb["vocab_size"] = output_weight(model), self.cfg.vocab_size
         return output, partial(self._loss, loss_fn, mb)

@@ -54,11 +54,26 @@ class Trainer:
         self.parts: TrainerParts = build_parts(cfg, groups)
         if fused_off:
             self._log_line(fused_off)
+        self._pack = cfg.train.pack_sequences and self._pack_off_reason() is None
+        if cfg.train.pack_sequences and not self._pack:
+            self._log_line(f"train.pack_sequences is off: {self._pack_off_reason()}; micro-batches are padded")
         # rollout.off_policy_steps=1: the next step's batch, as (step, problems, seed) on every rank while
         # rank 0 generates it on a background thread, then as (step, samples, metrics) once it is complete.
         self._next_batch: tuple[int, list, int] | None = None
         self._next_batch_call: BackgroundCall | None = None
         self._prefetched: tuple[int, list, dict] | None = None
+
+    def _pack_off_reason(self) -> str | None:
+        """Why packed rows cannot run in this layout (None: they can)."""
+        from megatron_sdpg.models.builder import transformer_engine_available
+
+        if self.groups.layout.pp > 1:
+            return "pipeline parallelism needs one shape per micro-batch"
+        if self.groups.layout.cp > 1:
+            return "context parallelism splits each row's sequence over ranks, and the mask with it"
+        if transformer_engine_available():
+            return "Transformer Engine's causal attention ignores the packed rows' mask (THD is not wired)"
+        return None
 
     # ------------------------------------------------------------------ loop
 
@@ -204,7 +219,7 @@ class Trainer:
                                         # PP=1 takes micro-batches of any shape: each padded to its own longest,
                                         # bucketed by length when one update takes them all (same loss)
                                         one_shape=self.groups.layout.pp > 1,
-                                        sort_by_length=cfg.train.mini_batches == 1)
+                                        sort_by_length=cfg.train.mini_batches == 1, pack=self._pack)
             fewest = _fewest_on_any_rank(len(mbs))
             if fewest >= cfg.train.mini_batches:
                 return mbs, metrics
