@@ -19,6 +19,10 @@ completion tokens of every sample, per step) and the step split (generation; for
 backward + optimizer; reference pass; the rest), ``throughput_ratio`` = project / TRL train
 tokens/s, and on the ``sdpg`` line ``sdpg_grpo_ratio`` = project SDPG s/step / project GRPO
 (on-policy) s/step. Differences that remain between the two sides are listed in ``notes``.
+This VM's speed drifts by 20-40% within minutes (TRL's own s/step moved 0.63 -> 0.89 between two
+runs of the same command): ``--pairs N`` runs the whole alternation N times and reports, per
+configuration, the pair with the median ratio, every pair's ratio (``throughput_ratio_pairs``) and
+the median ``sdpg_grpo_ratio`` over pairs (``sdpg_grpo_ratio_pairs``).
 In an off-policy run the batch a step trains on was generated during the previous step, so its
 ``generation_s`` is the step's wait for the next batch (``time/next_batch_wait_s``, generation
 that outlasted the step's own work) and ``generation_overlapped_s`` the batch's whole generation
@@ -27,7 +31,7 @@ time; the split's parts then still add up to the step.
 Usage::
 
     pip install -e '.[bench]'      # TRL (and accelerate), never in the main install
-    python benchmarks/bench_vs_trl.py [--steps 25] [--quick] [--configs grpo_on_policy,sdpg]
+    python benchmarks/bench_vs_trl.py [--steps 25] [--pairs 3] [--quick] [--configs grpo_on_policy,sdpg]
 """
 
 from __future__ import annotations
@@ -124,9 +128,9 @@ def off_policy_refusal(off_policy_steps: int) -> str | None:
     return None
 
 
-def run_project(name: str, args, workdir: str, megatron_dir: str) -> dict:
+def run_project(name: str, args, workdir: str, megatron_dir: str, tag: str = "") -> dict:
     """One project run of ``args.steps`` steps; per-step figures from its ``metrics.jsonl``."""
-    run_dir = os.path.join(workdir, f"project_{name}")
+    run_dir = os.path.join(workdir, f"project_{name}{tag}")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
            f"--master_port={_free_port()}", "-m", "megatron_sdpg.train", "--config", CONFIG,
            f"model.hf_dir={args.model_dir}", f"model.megatron_dir={megatron_dir}", f"train.run_dir={run_dir}",
@@ -134,7 +138,7 @@ def run_project(name: str, args, workdir: str, megatron_dir: str) -> dict:
            f"rollout.base_port={_free_port()}", "logging.progress_bar=false",
            *project_overrides(name, args.off_policy_steps)]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    log = os.path.join(workdir, f"project_{name}.log")
+    log = os.path.join(workdir, f"project_{name}{tag}.log")
     rc = _run_child(cmd, env, args.timeout_s, log)
     if rc:
         raise RuntimeError(f"project run {name} failed (rc {rc}):\n{_tail(log)}")
@@ -323,6 +327,23 @@ def compare(name: str, project: dict, trl: dict) -> dict:
     return {"config": name, "throughput_ratio": ratio, "project": project, "trl": trl}
 
 
+def median_pair(name: str, pairs: dict[str, list[dict]]) -> dict:
+    """The configuration's line of the pair with the median ``throughput_ratio`` (the lower middle one
+    of an even count), with every pair's ratio, and ``sdpg_grpo_ratio`` as the median over pairs."""
+    runs = pairs[name]
+    ranked = sorted(range(len(runs)), key=lambda k: runs[k]["throughput_ratio"] or 0.0)
+    line = dict(runs[ranked[(len(runs) - 1) // 2]])
+    if len(runs) > 1:
+        line["throughput_ratio_pairs"] = [r["throughput_ratio"] for r in runs]
+    if name == "sdpg" and len(pairs.get("grpo_on_policy", [])) == len(runs):
+        per_pair = [s["project"]["step_s"] / g["project"]["step_s"] for s, g in zip(runs, pairs["grpo_on_policy"])]
+        line["sdpg_grpo_ratio"] = _median(per_pair)
+        if len(runs) > 1:
+            line["sdpg_grpo_ratio_pairs"] = per_pair
+    line["notes"] = NOTES
+    return line
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default=os.path.join(ROOT, "artifacts", "tiny_model"))
@@ -332,6 +353,8 @@ def parse_args(argv=None):
     p.add_argument("--off-policy-steps", type=int, default=1, help="rollout.off_policy_steps of grpo_off_policy_1")
     p.add_argument("--nproc", type=int, default=2, help="torchrun ranks of the project runs")
     p.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL runs")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="alternations of every configuration (project, TRL); each line reports the median pair")
     p.add_argument("--timeout-s", type=float, default=3600, help="limit of each child run")
     p.add_argument("--workdir", default="", help="keep run directories and logs here (default: a temp dir)")
     p.add_argument("--trl-worker", default="", help=argparse.SUPPRESS)
@@ -341,6 +364,8 @@ def parse_args(argv=None):
     args.model_dir = os.path.abspath(args.model_dir)
     if args.steps < 1:
         p.exit(2, f"error: --steps must be >= 1, got {args.steps}\n")
+    if args.pairs < 1:
+        p.exit(2, f"error: --pairs must be >= 1, got {args.pairs}\n")
     configs = [c for c in args.configs.split(",") if c]
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
@@ -381,19 +406,18 @@ def main(argv=None) -> int:
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        lines = {}
-        for i, name in enumerate(configs):  # alternated: project, TRL, project, TRL, ...
-            try:
-                project = run_project(name, args, workdir, megatron_dir)
-                lines[name] = compare(name, project, run_trl(args, workdir, i))
-            except RuntimeError as err:  # a child run failed: its log's tail says why
-                print(f"error: {err}", file=sys.stderr)
-                return 1
-            if name == "sdpg" and "grpo_on_policy" in lines:
-                grpo = lines["grpo_on_policy"]["project"]["step_s"]
-                lines[name]["sdpg_grpo_ratio"] = project["step_s"] / grpo
-            lines[name]["notes"] = NOTES
-            print(json.dumps(lines[name]), flush=True)
+        pairs: dict[str, list[dict]] = {name: [] for name in configs}
+        for k in range(args.pairs):  # alternated: project, TRL, project, TRL, ... then again
+            for i, name in enumerate(configs):
+                tag = f"_pair{k}" if args.pairs > 1 else ""
+                try:
+                    project = run_project(name, args, workdir, megatron_dir, tag)
+                    pairs[name].append(compare(name, project, run_trl(args, workdir, k * len(configs) + i)))
+                except RuntimeError as err:  # a child run failed: its log's tail says why
+                    print(f"error: {err}", file=sys.stderr)
+                    return 1
+        for name in configs:
+            print(json.dumps(median_pair(name, pairs)), flush=True)
     return 0
 
 

@@ -126,7 +126,11 @@ def collate(samples: list[TrainSample], pad_id: int, student_len: int, teacher_l
     ``student_len`` (``teacher_len``) tokens (:func:`pack_rows`), position ids
     restart at 0 for each sequence, and the view has an ``attention_mask``
     (``teacher_attention_mask``) ``[r, 1, s, s]`` keeping the sequences of a row
-    apart; ``b`` below is then the number of rows, not of sequences.
+    apart; ``b`` below is then the number of rows, not of sequences. Megatron's
+    RoPE rotates by the position in the row, so a later sequence of a row is
+    rotated by its offset as well: attention scores depend on position
+    differences only, so its logits equal its own row's up to float rounding
+    (``tests/dist/test_packed_rows.py`` checks them against float64 HF).
 
     Returns:
         A dict with ``tokens``/``position_ids`` ``[b, student_len]``,

@@ -16,7 +16,7 @@ differences only) up to float rounding. Checked here:
   1e-5 absolute on log-probs, on a tiny Llama with GQA and Llama-3 RoPE scaling
   whose rows really hold several sequences;
 * two SDPG steps (teacher inline, k3 reference KL, temperature 0.7) packed and
-  padded, at 1 rank, TP2 and DP2: loss, grad norm, distillation KL, reference KL
+  padded, at 1 rank (also with ``algorithm.fused_output``), TP2 and DP2: loss, grad norm, distillation KL, reference KL
   and entropy agree to 1e-5 relative; in bf16 at 1 rank, the first step's to 2e-2.
 """
 
@@ -156,7 +156,7 @@ def test_packed_views_match_float64_hf(tmp_path, tp):
 # ------------------------------------------------------------------------------------ two SDPG steps
 
 
-def _two_steps(groups, pack: bool, dtype: str):
+def _two_steps(groups, pack: bool, dtype: str, fused: bool):
     from functools import partial
 
     from megatron_sdpg.algo.config import apply_preset
@@ -173,7 +173,7 @@ def _two_steps(groups, pack: bool, dtype: str):
 
     cfg = SDPGConfig()
     cfg.algorithm = apply_preset("sdpg", beta_base=0.5, beta_warmup_steps=0, beta_decay_steps=0, alpha=0.05,
-                                 temperature=TEMPERATURE, ref_kl_mode="k3")
+                                 temperature=TEMPERATURE, ref_kl_mode="k3", fused_output=fused)
     policy = PolicyModel(tiny(), groups, OptimizerConfig(lr=1e-3, lr_warmup_steps=0, weight_decay=0.1),
                          use_distributed_optimizer=True, total_steps=2, seed=3)
     reference = PolicyModel(tiny(), groups, None, seed=3)
@@ -184,7 +184,7 @@ def _two_steps(groups, pack: bool, dtype: str):
         packed_rows += [mb["tokens"].shape[0] < mb["num_sequences"] for mb in mbs]
         passes.log_prob_pass(reference, mbs, "ref_log_probs", TEMPERATURE)
         for mb in mbs:
-            mb["inline_teacher"], mb["emit_hidden"] = True, False
+            mb["inline_teacher"], mb["emit_hidden"] = True, fused
         result = policy.train_step(mbs, partial(sdpg_loss_fn, cfg, groups, step), teacher=policy)
         assert result.updated
         m = result.metrics
@@ -192,22 +192,23 @@ def _two_steps(groups, pack: bool, dtype: str):
     return history, any(packed_rows)
 
 
-def _both(rank, world_size, tp, dtype):
+def _both(rank, world_size, tp, dtype, fused):
     from megatron_sdpg.platform.distributed import init_model_parallel
     from megatron_sdpg.platform.layout import ParallelConfig
 
     groups = init_model_parallel(ParallelConfig(tp=tp, use_distributed_optimizer=True), seed=7)
-    return _two_steps(groups, False, dtype), _two_steps(groups, True, dtype)
+    return _two_steps(groups, False, dtype, fused), _two_steps(groups, True, dtype, fused)
 
 
-LAYOUTS = {"single": (1, 1, "float32"), "tp2": (2, 2, "float32"), "dp2": (1, 2, "float32"),
-           "single_bf16": (1, 1, "bfloat16")}
+LAYOUTS = {"single": (1, 1, "float32", False), "single_fused_output": (1, 1, "float32", True),
+           "tp2": (2, 2, "float32", False), "dp2": (1, 2, "float32", False), "single_bf16": (1, 1, "bfloat16", False)}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_packed_steps_equal_padded_steps(name):
-    tp, world, dtype = LAYOUTS[name]
-    for rank, ((padded, _), (packed, any_packed)) in enumerate(run_on_ranks(_both, world, tp, dtype, timeout=300)):
+    tp, world, dtype, fused = LAYOUTS[name]
+    for rank, ((padded, _), (packed, any_packed)) in enumerate(run_on_ranks(_both, world, tp, dtype, fused,
+                                                                             timeout=300)):
         assert any_packed, f"{name} rank {rank}: no micro-batch was packed"
         ref = torch.tensor(padded, dtype=torch.float64)
         assert (ref[:, 2] > 0).all() and (ref[-1, 3] > 0), "the KL terms must be live"

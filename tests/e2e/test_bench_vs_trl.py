@@ -73,6 +73,7 @@ def test_off_policy_refused_value_is_skipped_with_a_line(tiny_task_model):
 @pytest.mark.parametrize("args, field", [
     (["--configs", "grpo_on_policy,dapo"], "--configs"),
     (["--steps", "0"], "--steps"),
+    (["--pairs", "0"], "--pairs"),
     (["--model-dir", "/nonexistent/model"], "--model-dir"),
     (["--workdir", "{tmp}"], "--workdir"),  # not empty: runs there would resume or mix
 ])
@@ -82,3 +83,24 @@ def test_bad_arguments_fail_with_one_line(args, field, tmp_path):
     assert (tmp_path / "earlier_file").read_text() == "kept"
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and field in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_median_pair_reports_the_middle_pair_and_every_ratio():
+    sys.path.insert(0, ROOT)
+    from benchmarks.bench_vs_trl import median_pair
+
+    def line(ratio, step_s):
+        return {"config": "x", "throughput_ratio": ratio, "project": {"step_s": step_s}, "trl": {}}
+
+    pairs = {"grpo_on_policy": [line(0.9, 1.0), line(0.7, 2.0), line(1.1, 1.0)],
+             "sdpg": [line(0.6, 1.2), line(0.8, 2.2), line(0.5, 1.5)]}
+    grpo = median_pair("grpo_on_policy", pairs)
+    assert grpo["throughput_ratio"] == 0.9 and grpo["throughput_ratio_pairs"] == [0.9, 0.7, 1.1]
+    assert "sdpg_grpo_ratio" not in grpo
+    sdpg = median_pair("sdpg", pairs)
+    assert sdpg["throughput_ratio"] == 0.6 and sdpg["project"]["step_s"] == 1.2
+    assert sdpg["sdpg_grpo_ratio_pairs"] == [1.2, 1.1, 1.5] and sdpg["sdpg_grpo_ratio"] == 1.2
+    even = median_pair("grpo_on_policy", {"grpo_on_policy": [line(0.9, 1.0), line(0.7, 1.0)]})
+    assert even["throughput_ratio"] == 0.7  # the lower middle of an even count
+    single = median_pair("grpo_on_policy", {"grpo_on_policy": [line(0.9, 1.0)]})
+    assert "throughput_ratio_pairs" not in single
