@@ -216,8 +216,9 @@ class Trainer:
                 mbs = plan_microbatches(samples, self.groups.layout.dp, self.groups.dp_rank,
                                         cfg.train.micro_batch_size, cfg.train.max_tokens_per_microbatch,
                                         parts.pad_id, with_teacher=with_teacher,
-                                        # PP=1 takes micro-batches of any shape: each padded to its own longest,
-                                        # bucketed by length when one update takes them all (same loss)
+                                        # PP=1 takes micro-batches of any shape: packed rows (train.pack_sequences),
+                                        # else each padded to its own longest, bucketed by length when one update
+                                        # takes them all (same loss)
                                         one_shape=self.groups.layout.pp > 1,
                                         sort_by_length=cfg.train.mini_batches == 1, pack=self._pack)
             fewest = _fewest_on_any_rank(len(mbs))
