@@ -416,8 +416,8 @@ def main(argv=None) -> int:
                 except RuntimeError as err:  # a child run failed: its log's tail says why
                     print(f"error: {err}", file=sys.stderr)
                     return 1
-        for name in configs:
-            print(json.dumps(median_pair(name, pairs)), flush=True)
+                if k == args.pairs - 1:  # the configuration's last pair: its line now (grpo_on_policy comes first)
+                    print(json.dumps(median_pair(name, pairs)), flush=True)
     return 0
 
 

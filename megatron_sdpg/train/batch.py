@@ -72,8 +72,11 @@ def _collate_view(prompts: list[list[int]], responses: list[list[int]], pad_id: 
         [(i, 0) for i in range(len(prompts))]
     n_rows = max(rows, 1 + max((row for row, _ in placement), default=-1))
     tokens = torch.full((n_rows, pad_to), pad_id, dtype=torch.long)
-    positions = torch.zeros((n_rows, pad_to), dtype=torch.long)
-    segment = torch.full((n_rows, pad_to), -1, dtype=torch.long)  # which sequence of its row a position holds
+    if pack:
+        positions = torch.zeros((n_rows, pad_to), dtype=torch.long)
+        segment = torch.full((n_rows, pad_to), -1, dtype=torch.long)  # which sequence of its row a position holds
+    else:
+        positions = torch.arange(pad_to, dtype=torch.long).expand(n_rows, pad_to).contiguous()
     spans = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
         seq = p + r
@@ -81,13 +84,13 @@ def _collate_view(prompts: list[list[int]], responses: list[list[int]], pad_id: 
         if offset + len(seq) > pad_to:
             raise ValueError(f"sequence of {len(seq)} tokens does not fit the padded length {pad_to}")
         tokens[row, offset: offset + len(seq)] = torch.tensor(seq, dtype=torch.long)
-        positions[row, offset: offset + len(seq)] = torch.arange(len(seq))
-        segment[row, offset: offset + len(seq)] = i
+        if pack:
+            positions[row, offset: offset + len(seq)] = torch.arange(len(seq))
+            segment[row, offset: offset + len(seq)] = i
         start = row * pad_to + offset + len(p) - 1  # the logit at position t predicts token t + 1
         spans.append(torch.arange(start, start + len(r), dtype=torch.long))
     resp_rows = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
     if not pack:
-        positions = torch.arange(pad_to, dtype=torch.long).expand(n_rows, pad_to).contiguous()
         return tokens, positions, resp_rows, None
     causal = torch.ones((pad_to, pad_to), dtype=torch.bool).tril()
     allowed = (segment[:, :, None] == segment[:, None, :]) & causal  # padding attends to padding: no empty row

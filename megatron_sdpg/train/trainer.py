@@ -54,9 +54,10 @@ class Trainer:
         self.parts: TrainerParts = build_parts(cfg, groups)
         if fused_off:
             self._log_line(fused_off)
-        self._pack = cfg.train.pack_sequences and self._pack_off_reason() is None
-        if cfg.train.pack_sequences and not self._pack:
-            self._log_line(f"train.pack_sequences is off: {self._pack_off_reason()}; micro-batches are padded")
+        pack_off = self._pack_off_reason() if cfg.train.pack_sequences else None
+        self._pack = cfg.train.pack_sequences and pack_off is None
+        if pack_off:
+            self._log_line(f"train.pack_sequences is off: {pack_off}; micro-batches are padded")
         # rollout.off_policy_steps=1: the next step's batch, as (step, problems, seed) on every rank while
         # rank 0 generates it on a background thread, then as (step, samples, metrics) once it is complete.
         self._next_batch: tuple[int, list, int] | None = None
